@@ -23,6 +23,18 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (pytest and CLIs swap it), not the one seen at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.rank = _rank()
@@ -38,7 +50,7 @@ def setup_logging(level: int = logging.INFO, all_ranks: bool = False) -> None:
     _ALL_RANKS = all_ranks
     if _CONFIGURED:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s [r%(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     handler.addFilter(_RankFilter())
     root = logging.getLogger("smat_dist")

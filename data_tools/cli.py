@@ -1,0 +1,177 @@
+"""smat-convert SOURCE --input PATH --output DIR: convert one dataset to WebDataset shards + spec.json."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+
+from smat_dist.utils.log import get_logger, setup_logging
+
+from data_tools.sources import SOURCES
+from data_tools.sources.base import Options, Plan
+from data_tools.splits import parse_fractions
+from data_tools.writer import ConversionError, DatasetWriter
+
+log = get_logger("data_tools.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    lines = [f"  {k:<14} {v[1]}" for k, v in SOURCES.items()]
+    lines += ["  offline:<domain> an offline real-image domain (data_tools.offline)",
+              "  offline-all    every offline domain, one folder each under --output"]
+    p = argparse.ArgumentParser(
+        prog="smat-convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert a dataset into WebDataset tar shards plus spec.json (docs/data_format.md).",
+        epilog="sources:\n" + "\n".join(lines))
+    p.add_argument("source", help="one of the sources listed below")
+    p.add_argument("--input", type=Path, help="dataset root in the source's layout (offline: cache folder)")
+    p.add_argument("--output", type=Path, required=True, help="output folder (created; must be empty or ours)")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping")
+    p.add_argument("--shard-bytes", type=int, default=256 << 20, help="close a shard after the class that passes this")
+    p.add_argument("--min-count", type=int, default=1, help="fail when a class has fewer readable images")
+    p.add_argument("--max-classes", type=int, help="keep at most N classes of each split (smoke runs)")
+    p.add_argument("--split-file", type=Path, help="Meta-Dataset splits JSON to use instead of the seeded rule")
+    p.add_argument("--md-spec", type=Path, help="ilsvrc_2012: Meta-Dataset's ilsvrc_2012_dataset_spec.json")
+    p.add_argument("--splits", help="imagefolder: seeded class split, e.g. train=0.7,val=0.15,test=0.15")
+    p.add_argument("--seed", type=int, default=22, help="seed of the class split (Meta-Dataset uses 22)")
+    p.add_argument("--partial", action="store_true",
+                   help="accept an input with fewer classes than Meta-Dataset (splits scaled proportionally)")
+    p.add_argument("--name", help="imagefolder: dataset name (default: the input folder name)")
+    return p
+
+
+def _select(plan: Plan, max_classes: int | None) -> list:
+    if max_classes is None:
+        return plan.classes
+    seen: dict[str, int] = {}
+    out = []
+    for c in plan.classes:
+        if seen.get(c.split, 0) < max_classes:
+            seen[c.split] = seen.get(c.split, 0) + 1
+            out.append(c)
+    return out
+
+
+def _dag_ontology(dag: dict, leaf_labels: dict[str, int]) -> dict:
+    """Keep the DAG nodes with at least one written leaf below them; leaves carry their global label."""
+    nodes = dag["nodes"]
+    keep: dict[str, bool] = {}
+
+    def visit(n: str) -> bool:
+        if n not in keep:
+            keep[n] = n in leaf_labels or any([visit(c) for c in nodes.get(n, {}).get("children", [])])
+        return keep[n]
+    visit(dag["root"])
+    out = {n: {"words": nodes[n]["words"], "children": [c for c in nodes[n]["children"] if keep.get(c)],
+               "label": leaf_labels.get(n)} for n in nodes if keep.get(n)}
+    return {"type": "dag", "nodes": out, "root": dag["root"]}
+
+
+def _check_classes(plan: Plan, classes: list, full: bool) -> None:
+    found = tuple(sum(1 for c in classes if c.split == s) for s in ("train", "val", "test"))
+    log.info("%s: %d classes to write (train/val/test %d/%d/%d)", plan.name, len(classes), *found)
+    if full and plan.expected_classes and found != tuple(plan.expected_classes):
+        raise ConversionError(f"{plan.name}: expected train/val/test classes {tuple(plan.expected_classes)}, "
+                              f"the input gives {found}")
+
+
+def _check_images(plan: Plan, spec: dict, full: bool) -> list[str]:
+    warnings = []
+    if full and plan.expected_images is not None and spec["counts"]["images"] != plan.expected_images:
+        warnings.append(f"{plan.name}: {spec['counts']['images']} images written, expected {plan.expected_images} "
+                        f"({len(spec['skipped'])} skipped as unreadable)")
+    if plan.expected_per_class:
+        bad = [(c["name"], c["count"], plan.expected_per_class[c["name"]]) for c in spec["classes"]
+               if c["name"] in plan.expected_per_class and c["count"] != plan.expected_per_class[c["name"]]]
+        if bad:
+            warnings.append(f"{plan.name}: {len(bad)} classes differ from the expected image count, e.g. "
+                            + ", ".join(f"{n}: {got} (expected {exp})" for n, got, exp in bad[:5]))
+    for w in warnings:
+        log.warning(w)
+    return warnings
+
+
+def convert(args: argparse.Namespace) -> dict:
+    if args.source not in SOURCES:
+        raise ConversionError(f"unknown source {args.source!r}; choose from {', '.join(SOURCES)}, offline:<domain>, offline-all")
+    if args.input is None:
+        raise ConversionError(f"{args.source} needs --input PATH")
+    if not args.input.is_dir():
+        raise ConversionError(f"--input {args.input} is not a folder")
+    fractions = parse_fractions(args.splits) if args.splits else None
+    opts = Options(max_classes=args.max_classes, split_file=args.split_file, md_spec=args.md_spec,
+                   fractions=fractions, seed=args.seed, extra={"partial": args.partial, "name": args.name})
+    converter = json.dumps({"source": args.source, "input": str(args.input.resolve()), "max_classes": args.max_classes,
+                            "split_file": str(args.split_file) if args.split_file else None,
+                            "md_spec": str(args.md_spec) if args.md_spec else None, "splits": fractions,
+                            "seed": args.seed, "partial": args.partial, "min_count": args.min_count,
+                            "strict": args.strict, "shard_bytes": args.shard_bytes}, sort_keys=True)
+    plan = SOURCES[args.source][0](args.input, opts)
+    classes = _select(plan, args.max_classes)
+    full = args.max_classes is None and not args.partial
+    _check_classes(plan, classes, full)
+    with DatasetWriter(args.output, plan.name, converter, shard_bytes=args.shard_bytes, min_count=args.min_count,
+                       strict=args.strict) as w:
+        if w.complete:
+            return {"name": plan.name, "output": str(args.output), "status": "already complete", **w.spec["counts"]}
+        labels, supers = {}, {}
+        for i, c in enumerate(classes):
+            labels[c.name] = w.add_class(c.name, c.split, c.items())
+            if c.superclass is not None:
+                supers.setdefault(c.superclass, []).append(labels[c.name])
+            log.info("[%d/%d] %s %s (%s): %d images", i + 1, len(classes), plan.name, c.name, c.split,
+                     w.classes[-1]["count"])
+        if supers:
+            w.set_ontology({"type": "bilevel", "superclasses": supers})
+        elif plan.dag:
+            w.set_ontology(_dag_ontology(plan.dag, labels))
+    spec = w.spec
+    warnings = _check_images(plan, spec, full)
+    return {"name": plan.name, "output": str(args.output), "status": "written", **spec["counts"],
+            "skipped": len(spec["skipped"]), "shards": len(spec["shards"]), "warnings": warnings}
+
+
+def convert_offline(args: argparse.Namespace) -> list[dict]:
+    try:
+        import data_tools.offline as offline
+    except ImportError as e:
+        raise ConversionError(f"offline domains are unavailable: cannot import data_tools.offline ({e})") from e
+    if args.input is None:
+        raise ConversionError(f"{args.source} needs --input CACHE_DIR: the folder holding the fetched packages "
+                              f"(data_tools.offline.fetch fills it)")
+    domains = list(offline.DOMAINS) if args.source == "offline-all" else [args.source.split(":", 1)[1]]
+    unknown = [d for d in domains if d not in offline.DOMAINS]
+    if unknown:
+        raise ConversionError(f"unknown offline domain {unknown[0]!r}; choose from {', '.join(offline.DOMAINS)}")
+    accepted = inspect.signature(offline.convert).parameters
+    extra = {k: v for k, v in {"strict": args.strict, "shard_bytes": args.shard_bytes,
+                               "min_count": args.min_count}.items() if k in accepted}
+    out = []
+    for d in domains:
+        dest = args.output / d if args.source == "offline-all" else args.output
+        log.info("offline domain %s -> %s", d, dest)
+        spec = offline.convert(d, dest, args.input, max_classes=args.max_classes, **extra)
+        counts = spec.get("counts", {}) if isinstance(spec, dict) else {}
+        out.append({"name": d, "output": str(dest), **counts})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        if args.source.startswith("offline:") or args.source == "offline-all":
+            result = convert_offline(args)
+        else:
+            result = convert(args)
+    except (ConversionError, ValueError, OSError) as e:
+        print(f"smat-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Typed structured configs: the single user surface (Hydra validates every override against these).
+
+Every constant of the method (shared/reference/smat_method.md) lives here with its upstream value as the
+default, so a typo or a wrong type is an error naming the key, and the resolved config saved in each run
+folder records everything that shaped the run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_tiny_patch16_224"  # any timm model name
+    image_size: int = 84
+    patch_size: Optional[int] = 12      # ViTs only: 84 px / 12 = 7x7 tokens; None keeps the model's own
+    # where pre-trained weights come from: null (random init), "package:efficientnet_lite0",
+    # or a local file (timm checkpoint, original DINO .pth, .safetensors)
+    pretrained: Optional[str] = None
+    checkpoint_blocks: bool = False     # activation checkpointing of backbone blocks
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
+
+
+@dataclass
+class SparsityConfig:
+    target: float = 0.90          # tau, fraction of zeros per expert
+    structured: bool = False      # per-column gates for 2-D weights (single-process/gather path only)
+    init_mean: float = 0.0
+    init_std: float = 0.5
+    clamp: float = 4.605170185988092  # ln(100): log-alpha clamped to [-c, c]
+    noise_eps: float = 1e-6       # hard-concrete u ~ U(0.5-eps, 0.5+eps); upstream's 1e-6 makes it nearly deterministic
+    lambda_lr: float = 0.002
+    mask_lr: float = 1.0e6
+    mask_clip: float = 5.0
+
+
+@dataclass
+class HypernetConfig:
+    tokens: int = 4
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    spectral_norm: bool = True
+    t_start: float = 5.0          # temperature T = max(t_min, t_start - tasks / t_decay)
+    t_min: float = 0.5
+    t_decay: float = 4000.0
+    logit_reg: float = 1e-4
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    clip: float = 1.0
+
+
+@dataclass
+class TeacherConfig:
+    enabled: bool = True
+    lr: float = 0.005
+    temperature: float = 2.0
+    lam: float = 0.25             # L = (1-lam) CE + lam KD
+    pretrained_teacher: bool = True  # also distil from the frozen pre-trained ProtoNet (upstream does)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "smat"            # smat | pmf | pretrained
+    experts: int = 8
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    inner_lr: float = 1e-3        # one first-order inner SGD step on the support set
+    inner_steps: int = 1
+    logit_scale: float = 10.0
+    delta_lr: float = 1e-4
+    delta_momentum: float = 0.9
+    delta_weight_decay: float = 1e-4
+    pmf_lr: float = 5e-4          # P>M>F dense meta-tuning (SGD momentum 0.9)
+    pmf_momentum: float = 0.9
+    warmup_tasks: int = 400
+    total_tasks: int = 50000      # cosine horizon of the task-counter schedule
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)      # training dataset folders (or URLs)
+    eval_sources: list[str] = field(default_factory=list)  # OOD domains for testing
+    mode: str = "variable"        # variable (Meta-Dataset) | fixed
+    ways: int = 5
+    shots: int = 5
+    queries: int = 10
+    max_ways: int = 50
+    max_support: int = 500
+    workers: int = 1
+    val_episodes: int = 20
+
+
+@dataclass
+class DistConfig:
+    zero_stage: int = 0           # ZeRO stage for the DeepSpeed-managed (replicated) hypernetwork state
+    pool: str = "sharded"         # sharded (merge where the shard lives) | gather (all-gather every mask; comparison only)
+    backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
+    precision: str = "auto"       # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
+    teacher_blocks: bool = False  # dense teacher gathered block by block instead of one full copy
+
+
+@dataclass
+class CheckpointConfig:
+    every_tasks: int = 200
+    keep: int = 3
+    resume: Optional[str] = None  # a run folder or checkpoint folder to resume from
+
+
+@dataclass
+class TrainConfig:
+    tasks: int = 400              # total training tasks (global)
+    tasks_per_rank: int = 1       # tasks per rank per optimiser step
+    seed: int = 0
+    log_every: int = 1
+    val_every_tasks: int = 0      # 0: no validation during training
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"   # offline | online | disabled
+    project: str = "smat_dist"
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"           # local | slurm
+    nproc: int = 2                # local ranks (torchrun-style spawn)
+    partition: Optional[str] = None
+    nodes: int = 1
+    tasks_per_node: int = 2
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0
+    timeout_min: int = 60
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    signal_delay_s: int = 60
+    max_requeues: int = 3
+    folder: Optional[str] = None  # submitit log folder (default: <run_dir>/submitit)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: Optional[str] = None
+    episodes: int = 600
+    modes: list[str] = field(default_factory=lambda: ["zeroshot"])
+    methods: list[str] = field(default_factory=lambda: ["smat", "pretrained", "pmf"])
+    finetune_steps: int = 50
+    lr_grid: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
+    val_episodes: int = 5
+    lora_rank: int = 8
+    lora_alpha: int = 32
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_dir: Optional[str] = None
+    resume: Optional[str] = None

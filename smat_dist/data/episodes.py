@@ -1,0 +1,191 @@
+"""The episode API the trainer and evaluator use.
+
+An episode is a pure function of (seed, split, source, index): the source is drawn uniformly from
+(seed, split, index), then the composition, the images and the augmentation from keyed counter-based
+streams (rng.py). The trainer's checkpointed *cursor* is the global index of the next step's first episode;
+step s of rank r takes the ``per_rank`` indices ``start + s*world*per_rank + r*per_rank + j``. The stream of
+indices consumed per step is therefore the same at every world size with the same global batch, and a run
+resumed at any world size from a cursor continues the same sequence of episodes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Iterator
+
+import torch
+from PIL import UnidentifiedImageError
+
+from smat_dist.utils.log import get_logger
+
+from .reader import ShardReader, member_key
+from .rng import episode_rng
+from .sampler import EpisodeDescription, EpisodeSampler, SamplerConfig
+from .spec import DatasetSpec, load_spec
+from .transforms import decode, eval_transform, normalize_batch, train_transform
+
+log = get_logger("data.episodes")
+
+
+@dataclass(frozen=True)
+class EpisodeConfig(SamplerConfig):
+    """Meta-Dataset sampler settings (SamplerConfig: mode, ways, shots, queries and the MD bounds) + image size."""
+    image_size: int = 128
+
+    def sampler_config(self) -> SamplerConfig:
+        return SamplerConfig(**{f.name: getattr(self, f.name) for f in fields(SamplerConfig)})
+
+
+@dataclass
+class Episode:
+    support: torch.Tensor          # [Ns, 3, H, W] float32, ImageNet-normalised
+    support_labels: torch.Tensor   # [Ns] int64 in [0, ways)
+    query: torch.Tensor            # [Nq, 3, H, W]
+    query_labels: torch.Tensor     # [Nq]
+    source: str
+    split: str
+    index: int
+    ways: int
+    class_names: list[str]
+
+    @property
+    def num_images(self) -> int:
+        return int(self.support.shape[0] + self.query.shape[0])
+
+
+class EpisodeStream:
+    def __init__(self, sources: list[str] | str, split: str, cfg: EpisodeConfig | None = None, seed: int = 0,
+                 train_aug: bool = False, max_handles: int = 4):
+        if isinstance(sources, str):
+            sources = [sources]
+        if not sources:
+            raise ValueError("EpisodeStream needs at least one source")
+        self.cfg = cfg or EpisodeConfig()
+        self.split, self.seed, self.train_aug = split, int(seed), bool(train_aug)
+        self.specs: list[DatasetSpec] = [load_spec(s) for s in sources]
+        names = [s.name for s in self.specs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"sources {list(sources)} contain dataset name(s) {sorted(dup)} more than once; an "
+                             f"episode is identified by its source name, so each must be unique")
+        scfg = self.cfg.sampler_config()
+        self.samplers = [EpisodeSampler(spec, split, scfg) for spec in self.specs]
+        self.reader = ShardReader(max_handles=max_handles)
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def _source_idx(self, index: int) -> int:
+        if len(self.specs) == 1:
+            return 0
+        # Uniform over sources, as Meta-Dataset's (and SMAT's) training pipeline; source "" keys the choice.
+        return int(episode_rng(self.seed, self.split, "", index, "source").integers(len(self.specs)))
+
+    def describe(self, index: int) -> EpisodeDescription:
+        """The composition of episode ``index`` (source, classes, shots, queries, member ids); no shard I/O."""
+        k = self._source_idx(index)
+        rng = episode_rng(self.seed, self.split, self.specs[k].name, index, "sample")
+        return self.samplers[k].describe(rng, index)
+
+    def _images(self, spec: DatasetSpec, requests: list[tuple[int, list[int]]]) -> list[list]:
+        """Decoded PIL images for each (label, member ids) request; one pass per shard for pipe: sources."""
+        out = []
+        for (label, ids), datas in zip(requests, self.reader.read_classes(spec, requests)):
+            imgs = []
+            for i, data in zip(ids, datas):
+                try:
+                    imgs.append(decode(data))
+                except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                    raise OSError(f"corrupt image {member_key(label, i)} in shard "
+                                  f"{spec.shard_url(spec.classes[label].shard)} (dataset {spec.name}, "
+                                  f"class {spec.classes[label].name!r}): {e}") from e
+            out.append(imgs)
+        return out
+
+    def episode(self, index: int) -> Episode:
+        d = self.describe(index)
+        spec = self.specs[self.source_names.index(d.source)]
+        size = self.cfg.image_size
+        aug_rng = episode_rng(self.seed, self.split, d.source, index, "aug") if self.train_aug else None
+        sup_imgs, qry_imgs, sup_lab, qry_lab = [], [], [], []
+        per_class = self._images(spec, [(lab, s + q) for lab, s, q in zip(d.labels, d.support_ids, d.query_ids)])
+        for j, (imgs, s_ids, q_ids) in enumerate(zip(per_class, d.support_ids, d.query_ids)):
+            sup_imgs += imgs[:len(s_ids)]
+            qry_imgs += imgs[len(s_ids):]
+            sup_lab += [j] * len(s_ids)
+            qry_lab += [j] * len(q_ids)
+
+        def tf(img):
+            return train_transform(img, size, aug_rng) if aug_rng is not None else eval_transform(img, size)
+
+        support = normalize_batch([tf(im) for im in sup_imgs], size)
+        query = normalize_batch([tf(im) for im in qry_imgs], size)
+        return Episode(support=support, support_labels=torch.tensor(sup_lab, dtype=torch.long),
+                       query=query, query_labels=torch.tensor(qry_lab, dtype=torch.long),
+                       source=d.source, split=d.split, index=index, ways=d.ways, class_names=d.class_names)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def loader(self, start: int, rank: int = 0, world: int = 1, per_rank: int = 1, workers: int = 0,
+               prefetch: int = 2) -> Iterator[list[Episode]]:
+        """Infinite iterator: step s yields this rank's ``per_rank`` episodes, global indices
+        ``start + s*world*per_rank + rank*per_rank + j`` (j < per_rank), decoded in ``workers`` DataLoader
+        processes (0: in this process). ``prefetch``: steps of episodes kept in flight per rank."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside world size {world}")
+        if per_rank < 1 or start < 0 or workers < 0 or prefetch < 1:
+            raise ValueError(f"need per_rank>=1, start>=0, workers>=0, prefetch>=1; got {per_rank}, {start}, "
+                             f"{workers}, {prefetch}")
+        indices = _RankIndices(start, rank, world, per_rank)
+        if workers == 0:
+            return _group((self.episode(i) for i in indices), per_rank)
+        dl = torch.utils.data.DataLoader(
+            _EpisodeDataset(self), batch_size=None, sampler=indices, num_workers=workers,
+            prefetch_factor=max(1, math.ceil(prefetch * per_rank / workers)), persistent_workers=True,
+            worker_init_fn=_worker_init)
+        return _group(iter(dl), per_rank)
+
+
+def global_indices(start: int, step: int, rank: int, world: int, per_rank: int) -> list[int]:
+    """The episode indices rank ``rank`` consumes at step ``step`` of a stream that began at cursor ``start``."""
+    base = start + step * world * per_rank + rank * per_rank
+    return list(range(base, base + per_rank))
+
+
+def next_cursor(start: int, steps: int, world: int, per_rank: int) -> int:
+    """The cursor to checkpoint after ``steps`` completed steps from ``start``."""
+    return start + steps * world * per_rank
+
+
+class _RankIndices(torch.utils.data.Sampler):
+    def __init__(self, start, rank, world, per_rank):
+        self.start, self.rank, self.world, self.per_rank = start, rank, world, per_rank
+
+    def __iter__(self):
+        step = 0
+        while True:
+            yield from global_indices(self.start, step, self.rank, self.world, self.per_rank)
+            step += 1
+
+
+class _EpisodeDataset(torch.utils.data.Dataset):
+    def __init__(self, stream: EpisodeStream):
+        self.stream = stream
+
+    def __getitem__(self, index: int) -> Episode:
+        return self.stream.episode(int(index))
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Close this worker's shard handles when it exits (multiprocessing runs Finalize callbacks on exit).
+    from multiprocessing.util import Finalize
+
+    info = torch.utils.data.get_worker_info()
+    Finalize(info.dataset.stream, info.dataset.stream.close, exitpriority=10)
+
+
+def _group(it, n: int) -> Iterator[list[Episode]]:
+    while True:
+        yield [next(it) for _ in range(n)]

@@ -1,0 +1,174 @@
+"""Read exactly the encoded images an episode needs, using the byte offsets in spec.json.
+
+- local folder: seek + read on the shard file; open handles are kept in a small LRU per process (a data
+  worker never holds more than ``max_handles`` files, unlike P>M>F's leaked h5 handles) and closed by
+  ``close()``, which the episode loader registers to run when a worker exits;
+- http(s): one HTTP Range request per image;
+- pipe: the shard is streamed through WebDataset's tar iterator and only the needed keys are kept; since a
+  class is contiguous in its shard, the stream is closed as soon as the last needed key has passed.
+Short reads (a truncated shard) raise ShardError naming the shard and class.
+"""
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+
+from .spec import DatasetSpec, location_kind
+
+
+class ShardError(OSError):
+    """A shard that is missing, truncated or unreadable; the message names the shard and class."""
+
+
+def member_key(label: int, i: int) -> str:
+    return f"c{label:05d}_{i:06d}"
+
+
+class ShardReader:
+    def __init__(self, max_handles: int = 4):
+        if max_handles < 1:
+            raise ValueError("max_handles must be >= 1")
+        self.max_handles = max_handles
+        self._handles: OrderedDict[str, object] = OrderedDict()
+
+    # Handles are per process: a reader pickled into a DataLoader worker starts with none.
+    def __getstate__(self):
+        return {"max_handles": self.max_handles}
+
+    def __setstate__(self, state):
+        self.__init__(state["max_handles"])
+
+    @property
+    def open_handles(self) -> int:
+        return len(self._handles)
+
+    def close(self) -> None:
+        while self._handles:
+            _, f = self._handles.popitem(last=False)
+            f.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing useful to do
+            pass
+
+    def _handle(self, path: str):
+        f = self._handles.get(path)
+        if f is not None:
+            self._handles.move_to_end(path)
+            return f
+        f = open(path, "rb", buffering=0)
+        self._handles[path] = f
+        if len(self._handles) > self.max_handles:
+            _, old = self._handles.popitem(last=False)
+            old.close()
+        return f
+
+    def read(self, spec: DatasetSpec, label: int, ids: list[int]) -> list[bytes]:
+        """Encoded bytes of members ``ids`` (indices within the class) of class ``label``, in that order."""
+        cls = spec.classes[label]
+        for i in ids:
+            if not 0 <= i < cls.count:
+                raise IndexError(f"{spec.name}: class {cls.name!r} has {cls.count} images, no member {i}")
+        url = spec.shard_url(cls.shard)
+        kind = location_kind(spec.location)
+        if kind == "local":
+            return self._read_local(spec, url, label, ids)
+        if kind == "http":
+            return [self._read_http(spec, url, label, i) for i in ids]
+        return self._read_pipe(spec, url, label, ids)
+
+    def read_classes(self, spec: DatasetSpec, requests: list[tuple[int, list[int]]]) -> list[list[bytes]]:
+        """``read`` for several classes at once. For pipe: shards this streams each shard once for all the
+        classes it holds (an episode's classes often share a shard), instead of once per class."""
+        if location_kind(spec.location) != "pipe":
+            return [self.read(spec, label, ids) for label, ids in requests]
+        by_shard: dict[str, list[tuple[int, list[int]]]] = {}
+        for label, ids in requests:
+            for i in ids:
+                if not 0 <= i < spec.classes[label].count:
+                    raise IndexError(f"{spec.name}: class {spec.classes[label].name!r} has "
+                                     f"{spec.classes[label].count} images, no member {i}")
+            by_shard.setdefault(spec.classes[label].shard, []).append((label, ids))
+        got: dict[int, list[bytes]] = {}
+        for shard, reqs in by_shard.items():
+            got.update(self._read_pipe_many(spec, spec.shard_url(shard), reqs))
+        return [got[label] for label, _ in requests]
+
+    def _where(self, spec, url, label, i) -> str:
+        cls = spec.classes[label]
+        return f"shard {url} (dataset {spec.name}, class {cls.name!r}, member {member_key(label, i)})"
+
+    def _read_local(self, spec, path, label, ids) -> list[bytes]:
+        cls = spec.classes[label]
+        try:
+            f = self._handle(path)
+        except OSError as e:
+            raise ShardError(f"cannot open shard {path} (dataset {spec.name}, class {cls.name!r}): {e}") from e
+        out = []
+        for i in ids:
+            off, size, _ = cls.members[i]
+            data = os.pread(f.fileno(), size, off)
+            if len(data) != size:
+                raise ShardError(f"truncated {self._where(spec, path, label, i)}: expected {size} bytes at offset "
+                                 f"{off}, got {len(data)} (file is {os.fstat(f.fileno()).st_size} bytes); "
+                                 f"re-run smat-convert for this dataset")
+            out.append(data)
+        return out
+
+    def _read_http(self, spec, url, label, i) -> bytes:
+        off, size, _ = spec.classes[label].members[i]
+        req = urllib.request.Request(url, headers={"Range": f"bytes={off}-{off + size - 1}"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                if r.status != 206:
+                    # A server that ignores Range would send the whole shard: refuse rather than download it.
+                    raise ShardError(f"{self._where(spec, url, label, i)}: server answered {r.status} to a Range "
+                                     f"request; it must support byte ranges (HTTP 206)")
+                data = r.read()
+        except urllib.error.HTTPError as e:
+            raise ShardError(f"{self._where(spec, url, label, i)}: HTTP {e.code}") from e
+        except urllib.error.URLError as e:
+            raise ShardError(f"{self._where(spec, url, label, i)}: {e.reason}") from e
+        if len(data) != size:
+            raise ShardError(f"truncated {self._where(spec, url, label, i)}: expected {size} bytes, got {len(data)}")
+        return data
+
+    def _read_pipe(self, spec, url, label, ids) -> list[bytes]:
+        return self._read_pipe_many(spec, url, [(label, ids)])[label]
+
+    def _read_pipe_many(self, spec, url, requests) -> dict[int, list[bytes]]:
+        import webdataset as wds
+        from webdataset.tariterators import tar_file_iterator
+
+        wanted: dict[str, tuple[int, int]] = {}
+        for label, ids in requests:
+            cls = spec.classes[label]
+            wanted.update({f"{member_key(label, i)}.{cls.members[i][2]}": (label, i) for i in ids})
+        found: dict[tuple[int, int], bytes] = {}
+        names = ", ".join(repr(spec.classes[lab].name) for lab, _ in requests[:3])
+        if wanted:
+            stream = wds.gopen(url)
+            try:
+                for sample in tar_file_iterator(stream, select_files=lambda n: n in wanted):
+                    found[wanted[sample["fname"]]] = sample["data"]
+                    if len(found) == len(wanted):
+                        break  # the rest of the shard is not needed: stop the pipe early
+            except Exception as e:
+                raise ShardError(f"cannot stream shard {url} (dataset {spec.name}, class {names}): {e}") from e
+            finally:
+                try:
+                    stream.close()
+                except Exception:  # the command was cut off on purpose (broken pipe); its status is irrelevant
+                    pass
+        out = {}
+        for label, ids in requests:
+            missing = [i for i in ids if (label, i) not in found]
+            if missing:
+                raise ShardError(f"truncated {self._where(spec, url, label, missing[0])}: the stream ended before "
+                                 f"{len(missing)} needed member(s) of the class; re-run smat-convert for this dataset")
+            out[label] = [found[(label, i)] for i in ids]
+        return out

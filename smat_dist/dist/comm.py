@@ -1,0 +1,76 @@
+"""Collectives over torch.distributed that count the bytes each rank sends.
+
+The counts are the per-rank send volume of the standard algorithms (ring all-gather / all-reduce /
+reduce-scatter, pairwise all-to-all), so the sharded and gather-all merges can be compared on the same
+footing on any backend: all_gather sends (R-1) x local, all_to_all (R-1)/R x buffer, all_reduce 2(R-1)/R x
+buffer, reduce_scatter (R-1)/R x buffer. With one rank nothing is sent.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class Comm:
+    def __init__(self, group=None):
+        self.group = group
+        self.on = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size(group) if self.on else 1
+        self.rank = dist.get_rank(group) if self.on else 0
+        self.sent_bytes = 0
+        self.calls = 0
+
+    def _count(self, nbytes: float) -> None:
+        self.sent_bytes += int(nbytes)
+        self.calls += 1
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[*s] on each rank -> [R, *s]."""
+        t = t.contiguous()
+        if self.world == 1:
+            return t.unsqueeze(0)
+        out = torch.empty(self.world * t.numel(), dtype=t.dtype, device=t.device)
+        dist.all_gather_into_tensor(out, t.reshape(-1), group=self.group)
+        out = out.view(self.world, *t.shape)
+        self._count((self.world - 1) * t.numel() * t.element_size())
+        return out
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """[R, *s]: row j goes to rank j; returns [R, *s] whose row j came from rank j."""
+        t = t.contiguous()
+        if self.world == 1:
+            return t
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=self.group)
+        self._count(t.numel() * t.element_size() * (self.world - 1) / self.world)
+        return out
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (returns a new tensor)."""
+        t = t.clone().contiguous()
+        if self.world == 1:
+            return t
+        dist.all_reduce(t, group=self.group)
+        self._count(2 * (self.world - 1) / self.world * t.numel() * t.element_size())
+        return t
+
+    def reduce_scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """[R*n, *s] summed over ranks; returns this rank's [n, *s] block."""
+        t = t.contiguous()
+        if self.world == 1:
+            return t
+        out = torch.empty((t.shape[0] // self.world, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        dist.reduce_scatter_tensor(out, t, group=self.group)
+        self._count((self.world - 1) / self.world * t.numel() * t.element_size())
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.group)
+
+    def broadcast_object(self, obj, src: int = 0):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]

@@ -1,0 +1,110 @@
+"""The sharded expert pool's merge: per-task communication independent of the number of experts M.
+
+Rank r owns the flat slice [r*n, (r+1)*n) of delta and of all M experts' mask logits. For one round of
+tasks (one task per rank):
+  forward : all-gather the R tasks' merging weights (R x M numbers); merge the local slice for every task,
+            D[t] = (W[t] @ z_local^T) * delta_local (the same total work as one unsharded merge); an all-to-all
+            hands each rank its own task's full merged delta (P numbers in and out per rank, whatever M is).
+  backward: an all-to-all returns each task's gradient slice to the owner; local gradients for delta and
+            the masks; per-task partial sums for w combined by an all-reduce of R x M numbers.
+The gather-all path (what plain ZeRO-3 wrapping would do) all-gathers every expert's mask logits per task
+and reduce-scatters their gradients: M x P per task. It is kept only as the measured comparison.
+
+Gradient scale: each rank's loss is its own tasks' mean; pool gradients arrive summed over the R tasks of
+the round, so they are divided by R (the pool is never averaged by the data-parallel engine), while the
+gradient for w stays per task (the engine averages the hypernetwork's gradients over ranks).
+"""
+from __future__ import annotations
+
+import torch
+
+from smat_dist.dist.comm import Comm
+from smat_dist.method import hard_concrete as hc
+from smat_dist.method.merge import LocalMerger
+from smat_dist.method.pool import ExpertPool
+
+
+class _ShardedMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, z, delta, comm: Comm):
+        W = comm.all_gather(w.detach())                  # [R, M]
+        D = (W @ z.t()) * delta.unsqueeze(0)             # [R, n]: my slice of every task's merged delta
+        full = comm.all_to_all(D)                        # [R, n]: every slice of my task's merged delta
+        ctx.comm = comm
+        ctx.save_for_backward(W, z, delta)
+        return full.reshape(-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        comm: Comm = ctx.comm
+        W, z, delta = ctx.saved_tensors
+        R = comm.world
+        G = comm.all_to_all(g.reshape(R, -1).contiguous())  # [R, n]: every task's gradient for my slice
+        Gd = G * delta.unsqueeze(0)
+        g_W = comm.all_reduce(Gd @ z)                        # [R, M], summed over slices
+        g_w = g_W[comm.rank]
+        g_z = (Gd.t() @ W) / R if ctx.needs_input_grad[1] else None
+        g_delta = (G * (W @ z.t())).sum(0) / R if ctx.needs_input_grad[2] else None
+        return g_w, g_z, g_delta, None
+
+
+class ShardedMerger(LocalMerger):
+    """Merges where the shard lives; `merge(w)` returns this rank's task's full merged delta [P_pad]."""
+
+    def __init__(self, pool: ExpertPool, padded: int, comm: Comm):
+        super().__init__(pool, padded)
+        self.comm = comm
+
+    def merge(self, w: torch.Tensor) -> torch.Tensor:
+        return _ShardedMerge.apply(w, self.z, self.pool.delta, self.comm)
+
+
+class _GatherMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, log_alpha, delta, valid, comm: Comm, train: bool):
+        LA = comm.all_gather(log_alpha.detach()).flatten(0, 1)   # [P, M]: every expert's full mask logits
+        DL = comm.all_gather(delta.detach()).flatten()
+        V = comm.all_gather(valid).flatten()
+        ctx.comm, ctx.train = comm, train
+        ctx.save_for_backward(w.detach(), LA, DL, V)
+        z = hc.gate(LA, train=train) * V.unsqueeze(1)
+        return (z @ w) * DL
+
+    @staticmethod
+    def backward(ctx, g):
+        comm: Comm = ctx.comm
+        w, LA, DL, V = ctx.saved_tensors
+        with torch.enable_grad():
+            la = LA.detach().requires_grad_(True)
+            dl = DL.detach().requires_grad_(True)
+            wl = w.detach().requires_grad_(True)
+            d = ((hc.gate(la, train=ctx.train) * V.unsqueeze(1)) @ wl) * dl
+            g_w, g_la, g_dl = torch.autograd.grad(d, [wl, la, dl], g)
+        R = comm.world
+        g_la = comm.reduce_scatter(g_la) / R
+        g_dl = comm.reduce_scatter(g_dl) / R
+        return g_w, g_la, g_dl, None, None, None
+
+
+class GatherMerger(LocalMerger):
+    """Comparison path: gathers all M masks per task (M x P bytes per task per rank)."""
+
+    def __init__(self, pool: ExpertPool, padded: int, comm: Comm):
+        super().__init__(pool, padded)
+        self.comm = comm
+        self._train = True
+
+    def begin_step(self, train: bool = True) -> torch.Tensor:
+        self._train = train
+        return super().begin_step(train)
+
+    def merge(self, w: torch.Tensor) -> torch.Tensor:
+        return _GatherMerge.apply(w, self.pool.log_alpha, self.pool.delta, self.pool.valid, self.comm, self._train)
+
+
+def build_merger(kind: str, pool: ExpertPool, padded: int, comm: Comm) -> LocalMerger:
+    if kind == "sharded":
+        return ShardedMerger(pool, padded, comm)
+    if kind == "gather":
+        return GatherMerger(pool, padded, comm)
+    raise ValueError(f"dist.pool={kind!r}: expected 'sharded' or 'gather'")

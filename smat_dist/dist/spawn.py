@@ -1,0 +1,41 @@
+"""Run a function on N local CPU ranks over gloo (tests and benchmarks; launchers use smat_dist.launch)."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = fn(rank, world, *args)
+        # Serialise to bytes: tensors passed through torch's shared-memory reducers would die with the process.
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        queue.put((rank, buf.getvalue()))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, *args):
+    """fn(rank, world, *args) on `world` processes; returns the list of results by rank."""
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    port = free_port()
+    mp.start_processes(_entry, args=(world, port, fn, args, q), nprocs=world, join=True, start_method="spawn")
+    res = {r: torch.load(io.BytesIO(b), weights_only=False) for r, b in (q.get() for _ in range(world))}
+    return [res[r] for r in range(world)]

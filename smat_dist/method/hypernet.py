@@ -1,0 +1,92 @@
+"""The hypernetwork: support-set prototypes (frozen features) -> merging weights over the M experts.
+
+Differences from the official code, on purpose:
+- the expert keys and skill tokens are registered, trained and saved (upstream HEAD makes them plain tensors);
+- the task embedding is the mean of the class tokens' outputs, not token 0, so w does not depend on the order
+  of the labels (a transformer block without positional encoding is permutation-equivariant, and a mean over
+  the class tokens is invariant);
+- the relaxed-Bernoulli noise comes from a generator keyed by the task's global index, so a task gets the same
+  w on any rank, at any world size, and after a resume.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from smat_dist.config.schema import HypernetConfig
+
+
+class _Block(nn.Module):
+    """Pre-LN transformer block (no qkv bias), as upstream's DINO block."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, sn: bool):
+        super().__init__()
+        wrap = spectral_norm if sn else (lambda m: m)
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.qkv = wrap(nn.Linear(dim, 3 * dim, bias=False))
+        self.proj = wrap(nn.Linear(dim, dim))
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        hidden = int(dim * mlp_ratio)
+        self.fc1 = wrap(nn.Linear(dim, hidden))
+        self.fc2 = wrap(nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, 3, self.heads, d // self.heads).permute(1, 2, 0, 3)
+        a = F.scaled_dot_product_attention(q, k, v)  # [H, n, d/H]
+        x = x + self.proj(a.permute(1, 0, 2).reshape(n, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class HyperNetwork(nn.Module):
+    def __init__(self, dim: int, experts: int, cfg: HypernetConfig):
+        super().__init__()
+        if dim % cfg.heads:
+            raise ValueError(f"method.hypernet.heads={cfg.heads} must divide the backbone feature size {dim}")
+        self.cfg = cfg
+        self.experts = experts
+        self.tokens = nn.Parameter(torch.randn(cfg.tokens, dim) * 1e-3)
+        self.block = _Block(dim, cfg.heads, cfg.mlp_ratio, cfg.spectral_norm)
+        self.keys = nn.Parameter(torch.empty(experts, dim))
+        nn.init.kaiming_normal_(self.keys)
+        # Global count of training tasks seen: drives the temperature and is saved with the model.
+        self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.long))
+
+    def temperature(self, tasks: int | None = None) -> float:
+        n = int(self.tasks_seen) if tasks is None else tasks
+        return max(self.cfg.t_min, self.cfg.t_start - n / self.cfg.t_decay)
+
+    def logits(self, protos: torch.Tensor) -> torch.Tensor:
+        c = protos.shape[0]
+        h = self.block(torch.cat([protos, self.tokens], 0))[:c].mean(0)
+        return self.keys @ h
+
+    def forward(self, protos: torch.Tensor, train: bool, task_seed: int | None = None,
+                temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (w [M], logits a [M])."""
+        a = self.logits(protos)
+        t = self.temperature() if temperature is None else temperature
+        if train:
+            g = torch.Generator().manual_seed(int(task_seed or 0) & 0x7FFFFFFFFFFF)
+            u = torch.rand(a.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(a)
+            s = torch.sigmoid((a + torch.log(u) - torch.log1p(-u)) / t)  # RelaxedBernoulli(t, a).rsample()
+        else:
+            s = torch.sigmoid(a / t)
+        w = s / (s.sum() + 1e-8) if self.experts > 1 else torch.ones_like(s)
+        return w, a
+
+    def regulariser(self, a: torch.Tensor) -> torch.Tensor:
+        return self.cfg.logit_reg * a.pow(2).mean()
+
+
+def task_seed(seed: int, index: int) -> int:
+    """Stable seed for a global task index (independent of rank, world size and Python's hash salt)."""
+    return (seed * 1_000_003 + index * 2_654_435_761 + 12345) % (1 << 47)
+
+
+__all__ = ["HyperNetwork", "task_seed", "math"]

@@ -1,0 +1,63 @@
+"""Optimisers and the warmup-cosine schedule on the global task counter.
+
+delta: SGD (momentum 0.9, wd 1e-4); mask logits: SGD lr 1e6, no momentum, global grad-norm clip 5;
+multipliers: their own update rule (controller.py); hypernetwork: AdamW lr 1e-4, wd 1e-2, clip 1.
+The pool optimiser only ever touches this rank's slice, so its state is local and saved per rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smat_dist.config.schema import MethodConfig
+
+
+def lr_factor(tasks: int, cfg: MethodConfig) -> float:
+    if cfg.warmup_tasks > 0 and tasks < cfg.warmup_tasks:
+        return (tasks + 1) / cfg.warmup_tasks
+    span = max(1, cfg.total_tasks - cfg.warmup_tasks)
+    progress = min(1.0, (tasks - cfg.warmup_tasks) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PoolOptimizer:
+    def __init__(self, pool, cfg: MethodConfig):
+        self.pool, self.cfg = pool, cfg
+        sp = cfg.sparsity
+        self.opt = torch.optim.SGD([
+            {"params": [pool.delta], "lr": cfg.delta_lr, "momentum": cfg.delta_momentum,
+             "weight_decay": cfg.delta_weight_decay, "name": "delta", "base_lr": cfg.delta_lr},
+            {"params": [pool.log_alpha], "lr": sp.mask_lr, "momentum": 0.0, "weight_decay": 0.0,
+             "name": "log_alpha", "base_lr": sp.mask_lr},
+        ])
+
+    def step(self, factor: float, reduce=None) -> dict[str, float]:
+        """`reduce` sums a tensor over ranks (the clip norm is global over the whole pool)."""
+        g = self.pool.log_alpha.grad
+        out = {}
+        if g is not None:
+            sq = g.double().pow(2).sum().reshape(1)
+            sq = reduce(sq) if reduce is not None else sq
+            norm = float(sq.sqrt())
+            clip = self.cfg.sparsity.mask_clip
+            if norm > clip:
+                g.mul_(clip / (norm + 1e-12))
+            out["grad_norm/log_alpha"] = norm
+        for grp in self.opt.param_groups:
+            grp["lr"] = grp["base_lr"] * factor
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out
+
+    def state_dict(self):
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd):
+        self.opt.load_state_dict(sd)
+
+
+def hypernet_optimizer(params, cfg: MethodConfig) -> torch.optim.Optimizer:
+    h = cfg.hypernet
+    return torch.optim.AdamW([{"params": list(params), "lr": h.lr, "weight_decay": h.weight_decay,
+                               "name": "hypernet", "base_lr": h.lr}])

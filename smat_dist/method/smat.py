@@ -1,0 +1,156 @@
+"""One SMAT task: merge the experts for the task, inner step, distil, return every loss term.
+
+Backbone passes per training task (S = support, Q = query):
+  1. frozen theta_pre on S+Q, no graph: prototypes for the hypernetwork AND the frozen-model teacher's logits;
+  2. theta_i on S with graph: prototypes (with grad) AND the inner step's support loss (one pass serves both);
+  3. theta_i' on Q with graph: student logits;
+  4. backward of CE(Q) to theta_i' only: the dense teacher's SGD step reuses pass 3's graph;
+  5. teacher theta_t on Q, no graph: teacher logits;
+  plus the inner-step backward through pass 2 and the outer backward through passes 2 and 3.
+That is 4 forward passes (2 without graph) and 3 backward passes, against upstream's 8 forwards and 4 backwards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smat_dist.config.schema import MethodConfig
+from smat_dist.method.controller import LagrangeController
+from smat_dist.method.hypernet import HyperNetwork, task_seed
+from smat_dist.method.protonet import accuracy, cosine_logits, prototypes
+from smat_dist.model.backbone import FunctionalBackbone
+
+
+@dataclass
+class TaskResult:
+    loss: torch.Tensor
+    w: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(p_student || p_teacher) at temperature t, batch mean (upstream's mode-seeking direction)."""
+    ls, lt = F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1)
+    return (ls.exp() * (ls - lt)).sum(-1).mean()
+
+
+def _episode_tensors(ep):
+    return ep.support, ep.support_labels, ep.query, ep.query_labels, int(ep.ways)
+
+
+class SMAT(nn.Module):
+    """The trainable, replicated part of SMAT (hypernetwork + multipliers); the pool is passed in as a merger."""
+
+    def __init__(self, backbone: FunctionalBackbone, cfg: MethodConfig, seed: int = 0):
+        super().__init__()
+        self.fb = backbone
+        self.cfg = cfg
+        self.seed = seed
+        self.hypernet = HyperNetwork(backbone.feature_dim, cfg.experts, cfg.hypernet)
+        self.controller = LagrangeController(cfg.experts, cfg.sparsity.target, cfg.sparsity.lambda_lr)
+
+    def forward(self, protos: torch.Tensor, train: bool, task_index: int = 0):
+        # The hypernetwork is reached through forward() so that engines that hook module calls
+        # (DeepSpeed ZeRO-3 parameter gathering) see it.
+        return self.hypernet(protos, train=train, task_seed=task_seed(self.seed, task_index))
+
+    def task(self, ep, merger, task_index: int, train: bool = True) -> TaskResult:
+        cfg, fb = self.cfg, self.fb
+        xs, ys, xq, yq, ways = _episode_tensors(ep)
+        theta_pre = fb.theta_pre
+        with torch.no_grad():
+            f_pre = fb(theta_pre, torch.cat([xs, xq]))
+        fs_pre, fq_pre = f_pre[: len(xs)], f_pre[len(xs):]
+        p_pre = prototypes(fs_pre, ys, ways)
+        w, a = self(p_pre, train, task_index)
+        theta = theta_pre + merger.merge(w)
+        fs = fb(theta, xs)
+        protos = prototypes(fs, ys, ways)
+        m: dict[str, float] = {}
+        theta1, p1 = theta, protos
+        if train:
+            for step in range(cfg.inner_steps):
+                if step > 0:
+                    fs = fb(theta1, xs)
+                head = p1.detach().requires_grad_(True)
+                ce_s = F.cross_entropy(cosine_logits(fs, head, cfg.logit_scale), ys)
+                g_theta, g_head = torch.autograd.grad(ce_s, [theta1, head], retain_graph=True)
+                # First order: the step's gradient is a constant; the prototypes keep their own gradient path.
+                theta1 = theta1 - cfg.inner_lr * g_theta
+                p1 = p1 - cfg.inner_lr * g_head
+                m["loss/support_ce"] = ce_s.item()
+        fq = fb(theta1, xq)
+        logits = cosine_logits(fq, p1, cfg.logit_scale)
+        ce_q = F.cross_entropy(logits, yq)
+        loss = ce_q
+        m["loss/query_ce"] = ce_q.item()
+        m["acc/query"] = accuracy(logits, yq)
+        tc = cfg.teacher
+        if train and tc.enabled:
+            g_t, g_tp = torch.autograd.grad(ce_q, [theta1, p1], retain_graph=True)
+            with torch.no_grad():
+                t_theta = theta1.detach() - tc.lr * g_t
+                t_logits = cosine_logits(fb(t_theta, xq), p1.detach() - tc.lr * g_tp, cfg.logit_scale)
+            t2 = tc.temperature ** 2
+            kd_dense = reverse_kl(logits, t_logits, tc.temperature)
+            kd = 0.5 * t2 * kd_dense if tc.pretrained_teacher else t2 * kd_dense
+            m["loss/kd_dense"] = kd_dense.item()
+            m["acc/teacher"] = accuracy(t_logits, yq)
+            if tc.pretrained_teacher:
+                pre_logits = cosine_logits(fq_pre, p_pre, cfg.logit_scale)
+                kd_pre = reverse_kl(logits, pre_logits, tc.temperature)
+                kd = kd + 0.5 * t2 * kd_pre
+                m["loss/kd_pretrained"] = kd_pre.item()
+                m["acc/pretrained"] = accuracy(pre_logits, yq)
+            loss = (1 - tc.lam) * ce_q + tc.lam * kd
+        reg = self.hypernet.regulariser(a)
+        loss = loss + reg
+        m["loss/hyper_reg"] = reg.item()
+        m["loss/task"] = loss.item()
+        m["episode/ways"] = float(ways)
+        m["episode/support"] = float(len(xs))
+        m["episode/query"] = float(len(xq))
+        return TaskResult(loss=loss, w=w.detach(), metrics=m)
+
+    @torch.no_grad()
+    def predict(self, ep, merger) -> torch.Tensor:
+        """Zero-shot query logits: eval-mode merge (deterministic gates and weights), clean support prototypes."""
+        xs, ys, xq, _, ways = _episode_tensors(ep)
+        f_pre = self.fb(self.fb.theta_pre, xs)
+        w, _ = self(prototypes(f_pre, ys, ways), False)
+        theta = self.fb.theta_pre + merger.merge(w)
+        protos = prototypes(self.fb(theta, xs), ys, ways)
+        return cosine_logits(self.fb(theta, xq), protos, self.cfg.logit_scale)
+
+    def pool_terms(self, pool, z: torch.Tensor, w_sum: torch.Tensor, n_tasks: int, reduce, lr_factor: float,
+                   update: bool = True) -> dict[str, float]:
+        """The step's sparsity terms: needs one all-reduce of 3M+1 numbers (`reduce` sums across ranks)."""
+        M, numel = self.cfg.experts, pool.numel
+        l0 = pool.l0_sum()
+        from smat_dist.method import hard_concrete as hc
+
+        eval_zero = ((pool.log_alpha.detach() <= -hc.threshold(train=False)) & pool.valid.unsqueeze(1)).sum(0).double()
+        stats = reduce(torch.cat([pool.zero_counts(z.detach()), l0.detach().double(), eval_zero,
+                                  w_sum.double(), torch.tensor([float(n_tasks)], dtype=torch.float64)]))
+        sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
+        w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
+        ctl = self.controller
+        ctl.reset_satisfied(sparsity)
+        # Only this slice's share of E_m is differentiable here, which is exactly its gradient.
+        penalty = ctl.penalty(l0 / numel, w_mean)
+        if update and penalty.requires_grad:
+            penalty.backward()
+        lag = ctl.lagrangian(sparsity, w_mean)
+        if update:
+            ctl.update(sparsity, w_mean, lr_factor)
+        out = {"loss/sparsity_penalty": float(ctl.penalty(density, w_mean)), "loss/lagrangian": lag}
+        for i in range(M):
+            out[f"sparsity/expert{i}"] = float(sparsity[i])
+            out[f"sparsity_eval/expert{i}"] = float(eval_sparsity[i])
+            out[f"density_l0/expert{i}"] = float(density[i])
+            out[f"lambda/expert{i}"] = float(ctl.multipliers[i])
+            out[f"w_mean/expert{i}"] = float(w_mean[i])
+        return out
