@@ -117,7 +117,7 @@ start() {
       CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY 'slurmpw'; \
       GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1'; \
       FLUSH PRIVILEGES;"
-  alive "$B/run/slurmdbd.pid" || slurmdbd -f "$B/etc/slurmdbd.conf"
+  alive "$B/run/slurmdbd.pid" || slurmdbd   # reads slurmdbd.conf beside $SLURM_CONF
   wait_for 30 slurmdbd sacctmgr -n show cluster
   sacctmgr -n show cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" > /dev/null
   alive "$B/run/slurmctld.pid" || slurmctld
@@ -132,9 +132,9 @@ stop() {
   for f in slurmd slurmctld slurmdbd mysql; do
     local p="$B/run/$f.pid"
     if alive "$p"; then
-      kill "$(cat "$p")" || true
+      kill "$(cat "$p" 2>/dev/null)" 2>/dev/null || true
       for _ in $(seq 1 100); do alive "$p" || break; sleep 0.1; done
-      alive "$p" && kill -9 "$(cat "$p")" 2>/dev/null || true
+      alive "$p" && kill -9 "$(cat "$p" 2>/dev/null)" 2>/dev/null || true
     fi
     rm -f "$p"
   done

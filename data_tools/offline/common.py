@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -24,6 +24,9 @@ class DomainPlan:
     classes: list[ClassPlan]
     min_count: int                       # a class with fewer images is a conversion error
     split_by_group: bool = False         # Omniglot-style: whole alphabets go to one split
+    # render a class fully before writing it and leave it out (listed in 'skipped') when broken drawings take it
+    # below min_count, instead of failing the whole conversion: for sources where a few renders may fail
+    drop_short: bool = False
     skipped: list[dict] = field(default_factory=list)
 
 
@@ -83,10 +86,3 @@ def fit_square(im: Image.Image, size: int, margin: float = 0.0) -> Image.Image:
     out.paste(im, ((size - nw) // 2, (size - nh) // 2))
     return out
 
-
-def take(items: Iterable, k: int | None):
-    """The first k items of an iterable (all when k is None)."""
-    for i, x in enumerate(items):
-        if k is not None and i >= k:
-            return
-        yield x

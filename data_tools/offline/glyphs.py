@@ -110,20 +110,23 @@ def _choose_letters(index, max_classes, seed):
     alphabets = sorted(index)
     if max_classes is None:
         return {a: sorted(index[a]) for a in alphabets}
-    # Omniglot-like shape: per_alph letters from each of max_classes/per_alph alphabets, at least 3 alphabets
-    per_alph = max(2, min(LETTERS_PER_ALPHABET, max_classes // 20))
+    # Omniglot-like shape: about per_alph letters from each of max_classes/per_alph alphabets (>= 3 alphabets,
+    # so that train/val/test each get one)
+    per_alph = 1 if max_classes < 6 else max(2, min(LETTERS_PER_ALPHABET, max_classes // 20))
     n_alph = max(3, min(len(alphabets), max_classes // per_alph))
     chosen = seeded_subset(alphabets, n_alph, seed, "noto_scripts", "alphabets")
-    # when the alphabets run out before max_classes, take more letters from each
-    while per_alph * len(chosen) < max_classes and any(len(index[a]) > per_alph for a in chosen):
-        per_alph += 1
-    out, budget = {}, max_classes
-    for i, a in enumerate(chosen):
-        k = min(per_alph, len(index[a]), budget - 2 * (len(chosen) - i - 1))  # leave >= 2 for later alphabets
-        if k < 2:
+    # deal the class budget out round-robin, so small alphabets that run out leave more for the others
+    take, budget = dict.fromkeys(chosen, 0), max_classes
+    while budget > 0:
+        dealt = 0
+        for a in chosen:
+            if budget > 0 and take[a] < len(index[a]):
+                take[a] += 1
+                budget -= 1
+                dealt += 1
+        if not dealt:
             break
-        out[a] = seeded_subset(sorted(index[a]), k, seed, "noto_scripts", a)
-        budget -= k
+    out = {a: seeded_subset(sorted(index[a]), k, seed, "noto_scripts", a) for a, k in take.items() if k}
     return out
 
 

@@ -92,12 +92,13 @@ def render_icon(js: dict, name: str, size: int) -> Image.Image:
         im = im.transpose(Image.FLIP_TOP_BOTTOM)
     if turns:
         im = im.rotate(-90 * turns, expand=True)  # iconify's rotate is clockwise quarter turns
+    if im.convert("RGBA").getchannel("A").getbbox() is None:
+        raise BlankIcon("renders blank (fully transparent)")
     return fit_square(im, size, margin=0.06)
 
 
-def _has_ink(im: Image.Image) -> bool:
-    lo, hi = im.convert("L").getextrema()
-    return lo < 200  # an all-white (or nearly) render is an empty or broken icon
+class BlankIcon(ValueError):
+    """The SVG draws nothing visible (an empty body, or shapes that need features cairosvg lacks)."""
 
 
 def _plan(cache_dir, domain, min_sets, *, max_classes, images_per_class, image_size, seed) -> DomainPlan:
@@ -130,16 +131,13 @@ def _plan(cache_dir, domain, min_sets, *, max_classes, images_per_class, image_s
                     log.warning("%s: cannot render %s: %s", domain, src, e)
                     skipped.append({"path": src, "reason": f"cannot render: {e}"})
                     continue
-                if _has_ink(im):
-                    yield src, im
-                else:
-                    log.warning("%s: %s renders blank; left out", domain, src)
-                    skipped.append({"path": src, "reason": "renders blank"})
+                yield src, im
         return gen
 
-    # one broken drawing may drop a class below its set count; more than that is an error worth stopping for
+    # one broken drawing may take a class below its set count; a class that loses more is left out
     min_count = min(min_sets, images_per_class or min_sets) - 1
-    return DomainPlan([ClassPlan(n, items(n)) for n in sorted(names)], min_count=min_count, skipped=skipped)
+    return DomainPlan([ClassPlan(n, items(n)) for n in sorted(names)], min_count=min_count, skipped=skipped,
+                      drop_short=True)
 
 
 def emoji(cache_dir, **kw) -> DomainPlan:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import struct
 from pathlib import Path
@@ -102,9 +103,11 @@ def _load_clipart(path: Path, size: int) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
+            # palette/grey-alpha/16-bit modes cannot be reduced: go to RGBA (which keeps transparency) first
+            rgba = im if im.mode in ("RGB", "RGBA") else im.convert("RGBA")
             # shrink big drawings in integer steps first: LANCZOS over 100 Mpx would take seconds
-            f = max(1, min(im.size) // (4 * size))
-            small = im.reduce(f) if f > 1 else im.copy()
+            f = max(1, min(rgba.size) // (4 * size))
+            small = rgba.reduce(f) if f > 1 else rgba.copy()
     finally:
         Image.MAX_IMAGE_PIXELS = old
     return fit_square(small, size, margin=0.04)
@@ -116,7 +119,7 @@ def clipart(cache_dir, *, max_classes, images_per_class, image_size, seed) -> Do
         raise FileNotFoundError(f"{root} is missing (is openclipart-png fetched?)")
     skipped, folders = [], {}
     for d, _, files in sorted(os.walk(root)):
-        good = []
+        good, seen = [], {}
         for f in sorted(files):
             if not f.endswith(".png"):
                 continue
@@ -127,19 +130,28 @@ def clipart(cache_dir, *, max_classes, images_per_class, image_size, seed) -> Do
                                 "reason": "not a PNG" if px < 0 else f"{px / 1e6:.0f} Mpx, above the "
                                 f"{CLIPART_MAX_PIXELS / 1e6:.0f} Mpx limit"})
                 continue
+            digest = hashlib.sha256(p.read_bytes()).digest()
+            if digest in seen:  # openclipart ships some drawings twice under two names: one class member each
+                skipped.append({"path": p.relative_to(root).as_posix(), "reason": f"same file as {seen[digest]}"})
+                continue
+            seen[digest] = p.relative_to(root).as_posix()
             good.append(p)
         if len(good) >= CLIPART_MIN_IMAGES:
             folders[Path(d).relative_to(root).as_posix()] = good
     chosen = seeded_subset(sorted(folders), max_classes, seed, "clipart", "classes")
-    n = images_per_class or 20
-    log.info("clipart: %d folders with >= %d images; using %d, %d images each", len(folders),
+    n = images_per_class or max((len(folders[c]) for c in chosen), default=0)  # None: every image
+    log.info("clipart: %d folders with >= %d distinct images; using %d, up to %d images each", len(folders),
              CLIPART_MIN_IMAGES, len(chosen), n)
 
     def items(name):
-        files = seeded_subset(folders[name], n, seed, "clipart", name)
+        # a seeded order of the whole folder: an unreadable file is replaced by the next one in that order
+        files = [folders[name][i] for i in rng_for(seed, "clipart", name).permutation(len(folders[name]))]
 
         def gen():
+            made = 0
             for p in files:
+                if made >= n:
+                    return
                 rel = p.relative_to(root).as_posix()
                 try:
                     im = _load_clipart(p, image_size)
@@ -148,10 +160,12 @@ def clipart(cache_dir, *, max_classes, images_per_class, image_size, seed) -> Do
                     skipped.append({"path": rel, "reason": str(e)})
                     continue
                 yield rel, im
+                made += 1
         return gen
 
-    min_count = min(CLIPART_MIN_IMAGES, n) // 2  # a few unreadable files are tolerated and listed in 'skipped'
-    return DomainPlan([ClassPlan(c, items(c)) for c in chosen], min_count=max(1, min_count), skipped=skipped)
+    # unreadable files are replaced and listed in 'skipped'; a folder that still falls short is left out
+    return DomainPlan([ClassPlan(c, items(c)) for c in chosen], min_count=min(CLIPART_MIN_IMAGES, n), skipped=skipped,
+                      drop_short=True)
 
 
 # ---- OOD: Fashion-MNIST and digits -------------------------------------------------------------------------
@@ -184,7 +198,7 @@ def fashion_mnist(cache_dir, *, max_classes, images_per_class, image_size, seed)
     # the official test images first, then the training images when more are asked for
     parts = [(s, _read_idx(d / f"{s}-images-idx3-ubyte.gz", 2051), _read_idx(d / f"{s}-labels-idx1-ubyte.gz", 2049))
              for s in ("t10k", "train")]
-    n = images_per_class or 200
+    n = images_per_class or 7000  # None: every image (1,000 test + 6,000 train per class)
     labels = seeded_subset(list(range(10)), max_classes, seed, "fashion_mnist", "classes")
 
     def items(lab):

@@ -144,7 +144,8 @@ class LauncherConfig:
 
 @dataclass
 class EvalConfig:
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = None      # SMAT run folder or checkpoint folder
+    pmf_checkpoint: Optional[str] = None  # P>M>F run folder or checkpoint folder (baseline)
     episodes: int = 600
     modes: list[str] = field(default_factory=lambda: ["zeroshot"])
     methods: list[str] = field(default_factory=lambda: ["smat", "pretrained", "pmf"])

@@ -71,6 +71,9 @@ class EpisodeStream:
         scfg = self.cfg.sampler_config()
         self.samplers = [EpisodeSampler(spec, split, scfg) for spec in self.specs]
         self.reader = ShardReader(max_handles=max_handles)
+        log.info("episodes: split %s, %s mode, seed %d, aug %s, sources %s", split, self.cfg.mode, self.seed,
+                 self.train_aug, ", ".join(f"{s.name} ({len(sm.labels)} classes)" for s, sm in
+                                           zip(self.specs, self.samplers)))
 
     @property
     def source_names(self) -> list[str]:
@@ -179,6 +182,12 @@ class _EpisodeDataset(torch.utils.data.Dataset):
 
 
 def _worker_init(_worker_id: int) -> None:
+    # SLURM signals every process of a job step on preemption/requeue; only the rank itself must react
+    # (it sets a stop flag and checkpoints at the next step boundary), so workers ignore those signals.
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     # Close this worker's shard handles when it exits (multiprocessing runs Finalize callbacks on exit).
     from multiprocessing.util import Finalize
 

@@ -53,25 +53,29 @@ def random_resized_crop_params(width: int, height: int, rng: np.random.Generator
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _to_uint8_tensor(img: Image.Image) -> torch.Tensor:
-    return TF.pil_to_tensor(img)
+def _to_uint8(img: Image.Image) -> np.ndarray:
+    return np.asarray(img, dtype=np.uint8)  # [H, W, 3]
 
 
-def normalize_batch(images: list[torch.Tensor], size: int) -> torch.Tensor:
-    """Stack [3, H, W] uint8 images into one [N, 3, H, W] float32 ImageNet-normalised tensor.
+_MEAN = np.array(IMAGENET_MEAN, np.float32) * 255.0
+_INV_STD = 1.0 / (np.array(IMAGENET_STD, np.float32) * 255.0)
 
-    Done once per episode rather than per image: per-image float ops on small tensors cost more in dispatch
-    overhead than in arithmetic."""
+
+def normalize_batch(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """Stack [H, W, 3] uint8 images into one [N, 3, H, W] float32 ImageNet-normalised tensor.
+
+    Done once per episode, in numpy: per-image torch ops on small tensors cost more in dispatch and
+    intra-op thread wake-ups (which stall on a busy machine) than in arithmetic."""
     if not images:
         return torch.empty(0, 3, size, size)
-    batch = torch.stack(images).float()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
-    return batch.sub_(mean).div_(std)
+    batch = np.stack(images).astype(np.float32)
+    batch -= _MEAN
+    batch *= _INV_STD
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
 
 
-def train_transform(img: Image.Image, size: int, rng: np.random.Generator) -> torch.Tensor:
-    """One augmented image as a [3, size, size] uint8 tensor (normalise with normalize_batch)."""
+def train_transform(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One augmented image as a [size, size, 3] uint8 array (normalise with normalize_batch)."""
     top, left, h, w = random_resized_crop_params(img.width, img.height, rng)
     img = TF.resized_crop(img, top, left, h, w, [size, size], InterpolationMode.BILINEAR)
     factors = 1.0 + JITTER_STRENGTH * (rng.uniform(size=len(JITTER)) * 2.0 - 1.0)
@@ -79,15 +83,15 @@ def train_transform(img: Image.Image, size: int, rng: np.random.Generator) -> to
         img = enhancer(img).enhance(float(f)).convert("RGB")
     if rng.uniform() < 0.5:
         img = TF.hflip(img)
-    return _to_uint8_tensor(img)
+    return _to_uint8(img)
 
 
 def eval_resize(size: int) -> int:
     return int(size * 146 / 128)
 
 
-def eval_transform(img: Image.Image, size: int) -> torch.Tensor:
-    """One evaluation image as a [3, size, size] uint8 tensor (normalise with normalize_batch)."""
+def eval_transform(img: Image.Image, size: int) -> np.ndarray:
+    """One evaluation image as a [size, size, 3] uint8 array (normalise with normalize_batch)."""
     img = TF.resize(img, eval_resize(size), InterpolationMode.BILINEAR)
     img = TF.center_crop(img, [size, size])
-    return _to_uint8_tensor(img)
+    return _to_uint8(img)

@@ -36,6 +36,22 @@ def run_ranks(fn, world: int, *args):
     ctx = mp.get_context("spawn")
     q = ctx.SimpleQueue()
     port = free_port()
-    mp.start_processes(_entry, args=(world, port, fn, args, q), nprocs=world, join=True, start_method="spawn")
-    res = {r: torch.load(io.BytesIO(b), weights_only=False) for r, b in (q.get() for _ in range(world))}
+    ctx_procs = mp.start_processes(_entry, args=(world, port, fn, args, q), nprocs=world, join=False,
+                                   start_method="spawn")
+    # Read results while the ranks run: a large result blocks its writer until the pipe is drained.
+    res = {}
+    while len(res) < world:
+        if not q.empty():
+            r, b = q.get()
+            res[r] = torch.load(io.BytesIO(b), weights_only=False)
+            continue
+        if ctx_procs.join(timeout=0.2):  # all exited (raises if one failed)
+            while not q.empty():
+                r, b = q.get()
+                res[r] = torch.load(io.BytesIO(b), weights_only=False)
+            break
+    while not ctx_procs.join():
+        pass
+    if len(res) < world:
+        raise RuntimeError(f"only ranks {sorted(res)} of {world} returned a result")
     return [res[r] for r in range(world)]

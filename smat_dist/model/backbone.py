@@ -55,6 +55,12 @@ class FunctionalBackbone:
             dummy = torch.zeros(1, 3, *self._input_hw())
             self.feature_dim = int(self.model(dummy).shape[-1])
 
+    def to(self, device: torch.device) -> "FunctionalBackbone":
+        self.model.to(device)
+        self.buffers = dict(self.model.named_buffers())
+        self.theta_pre = self.theta_pre.to(device)
+        return self
+
     def _input_hw(self):
         pe = getattr(self.model, "patch_embed", None)
         if pe is not None and getattr(pe, "img_size", None):

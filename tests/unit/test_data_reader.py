@@ -166,6 +166,7 @@ def test_spec_errors_name_file_and_key(tmp_path, ds):
 def test_pipe_reads_each_shard_once_per_episode(ds, tmp_path):
     """All classes of one shard come from a single stream of that shard (counted with a logging command)."""
     log = tmp_path / "opened.log"
+    ds = make_dataset(tmp_path, "oneshard", shard_bytes=1 << 20)
     spec = load_spec(f"pipe:cat {ds}")
     shard = spec.classes[0].shard
     same_shard = [lab for lab, c in spec.classes.items() if c.shard == shard][:3]

@@ -1,0 +1,96 @@
+"""smat-analyze RUN_DIR: the analysis figures of a run folder, or the trade-off plot of a sweep folder.
+
+  smat-analyze runs/2026-01-01_12-00-00            # capacity, mask overlap, expert-selection dendrogram
+  smat-analyze runs/sweep_2026-01-01_12-00-00      # ID vs OOD by sparsity and experts (runs with results.json)
+
+A run folder (config.yaml + checkpoints) gives the mask figures; the dendrogram uses --episodes fixed
+episodes of each domain in data.sources + data.eval_sources (split --split). A folder of run folders that
+hold results.json + config.yaml gives the trade-off plot. PNGs and analysis.json go to --out
+(default RUN_DIR/analysis); one JSON line with the figure paths is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from smat_dist.utils.log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+def _episodes_by_domain(cfg, split: str, n: int) -> dict:
+    from smat_dist.data.fixed_sets import fixed_episodes
+    from smat_dist.data.spec import load_spec
+    from smat_dist.eval.protocol import episode_config
+
+    ep_cfg = episode_config(cfg)
+    out = {}
+    for src in list(cfg.data.sources) + list(cfg.data.eval_sources):
+        out[load_spec(src).name] = list(fixed_episodes(src, split, n, cfg=ep_cfg))
+    return out
+
+
+def analyze_run(run_dir: Path, out: Path, split: str, episodes: int) -> dict:
+    from smat_dist.analysis.figures import analyze_pool
+    from smat_dist.config.hydra import load_yaml
+    from smat_dist.eval.loading import load_method
+
+    cfg = load_yaml(run_dir / "config.yaml")
+    setup = load_method(str(run_dir))
+    eps = _episodes_by_domain(cfg, split, episodes) if episodes > 0 else None
+    if eps is not None and len(eps) < 2:
+        log.warning("only %d domain(s) in data.sources + data.eval_sources: no dendrogram", len(eps))
+        eps = None
+    return analyze_pool(setup, out, eps)
+
+
+def analyze_sweep(sweep_dir: Path, out: Path, method: str, mode: str) -> dict:
+    from smat_dist.analysis.figures import plot_tradeoff, sweep_points
+
+    pts = sweep_points(sweep_dir, method, mode)
+    return {"sweep": pts, "figures": {"tradeoff": plot_tradeoff(pts, out / "tradeoff.png")}}
+
+
+def _is_sweep(d: Path) -> bool:
+    return any((c / "results.json").is_file() for c in d.iterdir() if c.is_dir())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="smat-analyze", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("run_dir", type=Path, help="a run folder, or a sweep folder of run folders")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/analysis)")
+    ap.add_argument("--episodes", type=int, default=20, help="episodes per domain for expert selection (0: skip)")
+    ap.add_argument("--split", default="test", help="split of the expert-selection episodes")
+    ap.add_argument("--method", default="smat", help="sweep: which method's results to plot")
+    ap.add_argument("--mode", default="zeroshot", help="sweep: which eval mode's results to plot")
+    args = ap.parse_args(argv)
+    setup_logging()
+    d: Path = args.run_dir
+    out = args.out or d / "analysis"
+    try:
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: no such folder")
+        res = {}
+        if _is_sweep(d):
+            res.update(analyze_sweep(d, out, args.method, args.mode))
+        if (d / "config.yaml").is_file():
+            r = analyze_run(d, out, args.split, args.episodes)
+            res = {**r, "figures": {**res.get("figures", {}), **r["figures"]}, **({"sweep": res["sweep"]} if "sweep" in res else {})}
+        if not res:
+            raise FileNotFoundError(f"{d}: neither a run folder (config.yaml + checkpoints) nor a sweep folder "
+                                    "(run folders with results.json + config.yaml)")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        log.error("%s", e)
+        print(json.dumps({"error": str(e)}))
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({"out": str(out), "figures": res["figures"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,221 @@
+"""The analyses of a trained expert pool, as numbers and as PNG figures (matplotlib, Agg backend).
+
+- capacity: fraction of non-zero entries of the experts' eval-mode masks, by layer type and by block depth;
+- expert selection: mean merging weights w per domain, clustered into a dendrogram (scipy, average linkage);
+- overlap: pairwise IoU of the experts' non-zero sets;
+- trade-off: ID vs OOD average accuracy of the runs of a sweep, by target sparsity and number of experts.
+Masks are computed one parameter tensor at a time, so an [n, M] mask of the whole pool is never held.
+Everything takes the pool / method objects, so it works on any LocalSetup however it was loaded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from smat_dist.method import hard_concrete as hc  # noqa: E402
+from smat_dist.method.protonet import prototypes  # noqa: E402
+from smat_dist.utils.log import get_logger  # noqa: E402
+
+log = get_logger(__name__)
+
+
+def _chunks(space, pool):
+    """(info, eval-mode non-zero mask [k, M] bool) for each parameter tensor (or its part) inside the pool slice."""
+    with torch.no_grad():
+        for info in space.infos:
+            a, b = max(info.offset, pool.lo), min(info.offset + info.numel, pool.hi)
+            if a >= b:
+                continue
+            la = pool.log_alpha[a - pool.lo:b - pool.lo].clamp(-pool.cfg.clamp, pool.cfg.clamp)
+            yield info, hc.gate(la, train=False) > 0
+
+
+def capacity(space, pool) -> dict:
+    """Non-zero fraction of the eval-mode masks: overall per expert, by layer kind and by depth (means over
+    experts, plus per expert)."""
+    by_kind: dict[str, list] = {}
+    by_depth: dict[int, list] = {}
+    total = np.zeros(pool.experts)
+    n = 0
+    for info, nz in _chunks(space, pool):
+        cnt = nz.sum(0).double().numpy()
+        for d, key in ((by_kind, info.kind), (by_depth, info.depth)):
+            acc = d.setdefault(key, [np.zeros(pool.experts), 0])
+            acc[0] += cnt
+            acc[1] += nz.shape[0]
+        total += cnt
+        n += nz.shape[0]
+    if n == 0:
+        raise ValueError("the pool covers no backbone parameter: nothing to analyse")
+
+    def frac(d):
+        return {str(k): {"mean": float(v[0].mean() / v[1]), "per_expert": (v[0] / v[1]).tolist(), "numel": int(v[1])}
+                for k, v in sorted(d.items(), key=lambda kv: kv[0])}
+
+    return {"overall": (total / n).tolist(), "by_kind": frac(by_kind), "by_depth": frac(by_depth)}
+
+
+def mask_overlap(space, pool) -> np.ndarray:
+    """[M, M] intersection-over-union of the experts' non-zero sets (diagonal 1; 0 when both are empty)."""
+    m = pool.experts
+    inter = torch.zeros(m, m, dtype=torch.float64)
+    count = torch.zeros(m, dtype=torch.float64)
+    for _, nz in _chunks(space, pool):
+        f = nz.double()
+        inter += f.t() @ f
+        count += f.sum(0)
+    union = count[:, None] + count[None, :] - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
+    iou.fill_diagonal_(1.0)
+    return iou.numpy()
+
+
+@torch.no_grad()
+def selection_by_domain(setup, episodes_by_domain: dict) -> dict[str, np.ndarray]:
+    """Mean eval-mode merging weights w [M] of each domain's episodes (frozen-feature prototypes -> hypernet)."""
+    fb, method = setup.fb, setup.method
+    out = {}
+    for name, episodes in episodes_by_domain.items():
+        ws = []
+        for ep in episodes:
+            protos = prototypes(fb(fb.theta_pre, ep.support), ep.support_labels, int(ep.ways))
+            w, _ = method(protos, False)
+            ws.append(w.double().numpy())
+        if not ws:
+            raise ValueError(f"domain {name}: no episodes to measure expert selection on")
+        out[name] = np.mean(ws, 0)
+    return out
+
+
+def sweep_points(sweep_dir, method: str = "smat", mode: str = "zeroshot") -> list[dict]:
+    """(sparsity target, experts, ID avg, OOD avg) of every run folder under `sweep_dir` that has both a
+    results.json and a config.yaml (folders missing either are skipped with a warning)."""
+    from smat_dist.config.hydra import load_yaml
+
+    pts = []
+    for d in sorted(Path(sweep_dir).iterdir()):
+        if not d.is_dir():
+            continue
+        rj, cy = d / "results.json", d / "config.yaml"
+        if not (rj.is_file() and cy.is_file()):
+            log.warning("sweep: skipping %s (needs results.json and config.yaml)", d)
+            continue
+        cfg = load_yaml(cy)
+        try:
+            r = json.loads(rj.read_text())["results"][method][mode]
+        except (KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"{rj}: no results for {method}/{mode} ({e})") from e
+        pts.append({"run": d.name, "sparsity": cfg.method.sparsity.target, "experts": cfg.method.experts,
+                    "id_avg": r["id_avg"], "ood_avg": r["ood_avg"]})
+    if not pts:
+        raise ValueError(f"{sweep_dir}: no run folder with results.json and config.yaml")
+    return pts
+
+
+# ---------------------------------------------------------------- figures
+
+def _save(fig, path) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_capacity(cap: dict, path) -> str:
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    kinds = list(cap["by_kind"])
+    a1.bar(kinds, [cap["by_kind"][k]["mean"] for k in kinds], color="tab:blue")
+    a1.set_ylabel("non-zero fraction (mean over experts)")
+    a1.set_title("capacity by layer type")
+    a1.tick_params(axis="x", rotation=45)
+    depths = [k for k in cap["by_depth"] if int(k) >= 0]
+    a2.plot([int(k) + 1 for k in depths], [cap["by_depth"][k]["mean"] for k in depths], "o-", color="tab:orange")
+    if "-1" in cap["by_depth"]:
+        a2.axhline(cap["by_depth"]["-1"]["mean"], ls="--", color="gray", label="outside blocks")
+        a2.legend()
+    a2.xaxis.get_major_locator().set_params(integer=True)
+    a2.set_xlabel("block")
+    a2.set_title("capacity by depth")
+    return _save(fig, path)
+
+
+def plot_dendrogram(w_by_domain: dict[str, np.ndarray], path) -> str:
+    from scipy.cluster.hierarchy import dendrogram, linkage
+
+    names = list(w_by_domain)
+    if len(names) < 2:
+        raise ValueError(f"a dendrogram needs at least two domains, got {names}")
+    W = np.stack([w_by_domain[n] for n in names])
+    z = linkage(W, method="average", metric="euclidean")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, max(3.0, 0.4 * len(names) + 1)),
+                                 gridspec_kw={"width_ratios": [1, 1.4]})
+    dn = dendrogram(z, labels=names, orientation="left", ax=a1)
+    a1.set_title("domains clustered by expert selection")
+    order = dn["ivl"][::-1]
+    im = a2.imshow(np.stack([w_by_domain[n] for n in order]), aspect="auto", cmap="viridis")
+    a2.set_yticks(range(len(order)), order)
+    a2.set_xticks(range(W.shape[1]))
+    a2.set_xlabel("expert")
+    a2.set_title("mean merging weight w")
+    fig.colorbar(im, ax=a2)
+    return _save(fig, path)
+
+
+def plot_overlap(iou: np.ndarray, path) -> str:
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    im = ax.imshow(iou, vmin=0, vmax=1, cmap="magma")
+    m = iou.shape[0]
+    if m <= 16:
+        for i in range(m):
+            for j in range(m):
+                ax.text(j, i, f"{iou[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if iou[i, j] < 0.6 else "black")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("expert")
+    ax.set_title("mask overlap (IoU of non-zeros)")
+    fig.colorbar(im, ax=ax)
+    return _save(fig, path)
+
+
+def plot_tradeoff(points: list[dict], path) -> str:
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    experts = sorted({p["experts"] for p in points})
+    sc = None
+    for k, m in enumerate(experts):
+        ps = [p for p in points if p["experts"] == m]
+        sc = ax.scatter([100 * p["id_avg"] for p in ps], [100 * (p["ood_avg"] or 0) for p in ps],
+                        c=[p["sparsity"] for p in ps], cmap="viridis", vmin=0, vmax=1,
+                        marker=markers[k % len(markers)], s=60, edgecolors="k", label=f"{m} experts")
+    ax.set_xlabel("ID average accuracy (%)")
+    ax.set_ylabel("OOD average accuracy (%)")
+    ax.set_title("ID vs OOD by sparsity and number of experts")
+    ax.legend()
+    fig.colorbar(sc, ax=ax, label="target sparsity")
+    return _save(fig, path)
+
+
+def analyze_pool(setup, out_dir, episodes_by_domain: dict | None = None) -> dict:
+    """Capacity, overlap and (given episodes per domain) expert-selection figures + analysis.json numbers."""
+    if setup.pool is None:
+        raise ValueError("the mask analyses need a SMAT model with an expert pool")
+    out = Path(out_dir)
+    cap = capacity(setup.fb.space, setup.pool)
+    iou = mask_overlap(setup.fb.space, setup.pool)
+    res = {"capacity": cap, "overlap": iou.tolist(),
+           "figures": {"capacity": plot_capacity(cap, out / "capacity.png"),
+                       "overlap": plot_overlap(iou, out / "mask_overlap.png")}}
+    if episodes_by_domain:
+        w = selection_by_domain(setup, episodes_by_domain)
+        res["selection"] = {k: v.tolist() for k, v in w.items()}
+        res["figures"]["dendrogram"] = plot_dendrogram(w, out / "expert_dendrogram.png")
+    return res

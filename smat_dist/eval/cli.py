@@ -1,0 +1,112 @@
+"""smat-eval [hydra overrides]: meta-test a checkpoint and the baselines on every ID and OOD domain.
+
+  smat-eval eval.checkpoint=runs/2026-01-01_12-00-00 data.sources=[shards/a] data.eval_sources=[shards/b]
+            eval.modes=[zeroshot,full,lora] run_dir=runs/eval_a
+
+Writes results.json, results.md and episodes.json into run_dir (default runs/eval_<date>_<time>) and prints
+one JSON line with the paths and the ID/OOD averages. Under torchrun (WORLD_SIZE > 1) the episodes are split
+over the ranks; the results are the same at any world size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from smat_dist.utils.log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+def load_setups(cfg) -> dict:
+    """{method name: LocalSetup} for cfg.eval.methods. SMAT and P>M>F come from checkpoints (through
+    smat_dist.eval.loading.load_method); the pre-trained baseline is the frozen backbone of the same config."""
+    from smat_dist.config.schema import MethodConfig
+    from smat_dist.eval.finetune import method_kind
+    from smat_dist.method.build import build_local
+
+    paths = {}
+    if cfg.eval.checkpoint:
+        paths["main"] = cfg.eval.checkpoint
+    pmf_path = getattr(cfg.eval, "pmf_checkpoint", None)
+    if pmf_path:
+        paths["pmf"] = pmf_path
+    setups: dict = {}
+    for key, path in paths.items():
+        from smat_dist.eval.loading import load_method  # the checkpoint format's one door (dist/checkpoint.py)
+
+        setup = load_method(path)
+        kind = method_kind(setup.method)
+        if key == "pmf" and kind != "pmf":
+            raise ValueError(f"eval.pmf_checkpoint={path} holds a {kind} model, not P>M>F")
+        if kind in setups:
+            raise ValueError(f"two checkpoints hold a {kind} model ({paths})")
+        setups[kind] = setup
+    fb = next(iter(setups.values())).fb if setups else None
+    out = {}
+    for name in cfg.eval.methods:
+        if name == "pretrained":
+            mcfg = MethodConfig(name="pretrained", logit_scale=cfg.method.logit_scale)
+            out[name] = build_local(cfg.model, mcfg, seed=cfg.train.seed, fb=fb)
+        elif name in setups:
+            out[name] = setups[name]
+        else:
+            hint = "eval.checkpoint=RUN_DIR" if name == "smat" else "eval.pmf_checkpoint=RUN_DIR (a P>M>F run)"
+            raise ValueError(f"eval.methods includes {name!r} but no checkpoint holds it: set {hint}, or drop "
+                             f"{name!r} from eval.methods")
+    return out
+
+
+def run(cfg) -> dict:
+    """Evaluate under an already composed Config; returns the summary printed by the CLI."""
+    import torch.distributed as dist
+
+    from smat_dist.eval.protocol import domains_from_config, episode_config, evaluate
+    from smat_dist.eval.report import write_results
+
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from smat_dist.dist.engine import init_distributed
+
+        rank, world = init_distributed(cfg.dist)
+    elif dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    domains = domains_from_config(cfg)
+    setups = load_setups(cfg)
+    out_dir = cfg.run_dir or os.path.join("runs", time.strftime("eval_%Y-%m-%d_%H-%M-%S"))
+    log.info("evaluating %s in modes %s on %d domains (%d test episodes each, world size %d) -> %s",
+             list(setups), cfg.eval.modes, len(domains), cfg.eval.episodes, world, out_dir)
+    results, per_episode = evaluate(setups, domains, cfg.eval, episode_config(cfg), workers=cfg.data.workers)
+    summary = {"run_dir": out_dir, "averages": {
+        f"{m}/{mode}": {"id_avg": r["id_avg"], "ood_avg": r["ood_avg"]}
+        for m, modes in results["results"].items() for mode, r in modes.items()}}
+    if rank == 0:
+        summary["files"] = write_results(out_dir, results, per_episode)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        print("\nKeys: every field of smat_dist/config/schema.py (eval.*, data.*, model.*, ...); "
+              "configs/eval.yaml holds the defaults.")
+        return 0
+    setup_logging()
+    from smat_dist.config.hydra import ConfigError, compose
+
+    try:
+        cfg = compose("eval", argv)
+        summary = run(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
+        log.error("%s", e)
+        print(json.dumps({"error": str(e)}))
+        return 2
+    if "files" in summary:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""What every launcher shares: the rank-function contract, the stop flag, rank env vars, errors.
+
+A rank function runs ONE rank: ``fn(cfg: Config, run_dir: str, should_stop: Callable[[], bool]) -> dict``
+(the trainer, ``smat_dist.train.trainer:train``, is the default). It reads RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT, which the launcher sets, and returns {"status": "done"|"stopped", ...}.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Callable, Union
+
+from smat_dist.config.schema import Config
+
+RankFn = Callable[[Config, str, Callable[[], bool]], dict]
+RankFnSpec = Union[str, RankFn]   # "package.module:function" or the function itself
+DEFAULT_RANK_FN = "smat_dist.train.trainer:train"
+
+
+class LaunchError(RuntimeError):
+    """A rank or a job failed. `log_path` is the log the user should read first."""
+
+    def __init__(self, message: str, log_path: str | None = None, rank: int | None = None,
+                 job_id: str | None = None):
+        full = message + (f"\n  log: {log_path}" if log_path else "")
+        super().__init__(full)
+        self.log_path, self.rank, self.job_id = log_path, rank, job_id
+
+
+def resolve_rank_fn(spec: RankFnSpec) -> RankFn:
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"rank function {spec!r}: expected 'package.module:function' or a callable")
+    mod_name, fn_name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"rank function {spec!r} cannot be imported: {e}") from e
+    return fn
+
+
+class StopFlag:
+    """`should_stop` for the trainer: becomes True once one of the installed signals arrived.
+
+    The handler only records the signal (nothing else is safe inside a signal handler while a collective
+    may be in flight); the training loop polls the flag at its next step boundary, agrees across ranks,
+    checkpoints and returns {"status": "stopped"}. `signal_name` tells the launcher which signal it was.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.count = 0
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def signal_name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum is not None else None
+
+    def _handler(self, signum, frame) -> None:
+        self.count += 1
+        # the first signal wins, except that USR2 (timeout/preemption notice: requeue) overrides TERM
+        if self.signum is None or signum == signal.SIGUSR2:
+            self.signum = signum
+        if signum == signal.SIGINT and self.count >= 2:   # a second Ctrl-C: stop now, not at the boundary
+            raise KeyboardInterrupt
+
+    def install(self, signums=(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)) -> "StopFlag":
+        for s in signums:
+            signal.signal(s, self._handler)
+        return self
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world_size: int, local_rank: int, local_world_size: int, master_addr: str,
+             master_port: int) -> dict[str, str]:
+    return {"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local_rank),
+            "LOCAL_WORLD_SIZE": str(local_world_size), "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)}
+
+
+def tail(path: str | os.PathLike, lines: int = 20) -> str:
+    """The last lines of a log (empty if it does not exist), to quote in an error message."""
+    p = Path(path)
+    if not p.is_file():
+        return ""
+    with open(p, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        text = f.read().decode("utf-8", "replace")
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def last_error_line(text: str) -> str:
+    """The exception line of a Python traceback ('ValueError: ...'), else the last non-empty line."""
+    rows = [r for r in text.splitlines() if r.strip()]
+    for r in reversed(rows):
+        head = r.split(":", 1)[0].strip()
+        if head and not r.startswith(" ") and (head.endswith(("Error", "Exception", "Interrupt", "Exit"))
+                                               or head.startswith("submitit.")):
+            return r.strip()
+    return rows[-1].strip() if rows else ""

@@ -1,0 +1,47 @@
+"""One rank from the environment, for sbatch templates and plain torchrun / deepspeed launchers:
+
+    torchrun --nproc-per-node=2 -m smat_dist.launch.rank_main data.sources=[shards/a] run_dir=runs/x
+
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* come from the outer launcher (torchrun, deepspeed, or srun with
+SLURM_PROCID -> RANK). USR2/TERM/INT only set the stop flag; the trainer checkpoints at the next step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from smat_dist.config.hydra import ConfigError, compose
+from smat_dist.launch.env import DEFAULT_RANK_FN, StopFlag, resolve_rank_fn
+from smat_dist.utils.log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:   # plain srun, one task per rank
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+    try:
+        cfg = compose("train", args)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    if not cfg.run_dir:
+        log.error("run_dir=... is required (all ranks and requeued attempts must share it)")
+        return 2
+    from smat_dist.train.cli import prepare_run_dir
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        prepare_run_dir(cfg, cfg.run_dir, resuming=True)
+    flag = StopFlag().install()
+    result = resolve_rank_fn(DEFAULT_RANK_FN)(cfg, cfg.run_dir, flag)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

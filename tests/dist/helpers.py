@@ -1,0 +1,58 @@
+"""Shared pieces of the distributed tests: a tiny config and a rank function that trains and reports state."""
+from __future__ import annotations
+
+import torch
+
+from smat_dist.config.schema import Config
+
+
+def tiny_config(data_dir: str, *, tasks: int = 4, tasks_per_rank: int = 1, experts: int = 4, pool: str = "sharded",
+                method: str = "smat", zero_stage: int = 0, every: int = 0) -> Config:
+    cfg = Config()
+    cfg.model.name = "vit_tiny_patch16_224"
+    cfg.model.image_size = 32
+    cfg.model.patch_size = 8
+    cfg.method.name = method
+    cfg.method.experts = experts
+    cfg.method.warmup_tasks = 2
+    cfg.method.total_tasks = 16
+    cfg.method.delta_lr = 1e-2      # visible movement in a handful of steps
+    cfg.data.sources = [data_dir]
+    cfg.data.mode = "fixed"
+    cfg.data.ways, cfg.data.shots, cfg.data.queries = 3, 2, 2
+    cfg.data.workers = 0
+    cfg.dist.pool = pool
+    cfg.dist.zero_stage = zero_stage
+    cfg.train.tasks = tasks
+    cfg.train.tasks_per_rank = tasks_per_rank
+    cfg.checkpoint.every_tasks = every
+    cfg.logging.wandb_mode = "disabled"
+    return cfg
+
+
+def train_rank(rank: int, world: int, cfg: Config, run_dir: str, stop_after: int | None = None):
+    """Train, then return this rank's pool slice, the replicated state and the logged losses."""
+    import json
+    from pathlib import Path
+
+    from smat_dist.train import trainer
+
+    calls = {"n": 0}
+
+    def should_stop():
+        calls["n"] += 1
+        return stop_after is not None and calls["n"] > stop_after
+
+    out = trainer.train(cfg, run_dir, should_stop=should_stop)
+    ck = Path(out["checkpoint"])
+    pool = {}
+    pf = ck / f"pool-rank{rank:05d}.pt"
+    if pf.exists():
+        sd = torch.load(pf, weights_only=True)
+        pool = {"lo": sd["lo"], "hi": sd["hi"], "delta": sd["delta"], "log_alpha": sd["log_alpha"]}
+    losses = []
+    mf = Path(run_dir) / "metrics.jsonl"
+    if rank == 0 and mf.exists():
+        losses = [json.loads(line) for line in mf.read_text().splitlines()]
+    rep = torch.load(ck / "replicated.pt", weights_only=True) if rank == 0 else {}
+    return {"out": out, "pool": pool, "replicated": rep, "metrics": losses}

@@ -1,0 +1,123 @@
+"""The real SLURM tier (slurm/devcluster.sh, started once per session by tests/conftest.py).
+
+Every test runs against the trainer contract `fn(cfg, run_dir, should_stop) -> dict`, with two rank
+functions: the toy (tests/slurm/toy_rank.py) and the real trainer (`smat_dist.train.trainer:train`,
+skipped until that module exists). Run: `pytest tests/slurm -m slurm` (the requeue tests are also `slow`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from smat_dist.config.hydra import compose
+from smat_dist.launch.env import LaunchError
+from smat_dist.launch.slurm import submit, wait
+
+pytestmark = pytest.mark.slurm
+
+TOY = "tests.slurm.toy_rank:train"
+TRAINER = "smat_dist.train.trainer:train"
+JOB = ["launcher=slurm", "launcher.tasks_per_node=2", "launcher.cpus_per_task=1", "launcher.mem_gb=1",
+       "launcher.timeout_min=10", "logging.wandb_mode=disabled"]
+VOLATILE = ("time", "sec", "wall", "rate", "throughput", "elapsed", "resumed")
+
+
+def _trainer_available() -> bool:
+    return importlib.util.find_spec("smat_dist.train.trainer") is not None
+
+
+@pytest.fixture(params=[TOY, TRAINER], ids=["toy", "trainer"])
+def rank_fn(request):
+    if request.param == TRAINER and not _trainer_available():
+        pytest.skip("smat_dist.train.trainer is not written yet")
+    return request.param
+
+
+def job_config(rank_fn: str, tmp_path: Path, tasks: int, extra=()):
+    if rank_fn == TOY:   # 0.3 s per step so a signal lands mid-run
+        ov = ["data.sources=[unused]", f"train.tasks={tasks}", "checkpoint.every_tasks=5",
+              "+model.kwargs.toy_step_s=0.3"]
+    else:                # a tiny real run: 2 experts, small ViT, a generated dataset
+        from tests.data_fixture import make_dataset
+
+        data = make_dataset(tmp_path / "data", images=12, size=32)
+        ov = [f"data.sources=[{data}]", f"train.tasks={tasks}", "checkpoint.every_tasks=4", "method.experts=2",
+              "model.image_size=32", "model.patch_size=8", "+model.kwargs.depth=2", "data.mode=fixed",
+              "data.ways=3", "data.shots=2", "data.queries=2"]
+    return compose("train", JOB + ov + list(extra))
+
+
+def final_state(result: dict, run_dir: Path) -> tuple[dict, dict]:
+    """What must match between an interrupted and an uninterrupted run: the result (less timings and the
+    resume point) and the last metrics record of the last task."""
+    keep = lambda d: {k: v for k, v in d.items() if not any(s in k for s in VOLATILE)}  # noqa: E731
+    res = keep({k: v for k, v in result.items() if k not in ("ranks", "job_id")})
+    rows = [json.loads(r) for r in (run_dir / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    task_key = "task" if "task" in rows[-1] else "tasks"
+    last = max(rows, key=lambda r: r.get(task_key, 0))
+    return res, keep(last)
+
+
+def wait_for_progress(job, run_dir: Path, records: int, timeout: float = 180) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= records:
+            return
+        if job.done():
+            pytest.fail(f"job {job.job_id} ended before it made progress: {job.stderr()}")
+        time.sleep(0.3)
+    pytest.fail(f"job {job.job_id}: no {records} metrics records after {timeout}s")
+
+
+@pytest.fixture
+def reference(slurm_cluster, rank_fn, tmp_path_factory):
+    """The uninterrupted 2-task job (also the 'trains to completion' check)."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    cfg = job_config(rank_fn, run.parent, tasks=30)
+    result = wait(submit(cfg, str(run), rank_fn), poll_s=1)
+    return run, result
+
+
+def test_two_task_job_trains_to_completion(reference):
+    run, result = reference
+    assert result["status"] == "done" and result["tasks"] == 30
+    assert len(result["ranks"]) == 2 and all(r["status"] == "done" for r in result["ranks"])
+    assert (run / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["scontrol_requeue", "timeout_signal"])
+def test_requeued_job_resumes_to_the_same_final_state(reference, rank_fn, tmp_path, how):
+    ref_run, ref_result = reference
+    run = tmp_path / "run"
+    job = submit(job_config(rank_fn, tmp_path, tasks=30), str(run), rank_fn)
+    wait_for_progress(job, run, records=8)
+    if how == "scontrol_requeue":   # SIGTERM to the tasks, SLURM requeues the job itself
+        subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    else:                           # submitit's timeout emulation: USR2 -> checkpoint -> job requeues itself
+        job._interrupt(timeout=True)
+    result = wait(job, poll_s=1)
+    logs = (run / "submitit" / f"{job.job_id}_0_log.err").read_text()
+    assert "attempt 2" in logs, "the job was not requeued"
+    assert ("SIGUSR2" if how == "timeout_signal" else "SIGTERM") in logs
+    if rank_fn == TOY:
+        assert 5 <= result["resumed_from"] < 30   # resumed from a checkpoint, not from scratch
+    assert final_state(result, run) == final_state(ref_result, ref_run)
+
+
+def test_failed_job_reports_error_and_log_path(slurm_cluster, tmp_path):
+    run = tmp_path / "run"
+    cfg = job_config(TOY, tmp_path, tasks=10, extra=["+model.kwargs.toy_fail_at=2"])
+    job = submit(cfg, str(run), TOY)
+    with pytest.raises(LaunchError) as e:
+        wait(job, poll_s=1)
+    msg = str(e.value)
+    assert f"SLURM job {job.job_id} failed" in msg and "ValueError: toy failure at task 2 on rank 1" in msg
+    log = Path(e.value.log_path)
+    assert log.is_file() and f"log: {log}" in msg and "toy failure" in log.read_text()
