@@ -4,6 +4,7 @@ Layout of one checkpoint `CKPT = run_dir/checkpoints/step-<tasks>/`:
   pool-rank<r>.pt   this rank's slice [lo, hi) of delta and mask logits, its optimiser state, RNG states
   replicated.pt     full state of the replicated module (hypernetwork, multipliers, task counter, or P>M>F weights)
   ds/               DeepSpeed's own checkpoint of the replicated module and its (possibly ZeRO-partitioned) optimiser
+  config.yaml       the resolved config of the run (a checkpoint folder is self-contained for evaluation)
   manifest.json     written last: format version, tasks, data cursor, world size, config hash, backbone signature,
                     experts, method, wandb run id, and the sha256 of every file
 Everything is written into `step-<tasks>.tmp/`, then renamed; `latest` names the newest complete one and is
@@ -70,7 +71,7 @@ def find_latest(path: str | os.PathLike) -> Path | None:
 
 
 def save(root: str | os.PathLike, comm, *, tasks: int, meta: dict, pool=None, pool_opt=None,
-         replicated: dict | None = None, ds_opt=None, keep: int = 3) -> Path:
+         replicated: dict | None = None, ds_opt=None, keep: int = 3, texts: dict[str, str] | None = None) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint folder."""
     root = Path(root)
     name = f"step-{tasks:09d}"
@@ -90,6 +91,9 @@ def save(root: str | os.PathLike, comm, *, tasks: int, meta: dict, pool=None, po
         ds_opt.save(str(tmp / "ds"), tag="state")
     if comm.rank == 0 and replicated is not None:
         torch.save(replicated, tmp / "replicated.pt")
+    if comm.rank == 0:
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
     comm.barrier()
     if comm.rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

@@ -171,7 +171,7 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
     def save():
         return ckpt.save(ck_root, run.log_comm, tasks=tasks, meta=meta(), pool=run.pool,
                          pool_opt=run.pool_opt, replicated=run.replicated_state(), ds_opt=run.hyper,
-                         keep=cfg.checkpoint.keep)
+                         keep=cfg.checkpoint.keep, texts={"config.yaml": config_yaml(cfg)})
 
     metrics_f = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
     status = "done"
