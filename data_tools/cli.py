@@ -1,8 +1,13 @@
-"""smat-convert SOURCE --input PATH --output DIR: convert one dataset to WebDataset shards + spec.json."""
+"""smat-convert SOURCE --input PATH --output DIR: convert one dataset to WebDataset shards + spec.json.
+
+Offline domains (``offline:<domain>``, ``offline-all``) take --input as the package cache folder; without it the
+cache is ``.offline-cache`` in the folder that holds the dataset folders: ``<output>/../.offline-cache`` for
+``offline:<domain>`` and ``<output>/.offline-cache`` for ``offline-all`` (so both share one cache). Nothing is
+written outside --output and that cache.
+"""
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -16,6 +21,11 @@ from data_tools.writer import ConversionError, DatasetWriter
 
 log = get_logger("data_tools.cli")
 
+MD_SEED = 22       # Meta-Dataset's seed for its class splits
+OFFLINE_SEED = 0   # data_tools.offline.convert's default
+OFFLINE_CACHE = ".offline-cache"
+OFFLINE_IMAGE_SIZE = 84
+
 
 def build_parser() -> argparse.ArgumentParser:
     lines = [f"  {k:<14} {v[1]}" for k, v in SOURCES.items()]
@@ -26,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a dataset into WebDataset tar shards plus spec.json (docs/data_format.md).",
         epilog="sources:\n" + "\n".join(lines))
     p.add_argument("source", help="one of the sources listed below")
-    p.add_argument("--input", type=Path, help="dataset root in the source's layout (offline: cache folder)")
+    p.add_argument("--input", type=Path,
+                   help="dataset root in the source's layout; offline: the package cache folder (default "
+                        "<output>/../.offline-cache for offline:<domain>, <output>/.offline-cache for offline-all)")
     p.add_argument("--output", type=Path, required=True, help="output folder (created; must be empty or ours)")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping")
     p.add_argument("--shard-bytes", type=int, default=256 << 20, help="close a shard after the class that passes this")
@@ -35,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file", type=Path, help="Meta-Dataset splits JSON to use instead of the seeded rule")
     p.add_argument("--md-spec", type=Path, help="ilsvrc_2012: Meta-Dataset's ilsvrc_2012_dataset_spec.json")
     p.add_argument("--splits", help="imagefolder: seeded class split, e.g. train=0.7,val=0.15,test=0.15")
-    p.add_argument("--seed", type=int, default=22, help="seed of the class split (Meta-Dataset uses 22)")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"seed of the class split (default {MD_SEED}, as Meta-Dataset); offline: seed of the "
+                        f"rendering and class split (default {OFFLINE_SEED})")
+    p.add_argument("--images-per-class", type=int, default=None,
+                   help="offline: images rendered per class (default: the domain's demo size; 0 = all)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help=f"offline: side of the rendered square images (default {OFFLINE_IMAGE_SIZE})")
     p.add_argument("--partial", action="store_true",
                    help="accept an input with fewer classes than Meta-Dataset (splits scaled proportionally)")
     p.add_argument("--name", help="imagefolder: dataset name (default: the input folder name)")
@@ -54,19 +72,36 @@ def _select(plan: Plan, max_classes: int | None) -> list:
     return out
 
 
-def _dag_ontology(dag: dict, leaf_labels: dict[str, int]) -> dict:
-    """Keep the DAG nodes with at least one written leaf below them; leaves carry their global label."""
+def _dag_ontology(dag: dict, leaf_labels: dict[str, int]) -> dict | None:
+    """The part of the source DAG above the written classes, in the reader's format (docs/data_format.md):
+    ``{"type": "dag", "root": id, "nodes": {internal id: [child ids]}, "words": {id: words}}``; leaves are class
+    names. Nodes with no written class below them are dropped, so after --partial / --max-classes every leaf is
+    still a class of this dataset (the reader refuses a leaf it cannot resolve)."""
     nodes = dag["nodes"]
+    inner = sorted(n for n in leaf_labels if nodes.get(n, {}).get("children"))
+    if inner:
+        # the reader treats any id with children as internal, so such a class could never be drawn
+        raise ConversionError(f"ImageNet DAG: classes {inner[:5]} have children in the ontology; classes must be "
+                              f"leaves")
     keep: dict[str, bool] = {}
-
-    def visit(n: str) -> bool:
-        if n not in keep:
-            keep[n] = n in leaf_labels or any([visit(c) for c in nodes.get(n, {}).get("children", [])])
-        return keep[n]
-    visit(dag["root"])
-    out = {n: {"words": nodes[n]["words"], "children": [c for c in nodes[n]["children"] if keep.get(c)],
-               "label": leaf_labels.get(n)} for n in nodes if keep.get(n)}
-    return {"type": "dag", "nodes": out, "root": dag["root"]}
+    stack = [(dag["root"], False)]  # iterative post-order over the DAG (shared children visited once)
+    while stack:
+        n, done = stack.pop()
+        kids = nodes.get(n, {}).get("children", [])
+        if done:
+            keep[n] = n in leaf_labels or any(keep.get(c, False) for c in kids)
+            continue
+        if n in keep:
+            continue
+        keep[n] = False  # provisional; also stops a (malformed) cycle from looping
+        stack.append((n, True))
+        stack.extend((c, False) for c in kids if c not in keep)
+    if not keep.get(dag["root"]):
+        return None
+    children = {n: sorted(c for c in nodes[n]["children"] if keep.get(c))
+                for n in sorted(keep) if keep[n] and nodes.get(n, {}).get("children")}
+    words = {n: nodes[n]["words"] for n in sorted(keep) if keep[n] and nodes.get(n, {}).get("words")}
+    return {"type": "dag", "root": dag["root"], "nodes": children, "words": words}
 
 
 def _check_classes(plan: Plan, classes: list, full: bool) -> None:
@@ -98,6 +133,13 @@ def convert(args: argparse.Namespace) -> dict:
         raise ConversionError(f"unknown source {args.source!r}; choose from {', '.join(SOURCES)}, offline:<domain>, offline-all")
     if args.input is None:
         raise ConversionError(f"{args.source} needs --input PATH")
+    offline_only = [f for f, v in (("--images-per-class", args.images_per_class), ("--image-size", args.image_size))
+                    if v is not None]
+    if offline_only:
+        raise ConversionError(f"{', '.join(offline_only)} only apply to offline:<domain> and offline-all, "
+                              f"not to {args.source}")
+    if args.seed is None:
+        args.seed = MD_SEED
     if not args.input.is_dir():
         raise ConversionError(f"--input {args.input} is not a folder")
     fractions = parse_fractions(args.splits) if args.splits else None
@@ -126,11 +168,19 @@ def convert(args: argparse.Namespace) -> dict:
         if supers:
             w.set_ontology({"type": "bilevel", "superclasses": supers})
         elif plan.dag:
-            w.set_ontology(_dag_ontology(plan.dag, labels))
+            w.set_ontology(_dag_ontology(plan.dag, labels))  # None when no class was written
     spec = w.spec
     warnings = _check_images(plan, spec, full)
     return {"name": plan.name, "output": str(args.output), "status": "written", **spec["counts"],
             "skipped": len(spec["skipped"]), "shards": len(spec["shards"]), "warnings": warnings}
+
+
+def offline_cache(args: argparse.Namespace) -> Path:
+    """--input, or ``.offline-cache`` in the folder holding the dataset folders (shared by both offline forms)."""
+    if args.input is not None:
+        return args.input
+    root = args.output if args.source == "offline-all" else args.output.resolve().parent
+    return root / OFFLINE_CACHE
 
 
 def convert_offline(args: argparse.Namespace) -> list[dict]:
@@ -138,23 +188,34 @@ def convert_offline(args: argparse.Namespace) -> list[dict]:
         import data_tools.offline as offline
     except ImportError as e:
         raise ConversionError(f"offline domains are unavailable: cannot import data_tools.offline ({e})") from e
-    if args.input is None:
-        raise ConversionError(f"{args.source} needs --input CACHE_DIR: the folder holding the fetched packages "
-                              f"(data_tools.offline.fetch fills it)")
+    if args.split_file or args.md_spec or args.splits or args.partial or args.name:
+        raise ConversionError("--split-file, --md-spec, --splits, --partial and --name do not apply to offline "
+                              "domains (their splits are seeded; see --seed)")
     domains = list(offline.DOMAINS) if args.source == "offline-all" else [args.source.split(":", 1)[1]]
     unknown = [d for d in domains if d not in offline.DOMAINS]
     if unknown:
         raise ConversionError(f"unknown offline domain {unknown[0]!r}; choose from {', '.join(offline.DOMAINS)}")
-    accepted = inspect.signature(offline.convert).parameters
-    extra = {k: v for k, v in {"strict": args.strict, "shard_bytes": args.shard_bytes,
-                               "min_count": args.min_count}.items() if k in accepted}
+    cache = offline_cache(args)
+    if cache.exists() and not cache.is_dir():
+        raise ConversionError(f"offline package cache {cache} exists and is not a folder")
+    kw = {"max_classes": args.max_classes, "images_per_class": args.images_per_class,
+          "image_size": OFFLINE_IMAGE_SIZE if args.image_size is None else args.image_size,
+          "seed": OFFLINE_SEED if args.seed is None else args.seed}
+    log.info("offline %s -> %s (package cache %s, %s)", ", ".join(domains), args.output, cache,
+             ", ".join(f"{k}={v}" for k, v in kw.items()))
+    try:
+        if args.source == "offline-all":
+            folders = offline.convert_all(args.output, cache, **kw)
+        else:
+            offline.convert(domains[0], args.output, cache, **kw)
+            folders = {domains[0]: str(args.output)}
+    except offline.FetchError as e:  # a RuntimeError: report it like every other conversion error
+        raise ConversionError(f"cannot fetch the packages into {cache}: {e}") from e
     out = []
-    for d in domains:
-        dest = args.output / d if args.source == "offline-all" else args.output
-        log.info("offline domain %s -> %s", d, dest)
-        spec = offline.convert(d, dest, args.input, max_classes=args.max_classes, **extra)
-        counts = spec.get("counts", {}) if isinstance(spec, dict) else {}
-        out.append({"name": d, "output": str(dest), **counts})
+    for d, folder in folders.items():
+        spec = json.loads((Path(folder) / "spec.json").read_text())
+        out.append({"name": d, "output": str(folder), "cache": str(cache), **spec["counts"],
+                    "splits": {s: len(v) for s, v in spec["splits"].items()}})
     return out
 
 

@@ -3,9 +3,10 @@
 Bilevel (Omniglot): ``{"type": "bilevel", "superclasses": {"Alphabet": [label, ...], ...}}``. An episode
 first picks one superclass (alphabet) of the split uniformly, then its ways and classes within it.
 
-DAG (ImageNet): ``{"type": "dag", "root": ID, "nodes": {ID: [child ID, ...], ...}}``. An id that is not a key of
-``nodes`` (or whose child list is empty) is a leaf and must be a class of the dataset, named either by the
-class ``name`` (e.g. the WordNet id ``n01440764``) or by its label as a decimal string. As in Meta-Dataset,
+DAG (ImageNet): ``{"type": "dag", "root": ID, "nodes": {ID: [child ID, ...], ...}, "words": {ID: text}}`` (``words``
+optional, informative only). An id that is not a key of ``nodes`` (or whose child list is empty) is a leaf and must
+be a class of the dataset, named by the class ``name`` (smat-convert writes the WordNet id, e.g. ``n01440764``)
+or, when no class has that name, by its label as a decimal string. As in Meta-Dataset,
 the internal nodes of the split's subgraph that span between ``min_ways`` and 392 of the split's leaves are
 eligible; an episode picks one uniformly and uses its spanned leaves (sub-sampled to ``max_ways_upper_bound``).
 """

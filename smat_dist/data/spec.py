@@ -103,6 +103,25 @@ def _need(d: dict, key: str, typ, where: str, path: str) -> Any:
     return v
 
 
+def _check_dag(ontology: dict, path: str) -> None:
+    """Shape of a DAG ontology (docs/data_format.md); which leaves resolve to classes is checked per split."""
+    nodes = _need(ontology, "nodes", dict, "ontology.", path)
+    root = _need(ontology, "root", str, "ontology.", path)
+    for node, kids in nodes.items():
+        if isinstance(kids, dict):
+            # {"words", "children", "label"} per node: the layout of smat-convert before the format was fixed
+            raise SpecError(f"{path}: key ontology.nodes.{node!r} must be a list of child ids, got an object; "
+                            f"this spec was written by an older smat-convert, re-run the conversion")
+        if not isinstance(kids, list) or not all(isinstance(k, str) for k in kids):
+            raise SpecError(f"{path}: key ontology.nodes.{node!r} must be a list of child ids (strings), "
+                            f"got {kids!r:.80}")
+    if root not in nodes:
+        raise SpecError(f"{path}: key ontology.root {root!r} is not a key of ontology.nodes")
+    words = ontology.get("words", {})
+    if not isinstance(words, dict) or not all(isinstance(w, str) for w in words.values()):
+        raise SpecError(f"{path}: key ontology.words must map node ids to strings")
+
+
 def parse_spec(raw: dict, location: str) -> DatasetSpec:
     """Validate a decoded spec.json; ``location`` is only used to name the file in errors and find shards."""
     path = file_url(location, "spec.json")
@@ -163,8 +182,7 @@ def parse_spec(raw: dict, location: str) -> DatasetSpec:
                 if bad:
                     raise SpecError(f"{path}: key ontology.superclasses.{k!r} lists unknown labels {bad[:5]}")
         else:
-            _need(ontology, "nodes", dict, "ontology.", path)
-            _need(ontology, "root", str, "ontology.", path)
+            _check_dag(ontology, path)
     return DatasetSpec(name=name, location=location, converter=str(raw.get("converter", "")), version=version,
                        splits=splits, classes=classes, shards=shards, ontology=ontology,
                        counts=raw.get("counts", {}), skipped=raw.get("skipped", []))

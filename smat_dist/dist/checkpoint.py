@@ -92,8 +92,8 @@ def save(root: str | os.PathLike, comm, *, tasks: int, meta: dict, pool=None, po
     if comm.rank == 0 and replicated is not None:
         torch.save(replicated, tmp / "replicated.pt")
     if comm.rank == 0:
-        for name, text in (texts or {}).items():
-            (tmp / name).write_text(text)
+        for fname, text in (texts or {}).items():
+            (tmp / fname).write_text(text)
     comm.barrier()
     if comm.rank == 0:
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

@@ -56,6 +56,25 @@ class HyperNetwork(nn.Module):
         nn.init.kaiming_normal_(self.keys)
         # Global count of training tasks seen: drives the temperature and is saved with the model.
         self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.long))
+        self.block.eval()
+
+    def train(self, mode: bool = True) -> "HyperNetwork":
+        # Spectral norm's power iteration runs once per optimiser step (power_iteration_), not once per
+        # forward: per-forward updates would make the estimate depend on how many tasks a rank runs per step,
+        # i.e. on the world size. The block therefore stays in eval mode, where the parametrisation only reads u, v.
+        super().train(mode)
+        self.block.eval()
+        return self
+
+    @torch.no_grad()
+    def power_iteration_(self) -> None:
+        for mod in self.block.modules():
+            plist = getattr(mod, "parametrizations", None)
+            if plist is None:
+                continue
+            for p in plist["weight"]:
+                if hasattr(p, "_power_method"):
+                    p._power_method(p._reshape_weight_to_matrix(plist["weight"].original), p.n_power_iterations)
 
     def temperature(self, tasks: int | None = None) -> float:
         n = int(self.tasks_seen) if tasks is None else tasks

@@ -79,6 +79,7 @@ def smat_step(method: SMAT, merger, pool, pool_opt: PoolOptimizer, hyper: HyperO
     out.update(method.pool_terms(pool, z, w_sum, k, reduce, factor))
     out.update(pool_opt.step(factor, reduce))
     out.update(hyper.step(factor))
+    method.hypernet.power_iteration_()
     with torch.no_grad():
         method.hypernet.tasks_seen += k * world
     out["temperature"] = method.hypernet.temperature()

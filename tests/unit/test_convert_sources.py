@@ -141,7 +141,9 @@ def test_ilsvrc_dag_split_and_ontology(tmp_path, capsys):
                                                                   ("n03", "val"), ("n04", "test")]
     onto = spec["ontology"]
     assert onto["type"] == "dag" and onto["root"] == "n0"
-    assert onto["nodes"]["n1"]["children"] == ["n01", "n02"] and onto["nodes"]["n02"]["label"] == 1
+    # the reader's format (docs/data_format.md): internal node -> child ids, leaves are class names
+    assert onto["nodes"] == {"n0": ["n1", "n2", "n3"], "n1": ["n01", "n02"], "n2": ["n03"], "n3": ["n04"]}
+    assert onto["words"]["n02"] == "n02"
 
 
 @pytest.mark.parametrize("kind", ["cifar10", "cifar100"])
@@ -195,6 +197,8 @@ def test_cli_help_lists_sources_and_offline_unknown_domain(tmp_path):
     assert r.returncode == 2 and "smat-convert: error:" in r.stderr and ("no_such_domain" in r.stderr or "offline" in r.stderr)
 
 
-def test_offline_needs_cache_dir(tmp_path, capsys):
-    assert main(["offline:digits", "--output", str(tmp_path / "o")]) == 2
-    assert "needs --input CACHE_DIR" in capsys.readouterr().err
+def test_offline_only_flags_are_refused_for_other_sources(tmp_path, capsys):
+    inp = fx.imagefolder(tmp_path / "pets")
+    assert main(["imagefolder", "--input", str(inp), "--output", str(tmp_path / "o"), "--image-size", "32"]) == 2
+    assert "--image-size only apply to offline" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,125 @@
+"""smat-bench: benchmarks that print one JSON object per line per result.
+
+  smat-bench step  [--model NAME ...] [--image-size PX] [--ways 10 --shots 5 --queries 10] [--repeats N]
+  smat-bench scale [--experts 4,16,64,256] [--ranks 1,2] [--paths sharded,gather] [--model NAME] [--depth auto]
+  smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
+  smat-bench data  [--data DIR]
+
+step: SMAT vs P>M>F vs frozen forward, interleaved, with measured backbone passes and a per-phase breakdown.
+scale: real sharded / gather-all SMAT steps on gloo ranks as M and ranks grow, then a summary line of ratios.
+plan: per-rank memory and bytes per step predicted without allocating (meta-device backbone).
+data: episodes per second of the data pipeline (smat_dist.bench.data).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from smat_dist.utils.log import setup_logging
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers") from None
+
+
+def _depth(s: str):
+    if s in ("auto", "full", "none"):
+        return "auto" if s == "auto" else None
+    return int(s)
+
+
+def _patch(s: str):
+    return "auto" if s == "auto" else (None if s in ("none", "model") else int(s))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="smat-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    st = sub.add_parser("step", help="SMAT vs P>M>F vs frozen seconds per task, interleaved")
+    st.add_argument("--model", nargs="+", default=["vit_tiny_patch16_224", "efficientnet_lite0"])
+    st.add_argument("--image-size", type=int, default=84)
+    st.add_argument("--patch-size", type=_patch, default="auto", help="ViTs: auto = 12 at 84 px, else the model's own")
+    st.add_argument("--ways", type=int, default=10)
+    st.add_argument("--shots", type=int, default=5)
+    st.add_argument("--queries", type=int, default=10)
+    st.add_argument("--repeats", type=int, default=3)
+    st.add_argument("--experts", type=int, default=8)
+    st.add_argument("--tasks-per-step", type=int, default=1)
+    st.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    st.add_argument("--device", default="auto")
+
+    sc = sub.add_parser("scale", help="step time, memory and bytes as experts and ranks grow")
+    sc.add_argument("--experts", type=_ints, default=[4, 16, 64, 256])
+    sc.add_argument("--ranks", type=_ints, default=[1, 2])
+    sc.add_argument("--paths", default="sharded,gather")
+    sc.add_argument("--model", default="vit_tiny_patch16_224")
+    sc.add_argument("--image-size", type=int, default=84)
+    sc.add_argument("--depth", type=_depth, default="auto",
+                    help="ViT depth: auto truncates only if the largest point does not fit the memory budget")
+    sc.add_argument("--ways", type=int, default=10)
+    sc.add_argument("--shots", type=int, default=5)
+    sc.add_argument("--queries", type=int, default=10)
+    sc.add_argument("--tasks-per-rank", type=int, default=1)
+    sc.add_argument("--steps", type=int, default=2, help="timed steps per point (after one warm-up step)")
+    sc.add_argument("--budget-gb", type=float, default=None, help="memory budget (default 60%% of what is free)")
+    sc.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    sc.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores / ranks)")
+
+    pl = sub.add_parser("plan", help="per-rank memory and bytes per step, without allocating")
+    pl.add_argument("kv", nargs="*", help="model=NAME experts=M ranks=R zero_stage=S image_size=PX images=N depth=D")
+
+    da = sub.add_parser("data", help="episodes per second of the data pipeline")
+    da.add_argument("--data", default=None, help="a dataset folder or a folder of them (default: synthetic)")
+    da.add_argument("--episodes", type=int, default=8)
+    da.add_argument("--workers", type=_ints, default=[0, 1, 2])
+    da.add_argument("--image-size", type=int, default=128)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    if args.cmd == "step":
+        from smat_dist.bench import step
+
+        rows = step.run(args.model, args.image_size, ways=args.ways, shots=args.shots, queries=args.queries,
+                        repeats=args.repeats, experts=args.experts, tasks_per_step=args.tasks_per_step,
+                        precision=args.precision, device=args.device, patch_size=args.patch_size)
+        return 1 if any("error" in r for r in rows) else 0
+    if args.cmd == "scale":
+        from smat_dist.bench import scale
+
+        paths = [p for p in args.paths.split(",") if p]
+        bad = [p for p in paths if p not in ("sharded", "gather")]
+        if bad:
+            print(f"smat-bench scale: --paths {bad}: expected sharded and/or gather", file=sys.stderr)
+            return 2
+        rows = scale.run(args.experts, args.ranks, paths, args.model, args.image_size, args.depth, args.ways,
+                         args.shots, args.queries, args.tasks_per_rank, args.steps,
+                         int(args.budget_gb * 2**30) if args.budget_gb else None, args.precision, args.threads)
+        return 1 if any("error" in r for r in rows) else 0
+    if args.cmd == "plan":
+        from smat_dist.bench.plan import parse_kv, plan
+
+        try:
+            kw = parse_kv(args.kv)
+        except ValueError as e:
+            print(f"smat-bench plan: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(plan(**kw)), flush=True)
+        return 0
+    if args.cmd == "data":
+        from smat_dist.bench import data
+
+        data.run(args.data, episodes=args.episodes, workers=tuple(args.workers), image_size=args.image_size)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

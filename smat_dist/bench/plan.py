@@ -1,0 +1,165 @@
+"""Per-rank memory and bytes-per-step planner, for any timm backbone and expert count, without allocating.
+
+The backbone is built on torch's `meta` device (shapes only) to count its parameters P and to run one
+image through it with hooks that add up every leaf module's output: the activations a training forward
+keeps for its backward (an estimate; the planner's tests compare it with a measured small point). Every
+other figure is a formula of P, the number of experts M, the world size R and the ZeRO stage, and the pool
+and communication figures are exact (the tests compare them with real runs to the byte):
+
+  n = ceil(P / R)                     entries of the flat vector per rank (P padded to a multiple of R)
+  pool      = 4 n (M + 1)             delta + every expert's mask logits        (fp32 parameters)
+  pool grad = 4 n (M + 1)
+  pool opt  = 4 n                     SGD momentum for delta (mask logits use momentum 0: no state)
+  masks     = 4 n M * 4               z, its gradient, and the gate's two saved tensors (sigmoid, clamp input)
+  sharded bytes per task sent, per rank: all-gather w (R-1)*4M, all-to-all of the merged delta (R-1)*n*b,
+            its gradient's all-to-all (R-1)*n*b, all-reduce of the w partial sums 2(R-1)*4M  (b: merge dtype bytes)
+  gather bytes per task: all-gather of the mask logits (R-1)*4nM, delta (R-1)*4n, valid (R-1)*n, and the
+            reduce-scatter of their gradients (R-1)*4nM + (R-1)*4n
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from smat_dist.config.schema import HypernetConfig, ModelConfig
+
+F32 = 4
+
+
+def _meta_model(mc: ModelConfig):
+    from smat_dist.model.backbone import build_backbone
+
+    mc = ModelConfig(name=mc.name, image_size=mc.image_size, patch_size=mc.patch_size, pretrained=None,
+                     checkpoint_blocks=False, kwargs=dict(mc.kwargs))
+    with torch.device("meta"):
+        return build_backbone(mc)
+
+
+def backbone_shape(mc: ModelConfig) -> dict:
+    """P (parameters), feature size and activation elements per image, from a meta-device build."""
+    model = _meta_model(mc)
+    params = sum(p.numel() for p in model.parameters())
+    leaf_out = [0]
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            leaf_out[0] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    pe = getattr(model, "patch_embed", None)
+    hw = tuple(pe.img_size) if pe is not None and getattr(pe, "img_size", None) else (mc.image_size, mc.image_size)
+    with torch.no_grad():
+        feat = model(torch.empty(1, 3, *hw, device="meta"))
+    for h in handles:
+        h.remove()
+    return {"params": int(params), "feature_dim": int(feat.shape[-1]), "act_elems_per_image": int(leaf_out[0]),
+            "input_hw": list(hw)}
+
+
+def hypernet_params(dim: int, experts: int, cfg: HypernetConfig | None = None) -> int:
+    """Trainable parameters of HyperNetwork(dim, experts): tokens, one pre-LN block, expert keys."""
+    cfg = cfg or HypernetConfig()
+    hidden = int(dim * cfg.mlp_ratio)
+    block = 2 * dim + 3 * dim * dim + (dim * dim + dim) + 2 * dim + (dim * hidden + hidden) + (hidden * dim + dim)
+    return cfg.tokens * dim + block + experts * dim
+
+
+def sent_bytes_per_task(params: int, experts: int, ranks: int, path: str, merge_bytes: int = F32) -> int:
+    """Bytes one rank sends per task for the pool's merge (forward + backward), as Comm counts them."""
+    R, M = ranks, experts
+    if R == 1:
+        return 0
+    n = math.ceil(params / R)
+    if path == "sharded":
+        # all_to_all counts (R-1)/R of an [R, n] buffer = (R-1) n elements
+        return int((R - 1) * F32 * M + 2 * (R - 1) * n * merge_bytes + 2 * (R - 1) / R * R * M * F32)
+    if path == "gather":
+        return int((R - 1) * n * M * F32 + (R - 1) * n * F32 + (R - 1) * n * 1
+                   + (R - 1) * n * M * F32 + (R - 1) * n * F32)
+    raise ValueError(f"path={path!r}: expected sharded or gather")
+
+
+def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, zero_stage: int = 0,
+         image_size: int = 84, patch_size: int | None | str = "auto", batch_images: int = 150,
+         act_bytes: int = F32, merge_bytes: int = F32, tasks_per_rank: int = 1,
+         kwargs: dict | None = None) -> dict:
+    """Per-rank memory (bytes) and bytes sent per step for one configuration; nothing is allocated."""
+    from smat_dist.bench.step import model_config
+
+    if ranks < 1 or experts < 1 or zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"plan: need ranks>=1, experts>=1, zero_stage in 0..3; got {ranks}, {experts}, {zero_stage}")
+    mc = model_config(model, image_size, patch_size)
+    if kwargs:
+        mc.kwargs = {**mc.kwargs, **kwargs}
+    shape = backbone_shape(mc)
+    P, M, R = shape["params"], experts, ranks
+    n = math.ceil(P / R)
+    padded = n * R
+    H = hypernet_params(shape["feature_dim"], M)
+    rep_div = {"params": R if zero_stage >= 3 else 1, "grads": R if zero_stage >= 2 else 1,
+               "opt": R if zero_stage >= 1 else 1}
+    mem = {
+        "pool_params": F32 * n * (M + 1),
+        "pool_grads": F32 * n * (M + 1),
+        "pool_optimizer": F32 * n,
+        "pool_masks": F32 * n * M * 4,
+        "replicated_params": math.ceil(F32 * H / rep_div["params"]),
+        "replicated_grads": math.ceil(F32 * H / rep_div["grads"]),
+        "replicated_optimizer": math.ceil(2 * F32 * H / rep_div["opt"]),   # AdamW: exp_avg + exp_avg_sq
+        "frozen_backbone": 2 * F32 * P,         # the timm module's own weights + the flat theta_pre
+        "task_weights": 3 * F32 * padded,       # theta, theta' (inner step), teacher theta
+        "task_grads": 3 * F32 * padded,         # inner-step gradient, teacher gradient, outer gradient of theta
+        "activations_per_image": act_bytes * shape["act_elems_per_image"],
+    }
+    # Student passes 2 (support) and 3 (query) keep their graphs alive together until the outer backward.
+    mem["activations"] = mem["activations_per_image"] * batch_images
+    mem["pool_total"] = mem["pool_params"] + mem["pool_grads"] + mem["pool_optimizer"] + mem["pool_masks"]
+    mem["replicated_total"] = mem["replicated_params"] + mem["replicated_grads"] + mem["replicated_optimizer"]
+    # The gather path also holds every expert's mask logits (gathered), their gate recomputed with a graph
+    # and the gradient before its reduce-scatter, per task: about 4 P M floats on top.
+    gather_extra = 4 * F32 * padded * M
+    base = (mem["pool_total"] + mem["replicated_total"] + mem["frozen_backbone"] + mem["task_weights"]
+            + mem["task_grads"] + mem["activations"])
+    sharded_merge_buf = 2 * F32 * padded if R > 1 else 0   # the [R, n] merged deltas sent and received
+    out = {
+        "model": model, "image_size": image_size, "patch_size": mc.patch_size, "depth": mc.kwargs.get("depth"),
+        "experts": M, "ranks": R, "zero_stage": zero_stage, "params": P, "padded": padded,
+        "feature_dim": shape["feature_dim"], "hypernet_params": H, "batch_images": batch_images,
+        "mask_logits_total": P * M,
+        "memory_bytes": mem,
+        "peak_bytes": {"sharded": base + sharded_merge_buf, "gather": base + gather_extra},
+        "sent_bytes_per_task": {p: sent_bytes_per_task(P, M, R, p, merge_bytes) for p in ("sharded", "gather")},
+        # per step: k tasks of merge traffic + the hypernetwork all-reduce (ZeRO 0) or reduce-scatter +
+        # all-gather (ZeRO 1-3: the same ring volume) + the sparsity terms' all-reduce (4M+1 float64).
+        "replicated_bytes_per_step": int(2 * (R - 1) / R * F32 * H),
+        "control_bytes_per_step": int(2 * (R - 1) / R * 8 * (4 * M + 1) + 2 * (R - 1) / R * 8),
+    }
+    out["sent_bytes_per_step"] = {p: tasks_per_rank * v + out["replicated_bytes_per_step"] + out["control_bytes_per_step"]
+                                  for p, v in out["sent_bytes_per_task"].items()}
+    return out
+
+
+def parse_kv(args: list[str]) -> dict:
+    """`key=value` arguments (Hydra style) -> plan() keyword arguments, with a clear error for unknown keys."""
+    import inspect
+
+    known = inspect.signature(plan).parameters
+    out: dict = {}
+    for a in args:
+        if "=" not in a:
+            raise ValueError(f"plan argument {a!r}: expected key=value (keys: {', '.join(known)})")
+        k, v = a.split("=", 1)
+        k = {"images": "batch_images", "batch": "batch_images", "zero": "zero_stage"}.get(k, k)
+        if k == "depth":
+            out.setdefault("kwargs", {})["depth"] = int(v)
+            continue
+        if k not in known:
+            raise ValueError(f"plan argument {k!r}: unknown key (keys: {', '.join(known)}, depth)")
+        if k in ("model",):
+            out[k] = v
+        elif k == "patch_size":
+            out[k] = "auto" if v == "auto" else (None if v in ("none", "null") else int(v))
+        else:
+            out[k] = int(v)
+    return out

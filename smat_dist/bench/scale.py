@@ -1,0 +1,246 @@
+"""Scale benchmark: real SMAT training steps as the number of experts M and of ranks grow, sharded vs gather.
+
+Each point runs in fresh processes (`run_ranks`, gloo; on a GPU machine each rank takes its own device) so
+its peak memory is its own: `torch.cuda.max_memory_allocated` on GPU, the process's peak RSS on CPU (reported
+absolute and above the RSS measured just before the pool is built). Every rank trains `smat_step` with the
+ShardedMerger or GatherMerger on its own synthetic episodes; the hypernetwork's gradients are all-reduced
+(what DeepSpeed's ZeRO-0 engine does) so the step is a real data-parallel step. Bytes are counted by Comm at
+the collective calls: the merge's (`sent_bytes_per_task`), the hypernetwork's and the sparsity terms' apart.
+
+A point whose planned peak (smat_dist.bench.plan) exceeds the memory budget is skipped with a JSON line
+saying why; with `depth='auto'` the ViT is truncated to the deepest depth whose largest point fits (pool
+cost and backbone cost both scale with depth, so the time ratios stay representative); the rows say so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+from smat_dist.bench.plan import plan
+from smat_dist.bench.step import autocast_for, model_config, synthetic_episode
+from smat_dist.utils.log import get_logger
+
+log = get_logger(__name__)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _available_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 << 30
+
+
+class _AllReducedHyper:
+    """TorchHyperOptimizer + the data-parallel all-reduce of the hypernetwork's gradients (mean over ranks)."""
+
+    def __init__(self, inner, params, comm):
+        self.inner, self.params, self.comm = inner, list(params), comm
+
+    def backward(self, loss, k):
+        self.inner.backward(loss, k)
+
+    def step(self, factor):
+        if self.comm.world > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+            flat = self.comm.all_reduce(torch.cat([g.reshape(-1) for g in grads])) / self.comm.world
+            off = 0
+            for p in self.params:
+                p.grad = flat[off:off + p.numel()].view_as(p).clone()
+                off += p.numel()
+        return self.inner.step(factor)
+
+
+def scale_rank(rank: int, world: int, point: dict) -> dict:
+    """One rank of one point: build, warm up one step, time `steps` steps; returns its measurements."""
+    from smat_dist.config.schema import MethodConfig
+    from smat_dist.dist.comm import Comm
+    from smat_dist.dist.sharded import build_merger
+    from smat_dist.method.optim import PoolOptimizer, hypernet_optimizer
+    from smat_dist.method.pool import ExpertPool
+    from smat_dist.method.smat import SMAT
+    from smat_dist.model.backbone import FunctionalBackbone, build_backbone
+    from smat_dist.train.step import TorchHyperOptimizer, smat_step
+
+    if point.get("threads"):
+        torch.set_num_threads(int(point["threads"]))
+    cuda = torch.cuda.is_available() and point.get("device", "auto") != "cpu"
+    dev = torch.device("cuda", rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    mc = model_config(point["model"], point["image_size"], point.get("patch_size", "auto"), point.get("depth"))
+    M, seed = point["experts"], point.get("seed", 0)
+    torch.manual_seed(seed)
+    fb = FunctionalBackbone(build_backbone(mc), pad_to=world).to(dev)
+    cfg = MethodConfig(name="smat", experts=M)
+    method = SMAT(fb, cfg, seed).to(dev)
+    k = point["tasks_per_rank"]
+    eps = [synthetic_episode(point["ways"], point["shots"], point["queries"], point["image_size"], seed,
+                             rank * 1000 + j, dev) for j in range(k)]
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = int(torch.cuda.memory_allocated())
+    else:
+        base = _rss()
+    lo, hi = fb.space.shard_range(rank, world)
+    pool = ExpertPool(lo, hi, fb.space.numel, M, cfg.sparsity, seed).to(dev)
+    comm, rep_comm, ctl_comm = Comm(), Comm(), Comm()
+    merger = build_merger(point["path"], pool, fb.space.padded, comm)
+    pool_opt = PoolOptimizer(pool, cfg)
+    params = list(method.hypernet.parameters())
+    hyper = _AllReducedHyper(TorchHyperOptimizer(hypernet_optimizer(params, cfg), cfg.hypernet.clip), params, rep_comm)
+    amp = autocast_for(dev, point.get("precision", "auto"))
+    times = []
+    for s in range(point["steps"] + 1):
+        if s == 1:  # step 0 is the warm-up; bytes are counted over the timed steps only
+            sent0, rep0, ctl0 = comm.sent_bytes, rep_comm.sent_bytes, ctl_comm.sent_bytes
+        comm.barrier()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with amp:
+            smat_step(method, merger, pool, pool_opt, hyper, eps, (s * world + rank) * k, s * world * k, world,
+                      ctl_comm.all_reduce)
+        if cuda:
+            torch.cuda.synchronize()
+        comm.barrier()
+        if s:
+            times.append(time.perf_counter() - t0)
+    tasks = point["steps"] * k
+    if cuda:
+        peak = int(torch.cuda.max_memory_allocated())
+    else:
+        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return {"s_per_step": statistics.median(times), "s_per_task": statistics.median(times) / k,
+            "pool_bytes_per_rank": pool.delta.numel() * pool.delta.element_size()
+            + pool.log_alpha.numel() * pool.log_alpha.element_size(),
+            "peak_mem_bytes": peak, "peak_mem_over_base_bytes": peak - base, "base_mem_bytes": base,
+            "sent_bytes_per_task": (comm.sent_bytes - sent0) / tasks,
+            "replicated_bytes_per_step": (rep_comm.sent_bytes - rep0) / point["steps"],
+            "control_bytes_per_step": (ctl_comm.sent_bytes - ctl0) / point["steps"],
+            "params": fb.space.numel, "device": dev.type}
+
+
+def measure_point(point: dict) -> dict:
+    from smat_dist.dist.spawn import run_ranks
+
+    res = run_ranks(scale_rank, point["ranks"], point)
+    r0 = res[0]
+    row = {"bench": "scale", **{k: point[k] for k in ("model", "experts", "ranks", "path", "image_size", "depth",
+                                                      "tasks_per_rank", "steps", "ways", "shots", "queries")}}
+    row.update({
+        "s_per_task": max(r["s_per_task"] for r in res),      # the step waits for the slowest rank
+        "pool_bytes_per_rank": max(r["pool_bytes_per_rank"] for r in res),
+        "peak_mem_bytes": max(r["peak_mem_bytes"] for r in res),
+        "peak_mem_over_base_bytes": max(r["peak_mem_over_base_bytes"] for r in res),
+        "sent_bytes_per_task": max(r["sent_bytes_per_task"] for r in res),
+        "replicated_bytes_per_step": r0["replicated_bytes_per_step"],
+        "control_bytes_per_step": r0["control_bytes_per_step"],
+        "params": r0["params"], "device": r0["device"],
+    })
+    return row
+
+
+def _auto_depth(model: str, image_size: int, experts: list[int], ranks: list[int], paths: list[str], budget: int,
+                images: int) -> int | None:
+    """None (the full model) if every point fits the budget, else the deepest ViT depth whose largest point fits."""
+    def need(depth):
+        kw = {"depth": depth} if depth else None
+        worst = 0
+        for r in ranks:
+            p = plan(model, max(experts), r, image_size=image_size, batch_images=images, kwargs=kw)
+            worst = max(worst, max(p["peak_bytes"][x] for x in paths) * r)   # all ranks share this machine
+        return worst
+
+    if need(None) <= budget:
+        return None
+    if "vit" not in model and "deit" not in model:
+        return None
+    from smat_dist.bench.plan import _meta_model
+
+    full = len(getattr(_meta_model(model_config(model, image_size)), "blocks", [])) or 12
+    for d in range(full - 1, 0, -1):
+        if need(d) <= budget:
+            return d
+    return 1
+
+
+def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), model: str = "vit_tiny_patch16_224",
+        image_size: int = 84, depth: int | str | None = "auto", ways: int = 10, shots: int = 5, queries: int = 10,
+        tasks_per_rank: int = 1, steps: int = 2, budget_bytes: int | None = None, precision: str = "auto",
+        threads: int | None = None) -> list[dict]:
+    """All points (printed as JSON lines as they finish), then a summary line with the target ratios."""
+    experts, ranks, paths = list(experts), list(ranks), list(paths)
+    budget = budget_bytes or int(0.6 * _available_bytes())
+    images = ways * (shots + queries)
+    if depth == "auto":
+        depth = _auto_depth(model, image_size, experts, ranks, paths, budget, images)
+        if depth is not None:
+            log.info("scale bench: %s truncated to depth %d so that M=%d fits %.1f GB", model, depth, max(experts),
+                     budget / 2**30)
+    rows = []
+    for path in paths:
+        for r in ranks:
+            for M in experts:
+                point = dict(model=model, experts=M, ranks=r, path=path, image_size=image_size, depth=depth,
+                             tasks_per_rank=tasks_per_rank, steps=steps, ways=ways, shots=shots, queries=queries,
+                             precision=precision, threads=threads or max(1, (os.cpu_count() or 2) // r))
+                kw = {"depth": depth} if depth else None
+                need = plan(model, M, r, image_size=image_size, batch_images=images, kwargs=kw)["peak_bytes"][path] * r
+                if need > budget:
+                    row = {"bench": "scale", "model": model, "experts": M, "ranks": r, "path": path, "depth": depth,
+                           "skipped": f"planned peak {need / 2**30:.1f} GB exceeds the budget {budget / 2**30:.1f} GB"}
+                else:
+                    log.info("scale bench: %s M=%d ranks=%d %s", model, M, r, path)
+                    try:
+                        row = measure_point(point)
+                        row["planned_peak_bytes"] = need // r
+                    except Exception as e:  # keep the other points' figures
+                        log.exception("scale point failed")
+                        row = {"bench": "scale", "model": model, "experts": M, "ranks": r, "path": path,
+                               "depth": depth, "error": f"{type(e).__name__}: {e}"}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    summary = summarise(rows)
+    print(json.dumps(summary), flush=True)
+    return rows + [summary]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """The issue's target ratios from the measured points (None where a point is missing)."""
+    def get(path, r, M, key):
+        for row in rows:
+            if (row.get("path"), row.get("ranks"), row.get("experts")) == (path, r, M) and key in row:
+                return row[key]
+        return None
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    ranks = sorted({row["ranks"] for row in rows if "ranks" in row})
+    multi = max(ranks) if ranks else 2
+    out = {"bench": "scale_summary",
+           f"sharded_bytes_M64_over_M4_ranks{multi}": ratio(get("sharded", multi, 64, "sent_bytes_per_task"),
+                                                             get("sharded", multi, 4, "sent_bytes_per_task")),
+           f"gather_bytes_M64_over_M4_ranks{multi}": ratio(get("gather", multi, 64, "sent_bytes_per_task"),
+                                                            get("gather", multi, 4, "sent_bytes_per_task")),
+           "pool_bytes_2ranks_over_1rank_M64": ratio(get("sharded", 2, 64, "pool_bytes_per_rank"),
+                                                     get("sharded", 1, 64, "pool_bytes_per_rank"))}
+    for r in ranks:
+        out[f"sharded_time_M64_over_M4_ranks{r}"] = ratio(get("sharded", r, 64, "s_per_task"),
+                                                          get("sharded", r, 4, "s_per_task"))
+    out["targets"] = {"bytes_M64_over_M4": "<= 1.1", "pool_bytes_2_over_1": "<= 0.55", "time_M64_over_M4": "<= 1.3"}
+    return out

@@ -1,0 +1,339 @@
+"""Step benchmark: seconds per task of SMAT vs the dense P>M>F step vs a frozen forward, on one backbone.
+
+The three are measured interleaved (smat, pmf, frozen, breakdown, smat, pmf, ...) and summarised by their
+medians, so the ratio holds on a machine whose speed drifts while it runs. Backbone passes are counted, not
+assumed: `PassCounter` wraps FunctionalBackbone.__call__ (forwards, and the images they carry) and hooks
+each forward's output to count the backward traversals of a backbone graph, grouped by the autograd engine
+call that made them (SMAT's outer backward is one engine call that traverses two backbone graphs).
+
+The breakdown is a copy of smat_step + SMAT.task with a timer around each phase; a unit test checks that the
+copy produces the same loss and the same updated pool as the real step, so it cannot drift from the method.
+Episodes are synthetic random tensors (the point is backbone and merge cost, not data).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from smat_dist.config.schema import MethodConfig, ModelConfig
+from smat_dist.data.episodes import Episode
+from smat_dist.method.build import LocalSetup, build_local
+from smat_dist.method.optim import lr_factor
+from smat_dist.method.protonet import cosine_logits, prototypes
+from smat_dist.method.smat import reverse_kl
+from smat_dist.model.backbone import FunctionalBackbone
+from smat_dist.train.step import dense_step, smat_step
+from smat_dist.utils.log import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_MODELS = ("vit_tiny_patch16_224", "efficientnet_lite0")
+
+
+# ---------------------------------------------------------------- device, timing, episodes
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name and name != "auto":
+        return torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def autocast_for(dev: torch.device, precision: str):
+    """bf16 autocast on GPU by default (`auto`), fp32 on CPU; `bf16`/`fp32` force it."""
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"--precision {precision!r}: expected auto, fp32 or bf16")
+    return contextlib.nullcontext()
+
+
+def model_config(name: str, image_size: int, patch_size: int | None | str = "auto", depth: int | None = None
+                 ) -> ModelConfig:
+    """ModelConfig for the bench: ViTs use patch 12 at 84 px (ModelConfig's default) and their own patch
+    size at other resolutions (`patch_size='auto'`); `depth` truncates a ViT (memory-bound scale points)."""
+    mc = ModelConfig(name=name, image_size=image_size)
+    if patch_size == "auto":
+        mc.patch_size = 12 if image_size == 84 else None
+    else:
+        mc.patch_size = patch_size
+    if depth is not None:
+        mc.kwargs = {**mc.kwargs, "depth": int(depth)}
+    return mc
+
+
+def synthetic_episode(ways: int = 10, shots: int = 5, queries: int = 10, image_size: int = 84, seed: int = 0,
+                      index: int = 0, device: torch.device | str = "cpu") -> Episode:
+    """A fixed N-way K-shot episode of random normalised images (labels in class order)."""
+    g = torch.Generator().manual_seed(seed * 7919 + index)
+    sup = torch.randn(ways * shots, 3, image_size, image_size, generator=g)
+    qry = torch.randn(ways * queries, 3, image_size, image_size, generator=g)
+    return Episode(support=sup.to(device), support_labels=torch.arange(ways).repeat_interleave(shots).to(device),
+                   query=qry.to(device), query_labels=torch.arange(ways).repeat_interleave(queries).to(device),
+                   source="synthetic", split="train", index=index, ways=ways,
+                   class_names=[f"c{i}" for i in range(ways)])
+
+
+def to_device(setup: LocalSetup, dev: torch.device) -> LocalSetup:
+    """Module.to keeps each Parameter object, so the optimisers built on CPU stay attached."""
+    setup.fb.to(dev)
+    setup.method.to(dev)
+    if setup.pool is not None:
+        setup.pool.to(dev)
+    return setup
+
+
+class Timer:
+    """Accumulates seconds per phase, synchronising the device at each boundary so GPU time is attributed."""
+
+    def __init__(self, dev: torch.device):
+        self.dev, self.s = dev, {}
+
+    @contextlib.contextmanager
+    def __call__(self, key: str):
+        sync(self.dev)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.dev)
+            self.s[key] = self.s.get(key, 0.0) + time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- pass counting
+
+@dataclass
+class PassCounts:
+    forwards: int = 0
+    forward_images: int = 0
+    backward_traversals: int = 0     # backbone graphs a backward went through
+    backward_images: int = 0
+    backward_calls: int = 0          # autograd engine calls that went through at least one backbone graph
+    _calls_seen: set = field(default_factory=set)
+
+    def as_dict(self, prefix: str) -> dict:
+        return {f"{prefix}_forwards": self.forwards, f"{prefix}_backwards": self.backward_calls,
+                f"{prefix}_backward_traversals": self.backward_traversals,
+                f"{prefix}_forward_images": self.forward_images, f"{prefix}_backward_images": self.backward_images}
+
+
+@contextlib.contextmanager
+def count_passes():
+    """Counts backbone forwards (FunctionalBackbone.__call__) and the backward passes through them."""
+    counts = PassCounts()
+    engine_call = [0]
+    orig_call = FunctionalBackbone.__call__
+    orig_engine = torch.autograd._engine_run_backward
+
+    def engine(*a, **k):
+        engine_call[0] += 1
+        return orig_engine(*a, **k)
+
+    def call(self, theta, x):
+        out = orig_call(self, theta, x)
+        counts.forwards += 1
+        counts.forward_images += int(x.shape[0])
+        if out.requires_grad:
+            n = int(x.shape[0])
+
+            def hook(g):
+                counts.backward_traversals += 1
+                counts.backward_images += n
+                counts._calls_seen.add(engine_call[0])
+                counts.backward_calls = len(counts._calls_seen)
+
+            out.register_hook(hook)
+        return out
+
+    FunctionalBackbone.__call__ = call
+    torch.autograd._engine_run_backward = engine
+    try:
+        yield counts
+    finally:
+        FunctionalBackbone.__call__ = orig_call
+        torch.autograd._engine_run_backward = orig_engine
+
+
+# ---------------------------------------------------------------- the timed copy of one SMAT step
+
+def smat_step_breakdown(setup: LocalSetup, episodes, first_index: int, tasks_seen: int, timer: Timer) -> dict:
+    """smat_step + SMAT.task (single process) with a timer around each phase; same math, same order."""
+    method, merger, pool, pool_opt, hyper = setup.method, setup.merger, setup.pool, setup.pool_opt, setup.hyper_opt
+    cfg, fb = method.cfg, method.fb
+    factor = lr_factor(tasks_seen, cfg)
+    k = len(episodes)
+    with timer("masks"):
+        z = merger.begin_step(train=True)
+    w_sum = torch.zeros(cfg.experts, device=z.device)
+    losses = []
+    for j, ep in enumerate(episodes):
+        xs, ys, xq, yq, ways = ep.support, ep.support_labels, ep.query, ep.query_labels, int(ep.ways)
+        with timer("frozen_pass"):
+            with torch.no_grad():
+                f_pre = fb(fb.theta_pre, torch.cat([xs, xq]))
+            fs_pre, fq_pre = f_pre[: len(xs)], f_pre[len(xs):]
+            p_pre = prototypes(fs_pre, ys, ways)
+        with timer("hypernet"):
+            w, a = method(p_pre, True, first_index + j)
+        with timer("merge"):
+            theta = fb.theta_pre + merger.merge(w)
+        with timer("support_pass"):
+            fs = fb(theta, xs)
+            protos = prototypes(fs, ys, ways)
+        theta1, p1 = theta, protos
+        for step in range(cfg.inner_steps):
+            if step > 0:
+                with timer("support_pass"):
+                    fs = fb(theta1, xs)
+            with timer("inner_grad"):
+                head = p1.detach().requires_grad_(True)
+                ce_s = F.cross_entropy(cosine_logits(fs, head, cfg.logit_scale), ys)
+                g_theta, g_head = torch.autograd.grad(ce_s, [theta1, head], retain_graph=True)
+                theta1 = theta1 - cfg.inner_lr * g_theta
+                p1 = p1 - cfg.inner_lr * g_head
+        with timer("query_pass"):
+            fq = fb(theta1, xq)
+            logits = cosine_logits(fq, p1, cfg.logit_scale)
+            ce_q = F.cross_entropy(logits, yq)
+        loss = ce_q
+        tc = cfg.teacher
+        if tc.enabled:
+            with timer("teacher_grad"):
+                g_t, g_tp = torch.autograd.grad(ce_q, [theta1, p1], retain_graph=True)
+            with timer("teacher_eval"):
+                with torch.no_grad():
+                    t_theta = theta1.detach() - tc.lr * g_t
+                    t_logits = cosine_logits(fb(t_theta, xq), p1.detach() - tc.lr * g_tp, cfg.logit_scale)
+            with timer("loss_terms"):
+                t2 = tc.temperature ** 2
+                kd_dense = reverse_kl(logits, t_logits, tc.temperature)
+                kd = 0.5 * t2 * kd_dense if tc.pretrained_teacher else t2 * kd_dense
+                if tc.pretrained_teacher:
+                    kd = kd + 0.5 * t2 * reverse_kl(logits, cosine_logits(fq_pre, p_pre, cfg.logit_scale),
+                                                    tc.temperature)
+                loss = (1 - tc.lam) * ce_q + tc.lam * kd
+        loss = loss + method.hypernet.regulariser(a)
+        with timer("outer_backward"):
+            hyper.backward(loss, k)
+        w_sum += w.detach()
+        losses.append(float(loss.detach()))
+    with timer("mask_backward"):
+        merger.end_step()
+    with timer("pool_terms"):
+        method.pool_terms(pool, z, w_sum, k, lambda t: t, factor)
+    with timer("optimisers"):
+        pool_opt.step(factor, lambda t: t)
+        hyper.step(factor)
+        with torch.no_grad():
+            method.hypernet.tasks_seen += k
+    return {"losses": losses}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def _median(xs):
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5, queries: int = 10,
+                repeats: int = 3, experts: int = 8, tasks_per_step: int = 1, precision: str = "auto",
+                device: str | None = None, patch_size: int | None | str = "auto", kwargs: dict | None = None,
+                seed: int = 0) -> dict:
+    """One JSON-able row: medians of interleaved SMAT / P>M>F / frozen timings, measured passes, breakdown."""
+    dev = pick_device(device)
+    mc = model_config(name, image_size, patch_size)
+    if kwargs:
+        mc.kwargs = {**mc.kwargs, **kwargs}
+    smat = to_device(build_local(mc, MethodConfig(name="smat", experts=experts), seed), dev)
+    # P>M>F and the frozen forward share SMAT's backbone object (same weights, same theta_pre).
+    pmf = to_device(build_local(mc, MethodConfig(name="pmf"), seed, fb=smat.fb), dev)
+    copy = to_device(build_local(mc, MethodConfig(name="smat", experts=experts), seed, fb=smat.fb), dev)
+    eps = [synthetic_episode(ways, shots, queries, image_size, seed, i, dev) for i in range(tasks_per_step)]
+    amp = autocast_for(dev, precision)
+    fb = smat.fb
+    times = {"smat": [], "pmf": [], "frozen": []}
+    timer = Timer(dev)
+    passes = {}
+
+    def run_smat(i):
+        return smat_step(smat.method, smat.merger, smat.pool, smat.pool_opt, smat.hyper_opt, eps, i, i, 1,
+                         lambda t: t)
+
+    def run_pmf(i):
+        return dense_step(pmf.method, pmf.hyper_opt, eps, i, i)
+
+    def run_frozen(i):
+        with torch.no_grad():
+            for ep in eps:
+                fb(fb.theta_pre, torch.cat([ep.support, ep.query]))
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    with amp:
+        # Warm-up round (allocator, kernels, lazy inits), which is also where the passes are counted.
+        for key, fn in (("smat", run_smat), ("pmf", run_pmf)):
+            with count_passes() as c:
+                fn(0)
+            passes[key] = c
+        run_frozen(0)
+        smat_step_breakdown(copy, eps, 0, 0, Timer(dev))
+        for r in range(1, repeats + 1):
+            for key, fn in (("smat", run_smat), ("pmf", run_pmf), ("frozen", run_frozen)):
+                sync(dev)
+                t0 = time.perf_counter()
+                fn(r)
+                sync(dev)
+                times[key].append((time.perf_counter() - t0) / tasks_per_step)
+            smat_step_breakdown(copy, eps, r, r, timer)
+    k = tasks_per_step
+    s, p, f = (_median(times[key]) for key in ("smat", "pmf", "frozen"))
+    ps, pp = passes["smat"], passes["pmf"]
+    # Backbone work in forward-image units, a backward counted as two forwards (no-grad forwards count as one).
+    work = {key: c.forward_images + 2 * c.backward_images for key, c in passes.items()}
+    row = {
+        "bench": "step", "model": name, "image_size": image_size, "patch_size": mc.patch_size,
+        "device": dev.type, "precision": ("bf16" if dev.type == "cuda" else "fp32") if precision == "auto" else precision,
+        "threads": torch.get_num_threads(), "ways": ways, "shots": shots, "queries": queries, "experts": experts,
+        "tasks_per_step": k, "repeats": repeats, "params": fb.space.numel,
+        "smat_s_per_task": s, "pmf_s_per_task": p, "frozen_s_per_task": f,
+        "smat_over_pmf": s / p, "pmf_over_frozen": p / f,
+        "smat_passes": ps.forwards // k + ps.backward_calls // k, "pmf_passes": pp.forwards // k + pp.backward_calls // k,
+        **{key: v // k for key, v in ps.as_dict("smat").items()}, **{key: v // k for key, v in pp.as_dict("pmf").items()},
+        "work_ratio_fwd_images": work["smat"] / work["pmf"],
+        "smat_s_all": times["smat"], "pmf_s_all": times["pmf"],
+    }
+    total = sum(timer.s.values())
+    row["breakdown_s_per_task"] = {key: v / (repeats * k) for key, v in timer.s.items()}
+    row["breakdown_share"] = {key: v / total for key, v in timer.s.items()}
+    row["breakdown_total_s_per_task"] = total / (repeats * k)
+    if dev.type == "cuda":
+        row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+    return row
+
+
+def run(models=DEFAULT_MODELS, image_size: int = 84, **kw) -> list[dict]:
+    """Bench each model; prints one JSON line per model as soon as it is measured (CLI output)."""
+    import json
+
+    rows = []
+    for name in models:
+        log.info("step bench: %s at %d px", name, image_size)
+        try:
+            row = bench_model(name, image_size, **kw)
+        except Exception as e:  # one backbone failing (e.g. out of memory) must not lose the others' figures
+            log.exception("step bench failed for %s", name)
+            row = {"bench": "step", "model": name, "image_size": image_size, "error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows

@@ -1,0 +1,151 @@
+"""2 CPU ranks over gloo through the real DeepSpeed trainer: equivalence with one rank, exact resume,
+resume across world sizes, refusal of incompatible checkpoints, NaN handling."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from smat_dist.dist.spawn import run_ranks
+from tests.data_fixture import make_dataset
+from tests.dist.helpers import tiny_config, train_rank
+
+pytestmark = pytest.mark.dist
+TASKS = 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(make_dataset(tmp_path_factory.mktemp("data"), "toy"))
+
+
+def _pool(results):
+    parts = sorted((r["pool"] for r in results if r["pool"]), key=lambda p: p["lo"])
+    delta = torch.cat([p["delta"] for p in parts])
+    la = torch.cat([p["log_alpha"] for p in parts])
+    return delta, la
+
+
+def _losses(run_dir) -> list[float]:
+    return [json.loads(x)["loss/task"] for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_state(a, b, exact: bool = False):
+    """Same parameters. Across world sizes the summation order of the mask gradients differs (one
+    matmul over the round's tasks vs accumulation task by task); the mask learning rate of 1e6 turns
+    those 1e-9 rounding differences into ~1e-3 in the logits, so there the logits are compared at that
+    scale and the resulting hard masks must agree almost everywhere."""
+    da, la = _pool(a)
+    db, lb = _pool(b)
+    n = min(len(da), len(db))
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(da[:n], db[:n], **tol)
+    if exact:
+        torch.testing.assert_close(la[:n], lb[:n], rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(la[:n], lb[:n], rtol=0, atol=1e-2)
+        from smat_dist.method.hard_concrete import gate
+        assert (gate(la[:n]) == 0).eq(gate(lb[:n]) == 0).float().mean() > 0.9999
+    ra, rb = a[0]["replicated"], b[0]["replicated"]
+    # AdamW normalises each update by the gradient's own scale, so near-zero gradients (the skill tokens
+    # start at 1e-3) differing by rounding move by up to one learning rate (1e-4) per step.
+    tol = tol if exact else dict(rtol=1e-3, atol=3e-4)
+    assert ra.keys() == rb.keys()
+    for k in ra:
+        torch.testing.assert_close(ra[k].double(), rb[k].double(), **tol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(data_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("r2")
+    return d, run_ranks(train_rank, 2, tiny_config(data_dir, tasks=TASKS, tasks_per_rank=1), str(d))
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(data_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("r1")
+    return d, run_ranks(train_rank, 1, tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2), str(d))
+
+
+def test_two_ranks_equal_one_rank_on_the_same_tasks(two_rank_run, one_rank_run):
+    (d2, r2), (d1, r1) = two_rank_run, one_rank_run
+    l1, l2 = _losses(d1), _losses(d2)
+    assert len(l1) == len(l2) == TASKS // 2
+    assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
+    _assert_same_state(r1, r2)
+    delta, _ = _pool(r2)
+    assert delta.abs().max() > 0, "training must move the shared delta"
+    m = [json.loads(x) for x in (d2 / "metrics.jsonl").read_text().splitlines()]
+    # Per-task bytes of the sharded merge: P floats out and P back per rank, whatever M is.
+    assert all(x["sent_bytes_per_task"] > 0 for x in m)
+    for key in ("loss/query_ce", "loss/kd_dense", "loss/kd_pretrained", "loss/sparsity_penalty", "sparsity/expert0",
+                "temperature", "tasks_per_s", "peak_mem_bytes", "episode/ways"):
+        assert key in m[-1], key
+
+
+def test_exact_resume_two_ranks(data_dir, two_rank_run, tmp_path):
+    d_full, full = two_rank_run
+    cfg = tiny_config(data_dir, tasks=TASKS, tasks_per_rank=1)
+    first = run_ranks(train_rank, 2, cfg, str(tmp_path), 1)  # stop after one step (2 tasks)
+    assert first[0]["out"]["status"] == "stopped" and first[0]["out"]["tasks"] == 2
+    resumed = run_ranks(train_rank, 2, cfg, str(tmp_path))   # auto-resume from run_dir/checkpoints/latest
+    assert resumed[0]["out"]["tasks"] == TASKS
+    assert _losses(tmp_path) == _losses(d_full)  # bit-exact at the same world size
+    _assert_same_state(resumed, full, exact=True)
+
+
+@pytest.mark.parametrize("first_world,second_world", [(2, 1), (1, 2)])
+def test_resume_across_world_sizes(data_dir, one_rank_run, tmp_path, first_world, second_world):
+    _, full = one_rank_run
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_ranks(train_rank, first_world, tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2 // first_world), str(a), 1)
+    cfg = tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2 // second_world)
+    cfg.resume = str(a)
+    resumed = run_ranks(train_rank, second_world, cfg, str(b))
+    assert resumed[0]["out"]["tasks"] == TASKS
+    # The resumed run continues the same episode stream: its two steps equal the uninterrupted run's last two.
+    assert _losses(b) == pytest.approx(_losses(one_rank_run[0])[1:], rel=1e-5, abs=1e-6)
+    _assert_same_state(resumed, full)
+
+
+def test_incompatible_checkpoint_is_refused(data_dir, two_rank_run, tmp_path):
+    d_full, _ = two_rank_run
+    cfg = tiny_config(data_dir, tasks=TASKS + 2, experts=3)
+    cfg.resume = str(d_full)
+    with pytest.raises(Exception) as e:
+        run_ranks(train_rank, 1, cfg, str(tmp_path))
+    assert "experts=4" in str(e.value) and "experts=3" in str(e.value)
+
+
+def _nan_rank(rank, world, cfg, run_dir):
+    from smat_dist.train import step as step_mod
+    from smat_dist.train import trainer
+
+    real = step_mod.smat_step
+    calls = {"n": 0}
+
+    def poisoned(method, merger, pool, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # poison the shared delta on the second step
+            with torch.no_grad():
+                pool.delta[0] = float("nan")
+        return real(method, merger, pool, *a, **k)
+
+    trainer.smat_step = poisoned
+    try:
+        trainer.train(cfg, run_dir)
+    except step_mod.NonFiniteLoss as e:
+        return str(e)
+    return "no error"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2, every=2)
+    msgs = run_ranks(_nan_rank, 1, cfg, str(tmp_path))
+    assert "non-finite loss at task 2" in msgs[0]
+    latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step-000000002"
+    sd = torch.load(tmp_path / "checkpoints" / latest / "pool-rank00000.pt", weights_only=True)
+    assert torch.isfinite(sd["delta"]).all()

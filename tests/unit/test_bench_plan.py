@@ -1,0 +1,53 @@
+"""The planner: exact parameter, pool and hypernetwork counts; the bench CLI's plan and argument errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smat_dist.bench.cli import main
+from smat_dist.bench.plan import backbone_shape, hypernet_params, parse_kv, plan, sent_bytes_per_task
+from smat_dist.config.schema import HypernetConfig, MethodConfig, ModelConfig
+from smat_dist.method.hypernet import HyperNetwork
+from smat_dist.method.build import build_local
+
+TINY = ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 2})
+
+
+def test_meta_count_equals_real_model():
+    setup = build_local(TINY, MethodConfig(name="smat", experts=5), seed=0)
+    shape = backbone_shape(TINY)
+    assert shape["params"] == setup.fb.space.numel and shape["feature_dim"] == setup.fb.feature_dim
+    assert hypernet_params(shape["feature_dim"], 5) == sum(p.numel() for p in setup.method.hypernet.parameters())
+    assert hypernet_params(64, 3) == sum(p.numel() for p in HyperNetwork(64, 3, HypernetConfig()).parameters())
+    p = plan(TINY.name, experts=5, ranks=1, image_size=32, patch_size=8, kwargs={"depth": 2})
+    pool = setup.pool
+    assert p["memory_bytes"]["pool_params"] == 4 * (pool.delta.numel() + pool.log_alpha.numel())
+
+
+def test_pool_shrinks_with_ranks_and_sharded_bytes_do_not_grow_with_experts():
+    a = plan("vit_tiny_patch16_224", experts=64, ranks=1)
+    b = plan("vit_tiny_patch16_224", experts=64, ranks=2)
+    assert b["memory_bytes"]["pool_params"] <= 0.5001 * a["memory_bytes"]["pool_params"]
+    P = a["params"]
+    assert sent_bytes_per_task(P, 64, 2, "sharded") / sent_bytes_per_task(P, 4, 2, "sharded") < 1.001
+    assert sent_bytes_per_task(P, 64, 2, "gather") / sent_bytes_per_task(P, 4, 2, "gather") > 10
+
+
+def test_plan_reaches_vit_giant_without_allocating():
+    p = plan("vit_giant_patch14_224", experts=256, ranks=64, zero_stage=3, image_size=224)
+    assert 1.0e9 < p["params"] < 1.1e9 and p["mask_logits_total"] == p["params"] * 256
+    assert p["peak_bytes"]["gather"] > p["peak_bytes"]["sharded"]
+    z0 = plan("vit_giant_patch14_224", experts=256, ranks=64, zero_stage=0, image_size=224)
+    assert p["memory_bytes"]["replicated_total"] < z0["memory_bytes"]["replicated_total"]
+
+
+def test_cli_plan_and_bad_keys(capsys):
+    assert main(["plan", "model=vit_tiny_patch16_224", "experts=4", "ranks=2", "zero_stage=1", "image_size=32",
+                 "patch_size=8", "depth=1"]) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert row["experts"] == 4 and row["ranks"] == 2 and row["depth"] == 1
+    assert main(["plan", "modle=vit"]) == 2
+    assert "modle" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="key=value"):
+        parse_kv(["experts"])

@@ -1,0 +1,39 @@
+"""Scale bench on 2 gloo ranks: the plan's bytes per task are exactly what Comm counts in a real step, the pool is
+halved, and the planned peak memory is within the stated tolerance of the measured one."""
+from __future__ import annotations
+
+import pytest
+
+from smat_dist.bench.plan import plan
+from smat_dist.bench.scale import measure_point, summarise
+
+pytestmark = pytest.mark.dist
+
+# Peak memory is predicted to within this factor of the measured peak above the pre-pool baseline (CPU RSS:
+# allocator slack and the autograd temporaries the formula only approximates).
+PEAK_TOLERANCE = 0.5
+
+
+def _point(path, ranks, experts):
+    return dict(model="vit_tiny_patch16_224", experts=experts, ranks=ranks, path=path, image_size=32, depth=1,
+                patch_size=8, tasks_per_rank=1, steps=1, ways=2, shots=1, queries=1, threads=1)
+
+
+def _plan(experts, ranks):
+    return plan("vit_tiny_patch16_224", experts=experts, ranks=ranks, image_size=32, patch_size=8, batch_images=4,
+                kwargs={"depth": 1})
+
+
+def test_measured_points_match_the_plan():
+    rows = [measure_point(_point(path, r, 24)) for path, r in (("sharded", 2), ("gather", 2), ("sharded", 1))]
+    for row in rows:
+        p = _plan(24, row["ranks"])
+        assert row["pool_bytes_per_rank"] == p["memory_bytes"]["pool_params"]
+        assert row["sent_bytes_per_task"] == p["sent_bytes_per_task"][row["path"]], row["path"]
+        assert row["replicated_bytes_per_step"] == p["replicated_bytes_per_step"]
+        assert row["control_bytes_per_step"] == p["control_bytes_per_step"]
+        planned = p["memory_bytes"]["pool_total"] + p["memory_bytes"]["pool_optimizer"] * 0
+        measured = row["peak_mem_over_base_bytes"]
+        assert abs(measured - planned) <= PEAK_TOLERANCE * planned, (row["path"], row["ranks"], measured, planned)
+    s = summarise([dict(r, experts=64) for r in rows[:1]] + [dict(rows[0], experts=4)] + [dict(rows[2], experts=64)])
+    assert s["pool_bytes_2ranks_over_1rank_M64"] == pytest.approx(0.5, abs=1e-3)
