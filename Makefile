@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine (Debian/Ubuntu, Python 3.11, root for apt):
+#   make demo   the main job: offline multi-domain benchmark, SMAT vs P>M>F vs pre-trained, report
+#   make test   the test suite (unit, 2-rank distributed on CPU, real SLURM, end-to-end)
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup slurm demo test test-all clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+slurm:
+	bash slurm/install.sh
+
+demo: setup
+	$(VENV)/bin/smat-demo
+
+test: setup slurm
+	$(VENV)/bin/python -m pytest -q
+
+test-all: setup slurm
+	$(VENV)/bin/python -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) .cache runs
