@@ -201,8 +201,8 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(prog="smat-demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    ap.add_argument("--extra-ood", type=Path, nargs="+", action="extend", default=[], metavar="TREE",
-                    help="class-per-folder image tree(s) to add as OOD test domains")
+    ap.add_argument("--extra-ood", type=Path, action="append", default=[], metavar="TREE",
+                    help="a class-per-folder image tree to add as an OOD test domain (repeatable)")
     ap.add_argument("--quick", action="store_true", help="tiny smoke version (2 ID + 1 OOD domain, 4 tasks)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("SMAT_DEMO_CACHE", ".cache/offline")),
                     help="where the fetched Debian/npm packages are kept (default .cache/offline or $SMAT_DEMO_CACHE)")

@@ -11,6 +11,7 @@ and communication figures are exact (the tests compare them with real runs to th
   pool grad = 4 n (M + 1)
   pool opt  = 4 n                     SGD momentum for delta (mask logits use momentum 0: no state)
   masks     = 4 n M * 4               z, its gradient, and the gate's two saved tensors (sigmoid, clamp input)
+  transient = 4 n M * 3               the gate's backward temporaries at the step's end (measured)
   sharded bytes per task sent, per rank: all-gather w (R-1)*4M, all-to-all of the merged delta (R-1)*n*b,
             its gradient's all-to-all (R-1)*n*b, all-reduce of the w partial sums 2(R-1)*4M  (b: merge dtype bytes)
   gather bytes per task: all-gather of the mask logits (R-1)*4nM, delta (R-1)*4n, valid (R-1)*n, and the
@@ -104,6 +105,9 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         "pool_grads": F32 * n * (M + 1),
         "pool_optimizer": F32 * n,
         "pool_masks": F32 * n * M * 4,
+        # the gate's backward at the step's end (and pool_terms' expected-L0 graph) hold ~3 more n x M
+        # temporaries at once: measured on CPU, see tests/unit/test_bench_scale.py
+        "pool_transient": F32 * n * M * 3,
         "replicated_params": math.ceil(F32 * H / rep_div["params"]),
         "replicated_grads": math.ceil(F32 * H / rep_div["grads"]),
         "replicated_optimizer": math.ceil(2 * F32 * H / rep_div["opt"]),   # AdamW: exp_avg + exp_avg_sq
@@ -128,7 +132,8 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         "feature_dim": shape["feature_dim"], "hypernet_params": H, "batch_images": batch_images,
         "mask_logits_total": P * M,
         "memory_bytes": mem,
-        "peak_bytes": {"sharded": base + sharded_merge_buf, "gather": base + gather_extra},
+        "peak_bytes": {"sharded": base + max(sharded_merge_buf, mem["pool_transient"]),
+                       "gather": base + max(gather_extra, mem["pool_transient"])},
         "sent_bytes_per_task": {p: sent_bytes_per_task(P, M, R, p, merge_bytes) for p in ("sharded", "gather")},
         # per step: k tasks of merge traffic + the hypernetwork all-reduce (ZeRO 0) or reduce-scatter +
         # all-gather (ZeRO 1-3: the same ring volume) + the sparsity terms' all-reduce (4M+1 float64).

@@ -98,7 +98,6 @@ class DistConfig:
     pool: str = "sharded"         # sharded (merge where the shard lives) | gather (all-gather every mask; comparison only)
     backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
     precision: str = "auto"       # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
-    teacher_blocks: bool = False  # dense teacher gathered block by block instead of one full copy
 
 
 @dataclass

@@ -89,6 +89,15 @@ class DeepSpeedOptimizer:
         norm = self.engine.get_global_grad_norm()
         return {"grad_norm/replicated": float(norm)} if norm is not None else {}
 
+    def with_full_params(self, fn) -> None:
+        if self.engine.zero_optimization_partition_weights():
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+                fn()
+        else:
+            fn()
+
     def module_state(self) -> dict:
         """Full (unpartitioned) state of the replicated module on every rank."""
         if self.engine.zero_optimization_partition_weights():

@@ -92,8 +92,11 @@ class SMAT(nn.Module):
         if train and tc.enabled:
             g_t, g_tp = torch.autograd.grad(ce_q, [theta1, p1], retain_graph=True)
             with torch.no_grad():
-                t_theta = theta1.detach() - tc.lr * g_t
+                # The teacher's weights overwrite its own gradient buffer: its dense copy costs no memory
+                # beyond the gradient it needs anyway (P numbers, this rank's own task only).
+                t_theta = g_t.mul_(-tc.lr).add_(theta1.detach())
                 t_logits = cosine_logits(fb(t_theta, xq), p1.detach() - tc.lr * g_tp, cfg.logit_scale)
+                del t_theta, g_t
             t2 = tc.temperature ** 2
             kd_dense = reverse_kl(logits, t_logits, tc.temperature)
             kd = 0.5 * t2 * kd_dense if tc.pretrained_teacher else t2 * kd_dense
@@ -134,7 +137,7 @@ class SMAT(nn.Module):
 
         eval_zero = ((pool.log_alpha.detach() <= -hc.threshold(train=False)) & pool.valid.unsqueeze(1)).sum(0).double()
         stats = reduce(torch.cat([pool.zero_counts(z.detach()), l0.detach().double(), eval_zero,
-                                  w_sum.double(), torch.tensor([float(n_tasks)], dtype=torch.float64)]))
+                                  w_sum.double(), torch.tensor([float(n_tasks)], dtype=torch.float64, device=l0.device)]))
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
         w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
         ctl = self.controller

@@ -1,6 +1,7 @@
 """Pre-trained weights from local files only (no hub): timm checkpoints, original DINO .pth, packaged CNNs."""
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
         return load_file(str(p))
     try:
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+        # DINO's full training checkpoints (main_dino.py) store their argparse.Namespace next to the
+        # weights; allowing that one plain-data class keeps the safe loader usable for them.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"cannot read pre-trained weights {path}: {e}") from e
     # timm/DeiT/DINO checkpoints nest the weights under one of these keys; DINO's full training

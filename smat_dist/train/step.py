@@ -21,6 +21,7 @@ class NonFiniteLoss(RuntimeError):
 class HyperOptimizer(Protocol):
     def backward(self, loss: torch.Tensor, tasks_per_step: int) -> None: ...
     def step(self, factor: float) -> dict[str, float]: ...
+    def with_full_params(self, fn) -> None: ...  # run fn with every replicated parameter whole (ZeRO-3 gathers)
 
 
 class TorchHyperOptimizer:
@@ -42,6 +43,9 @@ class TorchHyperOptimizer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return out
+
+    def with_full_params(self, fn) -> None:
+        fn()
 
     def state_dict(self):
         return self.opt.state_dict()
@@ -79,7 +83,7 @@ def smat_step(method: SMAT, merger, pool, pool_opt: PoolOptimizer, hyper: HyperO
     out.update(method.pool_terms(pool, z, w_sum, k, reduce, factor))
     out.update(pool_opt.step(factor, reduce))
     out.update(hyper.step(factor))
-    method.hypernet.power_iteration_()
+    hyper.with_full_params(method.hypernet.power_iteration_)
     with torch.no_grad():
         method.hypernet.tasks_seen += k * world
     out["temperature"] = method.hypernet.temperature()

@@ -149,3 +149,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     assert latest == "step-000000002"
     sd = torch.load(tmp_path / "checkpoints" / latest / "pool-rank00000.pt", weights_only=True)
     assert torch.isfinite(sd["delta"]).all()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_train_the_same(data_dir, two_rank_run, tmp_path, stage):
+    """ZeRO stages partition the replicated state differently but must not change the training."""
+    d_full, _ = two_rank_run
+    res = run_ranks(train_rank, 2, tiny_config(data_dir, tasks=4, zero_stage=stage), str(tmp_path))
+    assert res[0]["out"]["tasks"] == 4
+    assert _losses(tmp_path) == pytest.approx(_losses(d_full)[:2], rel=1e-6, abs=1e-7)

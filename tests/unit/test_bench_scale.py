@@ -7,11 +7,11 @@ import pytest
 from smat_dist.bench.plan import plan
 from smat_dist.bench.scale import measure_point, summarise
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.slow]  # two 2-rank points: ~1-2 min on 2 busy cores
 
 # Peak memory is predicted to within this factor of the measured peak above the pre-pool baseline (CPU RSS:
 # allocator slack and the autograd temporaries the formula only approximates).
-PEAK_TOLERANCE = 0.5
+PEAK_TOLERANCE = 0.25
 
 
 def _point(path, ranks, experts):
@@ -25,15 +25,18 @@ def _plan(experts, ranks):
 
 
 def test_measured_points_match_the_plan():
-    rows = [measure_point(_point(path, r, 24)) for path, r in (("sharded", 2), ("gather", 2), ("sharded", 1))]
+    rows = [measure_point(_point(path, 2, 64)) for path in ("sharded", "gather")]
     for row in rows:
-        p = _plan(24, row["ranks"])
+        p = _plan(64, row["ranks"])
         assert row["pool_bytes_per_rank"] == p["memory_bytes"]["pool_params"]
         assert row["sent_bytes_per_task"] == p["sent_bytes_per_task"][row["path"]], row["path"]
         assert row["replicated_bytes_per_step"] == p["replicated_bytes_per_step"]
         assert row["control_bytes_per_step"] == p["control_bytes_per_step"]
-        planned = p["memory_bytes"]["pool_total"] + p["memory_bytes"]["pool_optimizer"] * 0
+        # the baseline is taken after the backbone is built, so the frozen backbone is not in the measured part
+        planned = p["peak_bytes"][row["path"]] - p["memory_bytes"]["frozen_backbone"]
         measured = row["peak_mem_over_base_bytes"]
         assert abs(measured - planned) <= PEAK_TOLERANCE * planned, (row["path"], row["ranks"], measured, planned)
-    s = summarise([dict(r, experts=64) for r in rows[:1]] + [dict(rows[0], experts=4)] + [dict(rows[2], experts=64)])
+    assert rows[1]["sent_bytes_per_task"] > 20 * rows[0]["sent_bytes_per_task"]   # gather moves M masks
+    one = dict(rows[0], ranks=1, pool_bytes_per_rank=_plan(64, 1)["memory_bytes"]["pool_params"])
+    s = summarise([rows[0], one])
     assert s["pool_bytes_2ranks_over_1rank_M64"] == pytest.approx(0.5, abs=1e-3)
