@@ -21,8 +21,9 @@ class PMF(nn.Module):
         super().__init__()
         self.fb, self.cfg = backbone, cfg
         self.delta = nn.Parameter(torch.zeros(backbone.space.padded))
-        self.scale = nn.Parameter(torch.tensor(cfg.logit_scale))
-        self.bias = nn.Parameter(torch.zeros(()))
+        # Shape [1], not 0-dim: DeepSpeed's broadcast and clipping do not handle 0-dim parameters.
+        self.scale = nn.Parameter(torch.full((1,), cfg.logit_scale))
+        self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fb(self.fb.theta_pre + self.delta, x)

@@ -158,3 +158,13 @@ def test_zero_stages_train_the_same(data_dir, two_rank_run, tmp_path, stage):
     res = run_ranks(train_rank, 2, tiny_config(data_dir, tasks=4, zero_stage=stage), str(tmp_path))
     assert res[0]["out"]["tasks"] == 4
     assert _losses(tmp_path) == pytest.approx(_losses(d_full)[:2], rel=1e-6, abs=1e-7)
+
+
+def test_pmf_baseline_trains_on_two_ranks_and_loads_for_eval(data_dir, tmp_path):
+    from smat_dist.eval.loading import load_method
+
+    res = run_ranks(train_rank, 2, tiny_config(data_dir, tasks=4, method="pmf"), str(tmp_path))
+    losses = _losses(tmp_path)
+    assert len(losses) == 2 and losses[1] < losses[0]
+    setup = load_method(str(tmp_path))
+    torch.testing.assert_close(setup.method.delta.detach(), res[0]["replicated"]["delta"])
