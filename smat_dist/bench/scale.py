@@ -49,6 +49,10 @@ class _AllReducedHyper:
     def __init__(self, inner, params, comm):
         self.inner, self.params, self.comm = inner, list(params), comm
 
+    def __getattr__(self, name):
+        # the rest of the HyperOptimizer protocol (e.g. with_full_params) is the plain optimiser's
+        return getattr(self.inner, name)
+
     def backward(self, loss, k):
         self.inner.backward(loss, k)
 

@@ -235,6 +235,7 @@ def smat_step_breakdown(setup: LocalSetup, episodes, first_index: int, tasks_see
     with timer("optimisers"):
         pool_opt.step(factor, lambda t: t)
         hyper.step(factor)
+        hyper.with_full_params(method.hypernet.power_iteration_)
         with torch.no_grad():
             method.hypernet.tasks_seen += k
     return {"losses": losses}

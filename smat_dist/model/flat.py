@@ -75,8 +75,19 @@ class FlatSpace:
         return out
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Views into `flat` (autograd flows back into the one vector)."""
-        return {i.name: flat[i.offset:i.offset + i.numel].view(i.shape) for i in self.infos}
+        """Views into `flat` (autograd flows back into the one vector).
+
+        One split, not a slice per tensor: each slice's backward allocates and zero-fills a gradient as long as
+        the whole vector and adds it up, i.e. O(#tensors x P) memory traffic per backward (5 of the 7 s of a
+        CNN SMAT step on CPU); split's backward concatenates the pieces once.
+        """
+        sizes = [i.numel for i in self.infos]
+        contiguous = all(i.offset == sum(sizes[:k]) for k, i in enumerate(self.infos)) if self.infos else True
+        if not contiguous or flat.shape[0] < self.numel:
+            return {i.name: flat[i.offset:i.offset + i.numel].view(i.shape) for i in self.infos}
+        rest = flat.shape[0] - self.numel
+        parts = flat.split(sizes + [rest] if rest else sizes)
+        return {i.name: part.view(i.shape) for i, part in zip(self.infos, parts)}
 
     def shard_range(self, rank: int, world: int) -> tuple[int, int]:
         if self.padded % world:

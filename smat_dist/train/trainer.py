@@ -132,6 +132,37 @@ def _to(ep, dev: torch.device):
                                support_labels=ep.support_labels.to(dev), query_labels=ep.query_labels.to(dev))
 
 
+@torch.no_grad()
+def validate(run: _Run, cfg: Config) -> dict[str, float]:
+    """Zero-shot accuracy on the fixed validation episodes of every training source.
+
+    Rank r takes episodes r, r+R, ...; every rank runs the same number of merges (the sharded merge is a
+    collective), padding with a repeat whose result is dropped, and the accuracies are summed over ranks."""
+    from smat_dist.data.fixed_sets import fixed_episodes
+    from smat_dist.method.protonet import accuracy
+
+    n = cfg.data.val_episodes
+    out = {}
+    if run.merger is not None:
+        run.merger.begin_step(train=False)
+    per_rank = -(-n // run.world)
+    for src in cfg.data.sources:
+        eps = fixed_episodes(src, "val", n, cfg=episode_config(cfg))
+        acc = torch.zeros(2, dtype=torch.float64)
+        for j in range(per_rank):
+            i = run.rank + j * run.world
+            ep = _to(eps[min(i, n - 1)], run.dev)
+            logits = run.method.predict(ep, run.merger)
+            if i < n:
+                acc += torch.tensor([accuracy(logits, ep.query_labels), 1.0], dtype=torch.float64)
+        acc = run.log_comm.all_reduce(acc)
+        out[f"val/acc/{eps.stream.source_names[0]}"] = float(acc[0] / acc[1])
+    out["val/acc_mean"] = sum(out.values()) / max(1, len(out))
+    if run.merger is not None:
+        run.merger.end_step()
+    return out
+
+
 def _stop_agreed(run: _Run, should_stop) -> bool:
     flag = torch.tensor([1.0 if (should_stop is not None and should_stop()) else 0.0])
     return bool(run.log_comm.all_reduce(flag).item() > 0)
@@ -199,6 +230,9 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
             m.update({k: float(v) for k, v in zip(keys, avg)})
             m.update({"tasks": tasks, "step": tasks // per_step, "tasks_per_s": per_step / dt, "step_s": dt,
                       "data_wait_s": t_data, "sent_bytes_per_task": sent / run.k, "peak_mem_bytes": _peak_mem()})
+            if cfg.train.val_every_tasks and tasks % cfg.train.val_every_tasks < per_step:
+                m.update(validate(run, cfg))
+                log.info("validation at %d tasks: mean zero-shot accuracy %.3f", tasks, m["val/acc_mean"])
             if metrics_f is not None:
                 metrics_f.write(json.dumps(m) + "\n")
                 metrics_f.flush()

@@ -60,18 +60,27 @@ def _assert_same_state(a, b, exact: bool = False):
 @pytest.fixture(scope="module")
 def two_rank_run(data_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("r2")
-    return d, run_ranks(train_rank, 2, tiny_config(data_dir, tasks=TASKS, tasks_per_rank=1), str(d))
+    return d, run_ranks(train_rank, 2, _with_val(tiny_config(data_dir, tasks=TASKS, tasks_per_rank=1)), str(d))
 
 
 @pytest.fixture(scope="module")
 def one_rank_run(data_dir, tmp_path_factory):
     d = tmp_path_factory.mktemp("r1")
-    return d, run_ranks(train_rank, 1, tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2), str(d))
+    return d, run_ranks(train_rank, 1, _with_val(tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2)), str(d))
+
+
+def _with_val(cfg):
+    cfg.train.val_every_tasks = 4
+    cfg.data.val_episodes = 3
+    return cfg
 
 
 def test_two_ranks_equal_one_rank_on_the_same_tasks(two_rank_run, one_rank_run):
     (d2, r2), (d1, r1) = two_rank_run, one_rank_run
     l1, l2 = _losses(d1), _losses(d2)
+    v1 = [json.loads(x).get("val/acc_mean") for x in (d1 / "metrics.jsonl").read_text().splitlines()]
+    v2 = [json.loads(x).get("val/acc_mean") for x in (d2 / "metrics.jsonl").read_text().splitlines()]
+    assert v1[1] is not None and v1 == v2  # validation split over ranks gives the same accuracy
     assert len(l1) == len(l2) == TASKS // 2
     assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
     _assert_same_state(r1, r2)

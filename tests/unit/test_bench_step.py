@@ -1,6 +1,7 @@
 """The step bench: its timed copy of a SMAT step is the real step, passes are counted, and a row has every field."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from smat_dist.bench.step import Timer, bench_model, count_passes, smat_step_breakdown, synthetic_episode
@@ -50,6 +51,7 @@ def test_passes_are_counted_not_assumed():
     assert c.forwards == 0
 
 
+@pytest.mark.slow  # a whole interleaved bench (warm-up + 1 repeat x 4 runs)
 def test_bench_row_has_every_field():
     row = bench_model("vit_tiny_patch16_224", 32, ways=3, shots=2, queries=2, repeats=1, experts=2, patch_size=8,
                       kwargs={"depth": 1})
