@@ -24,7 +24,10 @@ TOY = "tests.slurm.toy_rank:train"
 TRAINER = "smat_dist.train.trainer:train"
 JOB = ["launcher=slurm", "launcher.tasks_per_node=2", "launcher.cpus_per_task=1", "launcher.mem_gb=1",
        "launcher.timeout_min=10", "logging.wandb_mode=disabled"]
-VOLATILE = ("time", "sec", "wall", "rate", "throughput", "elapsed", "resumed")
+# Timings, memory and paths differ between any two runs; the losses, accuracies, sparsity, multipliers,
+# temperature and counters must not.
+VOLATILE = ("time", "sec", "wall", "rate", "throughput", "elapsed", "resumed", "_s", "per_s", "peak_mem",
+            "run_dir", "checkpoint")
 
 
 def _trainer_available() -> bool:
