@@ -228,10 +228,10 @@ def smat_step_breakdown(setup: LocalSetup, episodes, first_index: int, tasks_see
             hyper.backward(loss, k)
         w_sum += w.detach()
         losses.append(float(loss.detach()))
-    with timer("mask_backward"):
-        merger.end_step()
     with timer("pool_terms"):
-        method.pool_terms(pool, z, w_sum, k, lambda t: t, factor)
+        _, coef = method.pool_terms(pool, z, w_sum, k, lambda t: t, factor)
+    with timer("mask_backward"):
+        merger.end_step(coef)
     with timer("optimisers"):
         pool_opt.step(factor, lambda t: t)
         hyper.step(factor)

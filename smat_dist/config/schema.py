@@ -29,7 +29,10 @@ class SparsityConfig:
     init_mean: float = 0.0
     init_std: float = 0.5
     clamp: float = 4.605170185988092  # ln(100): log-alpha clamped to [-c, c]
-    noise_eps: float = 1e-6       # hard-concrete u ~ U(0.5-eps, 0.5+eps); upstream's 1e-6 makes it nearly deterministic
+    # hard-concrete noise u ~ U(0.5-eps, 0.5+eps). Upstream's 1e-6 moves a logit by at most 4e-6, i.e. it is
+    # inert, yet it costs three passes over the [P, M] block per step and draws from a per-rank RNG stream;
+    # 0 (deterministic gate) is our default, set 1e-6 to reproduce upstream exactly.
+    noise_eps: float = 0.0
     lambda_lr: float = 0.002
     mask_lr: float = 1.0e6
     mask_clip: float = 5.0

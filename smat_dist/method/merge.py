@@ -1,8 +1,9 @@
 """Per-task merge of the expert pool: theta_i = theta_pre + (sum_m w_im z_m) * delta.
 
-The masks z do not depend on the task, so a step computes them once (`begin_step`) and every task merges
-from a detached leaf copy whose gradient accumulates across the step's tasks; `end_step` pushes that
-accumulated gradient through the gate into the mask logits in a single backward. Per task, the merge and its
+The masks z do not depend on the task, so a step computes them once (`begin_step`, without an autograd
+graph) and every task merges from them as a leaf whose gradient accumulates across the step's tasks;
+`end_step` pushes that accumulated gradient through the gate into the mask logits in one fused pass,
+together with the sparsity penalty's gradient. Per task, the merge and its
 backward are then one [n, M] product each, the least an unfused merge can do.
 """
 from __future__ import annotations
@@ -22,9 +23,10 @@ class LocalMerger:
 
     def begin_step(self, train: bool = True) -> torch.Tensor:
         self.pool.clamp_()
-        z = self.pool.masks(train=train)
+        self._train = train
+        z = self.pool.masks_inplace(train=train)
         self._z = z
-        self._z_leaf = z.detach().requires_grad_(train)
+        self._z_leaf = z.requires_grad_(train)  # no graph behind it: its gradient is applied by end_step
         return self._z_leaf
 
     @property
@@ -38,7 +40,10 @@ class LocalMerger:
             d = torch.nn.functional.pad(d, (0, self.padded - d.shape[0]))
         return d
 
-    def end_step(self) -> None:
-        if self._z is not None and self._z_leaf is not None and self._z_leaf.grad is not None:
-            self._z.backward(self._z_leaf.grad)
+    def end_step(self, penalty_coef: torch.Tensor | None = None) -> None:
+        """Apply the step's accumulated mask gradient (and the sparsity penalty's) to the mask logits."""
+        if self._z is not None and self._train:
+            g = self._z_leaf.grad
+            self._z_leaf.grad = None
+            self.pool.apply_mask_grad_(self._z.detach(), g, penalty_coef, train=True)
         self._z = self._z_leaf = None

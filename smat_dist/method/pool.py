@@ -16,6 +16,9 @@ from smat_dist.method import hard_concrete as hc
 # Initial values are generated in fixed chunks of the flat vector, each from its own seeded generator,
 # so the slice a rank initialises equals the same slice of a single-process init at any world size.
 _INIT_CHUNK = 1 << 18
+# Rows per chunk of the fused pool passes: large enough to amortise kernel launches, small enough to
+# keep the temporaries in cache and out of the allocator's way.
+_ROWS = 1 << 15
 
 
 def _chunked_normal(seed: int, lo: int, hi: int, m: int, mean: float, std: float) -> torch.Tensor:
@@ -44,6 +47,82 @@ class ExpertPool(nn.Module):
     @torch.no_grad()
     def clamp_(self) -> None:
         self.log_alpha.clamp_(-self.cfg.clamp, self.cfg.clamp)
+
+    # ---- The fused, allocation-light path the training step uses (the [n, M] block is the largest state of
+    # the run: at M=64 a ViT-Ti slice is 1.4 GB, so every temporary of that size costs seconds). ----
+
+    def _rows(self):
+        for a in range(0, self.hi - self.lo, _ROWS):
+            yield a, min(self.hi - self.lo, a + _ROWS)
+
+    @torch.no_grad()
+    def masks_inplace(self, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z [n, M] without an autograd graph, one allocation; its gradient is applied by `apply_mask_grad_`."""
+        la = self.log_alpha
+        beta = hc.BETA if train else 1.0
+        eps = self.cfg.noise_eps if train else 0.0
+        z = torch.empty_like(la)
+        for a, b in self._rows():
+            x = z[a:b]
+            if eps > 0:
+                x.uniform_(0.5 - eps, 0.5 + eps, generator=generator)
+                x.logit_().add_(la[a:b])
+            else:
+                x.copy_(la[a:b])
+            x.mul_(1.0 / beta).sigmoid_().mul_(hc.ZETA - hc.GAMMA).add_(hc.GAMMA).clamp_(0.0, 1.0)
+        z[self.n_valid:] = 0.0  # padding rows sit at the end of the last slice
+        return z
+
+    @torch.no_grad()
+    def apply_mask_grad_(self, z: torch.Tensor, g_z: torch.Tensor | None, penalty_coef: torch.Tensor | None,
+                         train: bool = True) -> None:
+        """log_alpha.grad += dz/dlog_alpha * g_z + coef_m * d P(z != 0)/dlog_alpha, chunk by chunk.
+
+        dz/dlog_alpha is recovered from z itself: inside the gate's open interval s = (z - gamma)/(zeta - gamma)
+        and dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta (with or without the logistic noise); it is 0 where
+        the gate is clamped. The penalty's gradient is coef_m * p (1 - p) with p = sigmoid(log_alpha + shift).
+        g_z's storage becomes the gradient buffer when there is none yet (no extra [n, M] allocation)."""
+        la = self.log_alpha
+        if g_z is None and penalty_coef is None:
+            return
+        grad = la.grad
+        if grad is None:
+            grad = g_z if g_z is not None else torch.zeros_like(la)
+            from_gz = g_z is not None
+        else:
+            from_gz = False
+        beta = hc.BETA if train else 1.0
+        span = hc.ZETA - hc.GAMMA
+        for a, b in self._rows():
+            gr = grad[a:b]
+            if g_z is not None:
+                d = z[a:b].sub(hc.GAMMA).div_(span).sub_(0.5).square_().neg_().add_(0.25).mul_(span / beta)
+                d.mul_((z[a:b] > 0) & (z[a:b] < 1))
+                if from_gz:
+                    gr.mul_(d)
+                else:
+                    gr.addcmul_(g_z[a:b], d)
+            if penalty_coef is not None:
+                p = la[a:b].add(hc.L0_SHIFT).sigmoid_()
+                p.mul_(1.0 - p)
+                gr.addcmul_(p, penalty_coef.to(p.dtype).unsqueeze(0))
+        grad[self.n_valid:] = 0.0
+        la.grad = grad
+
+    @torch.no_grad()
+    def stats(self, z: torch.Tensor) -> torch.Tensor:
+        """[3M] per-expert sums over this slice's real entries: exact zeros of z, P(z != 0), and eval-gate zeros."""
+        m, nv = self.experts, self.n_valid
+        out = torch.zeros(3, m, dtype=torch.float64, device=z.device)
+        thr = -hc.threshold(train=False)
+        for a, b in self._rows():
+            b = min(b, nv)
+            if a >= b:
+                break
+            out[0] += (z[a:b] == 0).sum(0)
+            out[1] += self.log_alpha[a:b].add(hc.L0_SHIFT).sigmoid_().sum(0, dtype=torch.float64)
+            out[2] += (self.log_alpha[a:b] <= thr).sum(0)
+        return out.reshape(-1)
 
     def masks(self, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """z [n, M]; computed once per optimiser step (the masks do not depend on the task)."""

@@ -129,31 +129,30 @@ class SMAT(nn.Module):
         return cosine_logits(self.fb(theta, xq), protos, self.cfg.logit_scale)
 
     def pool_terms(self, pool, z: torch.Tensor, w_sum: torch.Tensor, n_tasks: int, reduce, lr_factor: float,
-                   update: bool = True) -> dict[str, float]:
-        """The step's sparsity terms: needs one all-reduce of 3M+1 numbers (`reduce` sums across ranks)."""
-        M, numel = self.cfg.experts, pool.numel
-        l0 = pool.l0_sum()
-        from smat_dist.method import hard_concrete as hc
+                   update: bool = True) -> tuple[dict[str, float], torch.Tensor]:
+        """The step's sparsity terms; one all-reduce of 4M+1 numbers (`reduce` sums across ranks).
 
-        eval_zero = ((pool.log_alpha.detach() <= -hc.threshold(train=False)) & pool.valid.unsqueeze(1)).sum(0).double()
-        stats = reduce(torch.cat([pool.zero_counts(z.detach()), l0.detach().double(), eval_zero,
-                                  w_sum.double(), torch.tensor([float(n_tasks)], dtype=torch.float64, device=l0.device)]))
+        Returns the metrics and the per-expert coefficient of the penalty's gradient on the mask logits,
+        coef_m = lambda_m * w_m / numel (dL_sp/dlog_alpha = coef_m * dP(z != 0)/dlog_alpha), which the merger
+        applies with the task gradient in one pass."""
+        M, numel = self.cfg.experts, pool.numel
+        local = pool.stats(z.detach())
+        stats = reduce(torch.cat([local, w_sum.double(),
+                                  torch.tensor([float(n_tasks)], dtype=torch.float64, device=local.device)]))
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
         w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
         ctl = self.controller
         ctl.reset_satisfied(sparsity)
-        # Only this slice's share of E_m is differentiable here, which is exactly its gradient.
-        penalty = ctl.penalty(l0 / numel, w_mean)
-        if update and penalty.requires_grad:
-            penalty.backward()
+        coef = (ctl.multipliers * w_mean / numel).float()
         lag = ctl.lagrangian(sparsity, w_mean)
+        penalty = float(ctl.penalty(density, w_mean))
         if update:
             ctl.update(sparsity, w_mean, lr_factor)
-        out = {"loss/sparsity_penalty": float(ctl.penalty(density, w_mean)), "loss/lagrangian": lag}
+        out = {"loss/sparsity_penalty": penalty, "loss/lagrangian": lag}
         for i in range(M):
             out[f"sparsity/expert{i}"] = float(sparsity[i])
             out[f"sparsity_eval/expert{i}"] = float(eval_sparsity[i])
             out[f"density_l0/expert{i}"] = float(density[i])
             out[f"lambda/expert{i}"] = float(ctl.multipliers[i])
             out[f"w_mean/expert{i}"] = float(w_mean[i])
-        return out
+        return out, coef

@@ -7,6 +7,7 @@ vector, and the merged task weights travel as one contiguous tensor.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
@@ -82,7 +83,8 @@ class FlatSpace:
         CNN SMAT step on CPU); split's backward concatenates the pieces once.
         """
         sizes = [i.numel for i in self.infos]
-        contiguous = all(i.offset == sum(sizes[:k]) for k, i in enumerate(self.infos)) if self.infos else True
+        starts = [0] + list(itertools.accumulate(sizes))[:-1]
+        contiguous = all(i.offset == o for i, o in zip(self.infos, starts))
         if not contiguous or flat.shape[0] < self.numel:
             return {i.name: flat[i.offset:i.offset + i.numel].view(i.shape) for i in self.infos}
         rest = flat.shape[0] - self.numel

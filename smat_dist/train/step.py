@@ -78,9 +78,10 @@ def smat_step(method: SMAT, merger, pool, pool_opt: PoolOptimizer, hyper: HyperO
         w_sum += res.w
         for key, v in res.metrics.items():
             sums[key] = sums.get(key, 0.0) + v
-    merger.end_step()
     out = {key: v / k for key, v in sums.items()}
-    out.update(method.pool_terms(pool, z, w_sum, k, reduce, factor))
+    pool_metrics, coef = method.pool_terms(pool, z, w_sum, k, reduce, factor)
+    out.update(pool_metrics)
+    merger.end_step(coef)
     out.update(pool_opt.step(factor, reduce))
     out.update(hyper.step(factor))
     hyper.with_full_params(method.hypernet.power_iteration_)

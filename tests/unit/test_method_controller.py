@@ -102,12 +102,7 @@ def _run_to_target(episodes, lambda_lr: float, tasks: int, target: float = 0.9):
 
 
 def test_tiny_model_hard_sparsity_reaches_target(episodes):
-    """Mask lr 1e6 and clip 5 as upstream; the multiplier lr is 5x upstream's 0.002, because the real task
-    gradient on the masks of a 6.7k-parameter model resists the penalty for longer than 300 tasks at 0.002
-    (measured: 0.82-0.84 after 300 tasks, 0.88-0.90 after 600; see the slow test)."""
-    assert _run_to_target(episodes, lambda_lr=0.01, tasks=300) < 60
-
-
-@pytest.mark.slow
-def test_tiny_model_hard_sparsity_reaches_target_with_upstream_constants(episodes):
-    _run_to_target(episodes, lambda_lr=0.002, tasks=800)
+    """Upstream's constants throughout (multiplier lr 0.002, mask lr 1e6, clip 5): the constraint alone moves
+    the masks against the real task gradient. Measured on this model: 0.82-0.84 after 300 tasks, 0.88-0.90
+    after 600, within 0.03 of tau from ~700 on; a multiplier lr of 0.01 gets there in 300."""
+    assert _run_to_target(episodes, lambda_lr=0.002, tasks=800) < 60
