@@ -35,12 +35,53 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     del probe
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
-    if cfg.checkpoint_blocks and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
+    if cfg.checkpoint_blocks:
+        checkpoint_blocks(model)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def checkpoint_blocks(model: nn.Module) -> int:
+    """Activation checkpointing of each backbone block, compatible with the functional forward.
+
+    timm's own checkpointing re-runs a block in the backward with the module's *registered* (frozen)
+    parameters, not the task weights that torch.func.functional_call had swapped in for the forward, so the
+    recomputation differs. Here a block's tensors are passed to torch.utils.checkpoint explicitly, and the
+    recomputation re-binds exactly those. Parameter names are unchanged (the block's forward is wrapped, not
+    the module), so weights and checkpoints are unaffected. Returns the number of blocks wrapped.
+    """
+    import types
+
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"model.checkpoint_blocks=true: {type(model).__name__} has no 'blocks' to checkpoint")
+    n = 0
+    for blk in blocks:
+        orig = blk.forward
+        state = {"inside": False}
+
+        def fwd(self, x, _orig=orig, _state=state):
+            if _state["inside"] or not torch.is_grad_enabled():
+                return _orig(x)
+            named = list(self.named_parameters()) + list(self.named_buffers())
+            keys = [k for k, _ in named]
+
+            def run(inp, *tensors):
+                _state["inside"] = True
+                try:
+                    return torch.func.functional_call(self, dict(zip(keys, tensors)), (inp,))
+                finally:
+                    _state["inside"] = False
+
+            return checkpoint(run, x, *[t for _, t in named], use_reentrant=False)
+
+        blk.forward = types.MethodType(fwd, blk)
+        n += 1
+    return n
 
 
 class FunctionalBackbone:

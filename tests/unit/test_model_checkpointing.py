@@ -1,0 +1,47 @@
+"""Activation checkpointing of backbone blocks changes memory, never results (SMAT's several backward passes
+through the same forward included)."""
+import pytest
+import torch
+
+from smat_dist.config.schema import MethodConfig, ModelConfig
+from smat_dist.data.episodes import Episode
+from smat_dist.method.build import build_local
+from smat_dist.train.step import dense_step, smat_step
+
+
+def _episode(seed: int, ways=3, shots=2, queries=2, size=32) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    ys = torch.arange(ways).repeat_interleave(shots)
+    yq = torch.arange(ways).repeat_interleave(queries)
+    return Episode(torch.randn(len(ys), 3, size, size, generator=g), ys, torch.randn(len(yq), 3, size, size, generator=g),
+                   yq, "synthetic", "train", seed, ways, [str(i) for i in range(ways)])
+
+
+def _train(method: str, checkpoint: bool):
+    torch.set_num_threads(1)
+    mc = ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 2}, checkpoint_blocks=checkpoint)
+    s = build_local(mc, MethodConfig(name=method, experts=2, delta_lr=1e-2, pmf_lr=1e-2))
+    losses = []
+    for i in range(3):
+        if method == "smat":
+            m = smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, [_episode(i)], i, i, 1, lambda x: x)
+        else:
+            m = dense_step(s.method, s.hyper_opt, [_episode(i)], i, i)
+        losses.append(m["loss/task"])
+    delta = (s.pool.delta if s.pool is not None else s.method.delta).detach().clone()
+    return losses, delta
+
+
+@pytest.mark.parametrize("method", ["smat", "pmf"])
+def test_checkpointed_blocks_train_identically(method):
+    plain, ck = _train(method, False), _train(method, True)
+    assert plain[0] == ck[0]
+    torch.testing.assert_close(plain[1], ck[1], rtol=0, atol=0)
+    assert plain[1].abs().max() > 0
+
+
+def test_model_without_blocks_is_refused():
+    from smat_dist.model.backbone import build_backbone
+
+    with pytest.raises(ValueError, match="no 'blocks'"):
+        build_backbone(ModelConfig(name="resnet18", image_size=32, patch_size=None, checkpoint_blocks=True))
