@@ -11,7 +11,8 @@ from smat_dist.eval.report import markdown_table
 
 # what the paper's recipe uses for the keys the demo shortens (configs/demo.yaml), to say so in the report
 PAPER = {"train.tasks": "~50,000", "method.warmup_tasks": 400, "method.total_tasks": 50000, "method.delta_lr": 1e-4,
-         "method.pmf_lr": 5e-4, "method.hypernet.t_decay": 4000.0, "method.hypernet.lr": 1e-4}
+         "method.pmf_lr": 5e-4, "method.hypernet.t_decay": 4000.0, "method.hypernet.lr": 1e-4,
+         "method.sparsity.lambda_lr": 0.002}
 
 
 def _get(cfg, dotted: str):
