@@ -126,9 +126,13 @@ def wait(job: submitit.Job, poll_s: float = 5.0) -> dict:
         results = job.results()
     except (FailedJobError, UncompletedJobError) as e:
         text = str(e)
-        log_path = str(_task_log(job, _failed_task(job)))
-        raise LaunchError(f"SLURM job {job.job_id} failed ({job.state}): {last_error_line(text) or text[:300]}",
-                          log_path=log_path, job_id=job.job_id) from e
+        task = _failed_task(job)
+        log_path = _task_log(job, task)
+        # The cause is in the failing task's own log; the exception submitit raises may be another task's
+        # "peer went away" error.
+        cause = last_error_line(log_path.read_text(errors="replace")) if log_path.is_file() else ""
+        raise LaunchError(f"SLURM job {job.job_id} failed ({job.state}): {cause or last_error_line(text) or text[:300]}",
+                          log_path=str(log_path), job_id=job.job_id) from e
     result = dict(results[0] or {})
     result["ranks"] = list(results)
     result["job_id"] = job.job_id
@@ -142,9 +146,13 @@ def _task_log(job: submitit.Job, task: int) -> Path:
 def _failed_task(job: submitit.Job) -> int:
     """The task whose log shows the earliest Python traceback (the rank that raised first; the others
     usually fail only because it left), else task 0."""
+    from smat_dist.launch.local import PEER_ERRORS
+
     hits = []
     for t in range(job.num_tasks):
         p = _task_log(job, t)
-        if p.is_file() and "Traceback (most recent call last)" in p.read_text(errors="replace"):
-            hits.append((p.stat().st_mtime_ns, t))
-    return min(hits)[1] if hits else 0
+        text = p.read_text(errors="replace") if p.is_file() else ""
+        if "Traceback (most recent call last)" in text:
+            victim = any(m in last_error_line(text) for m in PEER_ERRORS + ("gloo", "Connection"))
+            hits.append((victim, p.stat().st_mtime_ns, t))
+    return min(hits)[2] if hits else 0
