@@ -119,9 +119,10 @@ class ExpertPool(nn.Module):
             b = min(b, nv)
             if a >= b:
                 break
-            out[0] += (z[a:b] == 0).sum(0)
-            out[1] += self.log_alpha[a:b].add(hc.L0_SHIFT).sigmoid_().sum(0, dtype=torch.float64)
-            out[2] += (self.log_alpha[a:b] <= thr).sum(0)
+            # float32 partial sums per chunk (exact for counts below 2^24 rows), accumulated in float64
+            out[0] += z[a:b].eq(0).float().sum(0)
+            out[1] += self.log_alpha[a:b].add(hc.L0_SHIFT).sigmoid_().sum(0)
+            out[2] += self.log_alpha[a:b].le(thr).float().sum(0)
         return out.reshape(-1)
 
     def masks(self, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
