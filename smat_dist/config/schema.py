@@ -25,7 +25,7 @@ class ModelConfig:
 @dataclass
 class SparsityConfig:
     target: float = 0.90          # tau, fraction of zeros per expert
-    structured: bool = False      # per-column gates for 2-D weights (single-process/gather path only)
+    structured: bool = False      # per-column gates: not supported yet (an error if true)
     init_mean: float = 0.0
     init_std: float = 0.5
     clamp: float = 4.605170185988092  # ln(100): log-alpha clamped to [-c, c]

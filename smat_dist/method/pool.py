@@ -35,6 +35,11 @@ def _chunked_normal(seed: int, lo: int, hi: int, m: int, mean: float, std: float
 class ExpertPool(nn.Module):
     def __init__(self, lo: int, hi: int, numel: int, experts: int, cfg: SparsityConfig, seed: int = 0):
         super().__init__()
+        if cfg.structured:
+            # Per-column gates break the one-row-per-entry layout the sharded merge relies on; refuse rather
+            # than silently train unstructured masks.
+            raise ValueError("method.sparsity.structured=true is not supported by this version (masks are "
+                             "unstructured, one gate per parameter entry); set it to false")
         self.lo, self.hi, self.numel, self.experts, self.cfg = lo, hi, numel, experts, cfg
         self.delta = nn.Parameter(torch.zeros(hi - lo))
         self.log_alpha = nn.Parameter(_chunked_normal(seed, lo, hi, experts, cfg.init_mean, cfg.init_std))
