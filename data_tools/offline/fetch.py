@@ -160,7 +160,9 @@ def fetch(domains, cache_dir) -> None:
     unknown = [d for d in domains if d not in DOMAINS]
     if unknown:
         raise ValueError(f"unknown offline domain(s) {unknown}; known: {sorted(DOMAINS)}")
-    cache = Path(cache_dir)
+    # Absolute: apt-get download and npm pack run in sub-folders, so a relative cache path would point
+    # somewhere else for the next command.
+    cache = Path(cache_dir).resolve()
     (cache / ".done").mkdir(parents=True, exist_ok=True)
     todo = [p for p in packages_for(domains) if not _marker(cache, p).exists()]
     if not todo:

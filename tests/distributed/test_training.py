@@ -10,7 +10,7 @@ import torch
 
 from smat_dist.dist.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.dist.helpers import tiny_config, train_rank
+from tests.distributed.helpers import tiny_config, train_rank
 
 pytestmark = pytest.mark.dist
 TASKS = 6
