@@ -57,6 +57,25 @@ def _is_sweep(d: Path) -> bool:
     return any((c / "results.json").is_file() for c in d.iterdir() if c.is_dir())
 
 
+def _log_to_wandb(run_dir: Path, figures: dict) -> None:
+    """Add the figures to the run's own wandb run (its id is in the checkpoint), offline unless configured."""
+    from smat_dist.config.hydra import load_yaml
+    from smat_dist.dist.checkpoint import find_latest, read_manifest
+    from smat_dist.launch import wandb_run
+
+    cfg = load_yaml(run_dir / "config.yaml")
+    ck = find_latest(run_dir)
+    run_id = read_manifest(ck, verify=False).get("wandb_run_id") if ck is not None else None
+    if cfg.logging.wandb_mode == "disabled" or run_id is None:
+        return
+    wandb_run.start(cfg, str(run_dir), run_id)
+    try:
+        wandb_run.log_images({f"analysis/{k}": str(v) for k, v in figures.items() if str(v).endswith(".png")})
+        log.info("figures logged to wandb run %s", run_id)
+    finally:
+        wandb_run.finish()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="smat-analyze", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -88,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(res, indent=1))
+    if (d / "config.yaml").is_file():
+        _log_to_wandb(d, res["figures"])
     print(json.dumps({"out": str(out), "figures": res["figures"]}))
     return 0
 
