@@ -54,7 +54,7 @@ class DeepSpeedOptimizer:
     """HyperOptimizer protocol (see train/step.py) over a DeepSpeed engine."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: DistConfig,
-                 tasks_per_rank: int, world: int, clip: float | None):
+                 tasks_per_rank: int, world: int, clip: float | None, universal: bool = False):
         import deepspeed
 
         self.tasks_per_rank = tasks_per_rank
@@ -69,6 +69,8 @@ class DeepSpeedOptimizer:
         }
         if clip:
             ds_config["gradient_clipping"] = clip
+        if universal:  # resuming another world size's ZeRO-partitioned state
+            ds_config["checkpoint"] = {"load_universal": True}
         want = [(g.get("name"), g["lr"], type(optimizer).__name__) for g in optimizer.param_groups]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         got = [(g.get("name"), g["lr"], type(optimizer).__name__) for g in self.optimizer.param_groups]

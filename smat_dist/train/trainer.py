@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import json
 import resource
 import time
@@ -54,7 +55,7 @@ def _peak_mem() -> int:
 class _Run:
     """Everything one rank trains with, built from config."""
 
-    def __init__(self, cfg: Config, rank: int, world: int):
+    def __init__(self, cfg: Config, rank: int, world: int, universal: bool = False):
         self.cfg, self.rank, self.world = cfg, rank, world
         self.dev = device()
         self.comm = Comm()          # counts the pool's collectives (the benchmark's bytes per task)
@@ -79,7 +80,7 @@ class _Run:
             clip = None
         else:
             raise ValueError(f"method.name={m.name!r} has nothing to meta-train (use smat-eval for 'pretrained')")
-        self.hyper = DeepSpeedOptimizer(self.method, opt, cfg.dist, self.k, world, clip)
+        self.hyper = DeepSpeedOptimizer(self.method, opt, cfg.dist, self.k, world, clip, universal=universal)
         precision = cfg.dist.precision
         if precision == "auto":
             precision = "bf16" if torch.cuda.is_available() else "fp32"
@@ -102,7 +103,28 @@ class _Run:
             return dense_step(self.method, self.hyper, episodes, first_index, tasks)
 
 
-def _resume(run: _Run, ck: Path) -> dict:
+def _universal_copy(ck: Path, run_dir: Path, rank: int, comm: Comm) -> Path:
+    """DeepSpeed's universal checkpoint of `ck`'s replicated state, made once by rank 0 (outside `ck`, whose
+    files are checksummed) for a resume at another world size with ZeRO stage > 0."""
+    import subprocess
+    import sys
+
+    out = run_dir / ".universal" / ck.name
+    if rank == 0 and not (out / "done").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ck / "ds" / "state"),
+               "--output_folder", str(out / "state"), "--inject_missing_state"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise ckpt.CheckpointError(f"converting {ck}/ds to a universal checkpoint failed: {res.stderr[-800:]}")
+        (out / "done").touch()
+        log.info("universal checkpoint of %s written to %s", ck, out)
+    comm.barrier()
+    return out
+
+
+def _resume(run: _Run, ck: Path, universal: Path | None = None) -> dict:
     manifest = ckpt.read_manifest(ck)
     ckpt.check_compatible(manifest, run.identity(), ck)
     if run.pool is not None:
@@ -114,12 +136,17 @@ def _resume(run: _Run, ck: Path) -> dict:
             run.pool_opt.load_state_dict(sl["optimizer"])
         elif sl["momentum"] is not None:
             run.pool_opt.opt.state[run.pool.delta]["momentum_buffer"] = sl["momentum"].to(run.pool.delta)
-    if manifest["world_size"] == run.world or run.cfg.dist.zero_stage == 0:
-        run.hyper.load(str(ck / "ds"), tag="state")
+    if universal is not None:
+        run.hyper.load(str(universal), tag="state")
+        # The universal format carries parameters and optimiser state, not buffers (task counter,
+        # multipliers, spectral-norm vectors): take those from the full replicated state we saved.
+        state = torch.load(ck / "replicated.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, buf in run.method.named_buffers():
+                if name in state:
+                    buf.copy_(state[name].to(buf))
     else:
-        raise ckpt.CheckpointError(
-            f"checkpoint {ck} was written by {manifest['world_size']} ranks with ZeRO stage {run.cfg.dist.zero_stage}; "
-            f"resuming on {run.world} ranks needs ZeRO stage 0 for the replicated state (dist=zero0)")
+        run.hyper.load(str(ck / "ds"), tag="state")
     ckpt.restore_rng(ck, run.rank)
     log.info("resumed from %s at %d tasks (written by %d ranks)", ck, manifest["tasks"], manifest["world_size"])
     return manifest
@@ -173,18 +200,25 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
     rank, world = init_distributed(cfg.dist)
     run_dir = Path(run_dir)
     ck_root = run_dir / "checkpoints"
-    run = _Run(cfg, rank, world)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "config.yaml").exists():
-            (run_dir / "config.yaml").write_text(config_yaml(cfg))
     tasks, cursor, wandb_id = 0, 0, None
     source = cfg.resume or (str(run_dir) if ckpt.find_latest(run_dir) is not None else None)
+    ck = universal = None
     if source:
         ck = ckpt.find_latest(source)
         if ck is None:
             raise ckpt.CheckpointError(f"resume={source}: no complete checkpoint there (no 'latest' or manifest.json)")
-        manifest = _resume(run, ck)
+        written_by = ckpt.read_manifest(ck, verify=False)["world_size"]
+        if written_by != world and cfg.dist.zero_stage > 0:
+            # ZeRO partitions the replicated optimiser state by world size: re-partition through DeepSpeed's
+            # universal checkpoint (the pool is re-sliced by our own loader).
+            universal = _universal_copy(ck, run_dir, rank, Comm())
+    run = _Run(cfg, rank, world, universal=universal is not None)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    if ck is not None:
+        manifest = _resume(run, ck, universal)
         tasks, cursor, wandb_id = manifest["tasks"], manifest["cursor"], manifest.get("wandb_run_id")
     wb = None
     if rank == 0 and cfg.logging.wandb_mode != "disabled":

@@ -105,12 +105,15 @@ def test_exact_resume_two_ranks(data_dir, two_rank_run, tmp_path):
     _assert_same_state(resumed, full, exact=True)
 
 
-@pytest.mark.parametrize("first_world,second_world", [(2, 1), (1, 2)])
-def test_resume_across_world_sizes(data_dir, one_rank_run, tmp_path, first_world, second_world):
+@pytest.mark.parametrize("first_world,second_world,stage", [(2, 1, 0), (1, 2, 0), (2, 1, 2)])
+def test_resume_across_world_sizes(data_dir, one_rank_run, tmp_path, first_world, second_world, stage):
+    """Stage 0: our own resharding; stage 2: the ZeRO-partitioned optimiser state goes through DeepSpeed's
+    universal checkpoint (ZeRO stages train identically, so the stage-0 run is the reference)."""
     _, full = one_rank_run
     a, b = tmp_path / "a", tmp_path / "b"
-    run_ranks(train_rank, first_world, tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2 // first_world), str(a), 1)
-    cfg = tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2 // second_world)
+    run_ranks(train_rank, first_world, tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2 // first_world,
+                                                   zero_stage=stage), str(a), 1)
+    cfg = tiny_config(data_dir, tasks=TASKS, tasks_per_rank=2 // second_world, zero_stage=stage)
     cfg.resume = str(a)
     resumed = run_ranks(train_rank, second_world, cfg, str(b))
     assert resumed[0]["out"]["tasks"] == TASKS
