@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup slurm demo test test-all clean
+.PHONY: setup apt-lists slurm demo test test-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -14,13 +14,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The offline images come from `apt-get download` (no install), which needs the package lists.
+apt-lists:
+	@ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || apt-get update -q || sudo apt-get update -q
+
 slurm:
 	bash slurm/install.sh
 
-demo: setup
+demo: setup apt-lists
 	$(VENV)/bin/smat-demo
 
-test: setup slurm
+test: setup apt-lists slurm
 	$(VENV)/bin/python -m pytest -q
 
 test-all: setup slurm
