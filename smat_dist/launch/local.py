@@ -46,7 +46,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: Config, run_dir: str, rank
             pickle.dump({"ok": True, "result": result, "signal": flag.signal_name}, f)
     except BaseException as e:  # noqa: BLE001 - report everything (incl. KeyboardInterrupt) to the parent
         tb = traceback.format_exc()
-        print(tb, flush=True)
+        log.error("rank failed:\n%s", tb)
         with open(result_path + ".tmp", "wb") as f:
             pickle.dump({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb}, f)
         os.replace(result_path + ".tmp", result_path)

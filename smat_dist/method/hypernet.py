@@ -10,8 +10,6 @@ Differences from the official code, on purpose:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,4 +106,4 @@ def task_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + index * 2_654_435_761 + 12345) % (1 << 47)
 
 
-__all__ = ["HyperNetwork", "task_seed", "math"]
+__all__ = ["HyperNetwork", "task_seed"]

@@ -18,10 +18,6 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     """
     kwargs = dict(cfg.kwargs)
     kwargs.setdefault("num_classes", 0)
-    try:
-        probe = timm.models.get_pretrained_cfg(cfg.name)
-    except Exception:
-        probe = None
     is_vit = "vit" in cfg.name or "deit" in cfg.name
     if is_vit:
         kwargs.setdefault("img_size", cfg.image_size)
@@ -32,7 +28,6 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
     except Exception as e:
         raise ValueError(f"model.name={cfg.name!r}: timm cannot build it ({e})") from e
-    del probe
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     if cfg.checkpoint_blocks:

@@ -11,19 +11,12 @@ from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
 from smat_dist.method.build import build_local
 from smat_dist.method.protonet import cosine_logits, prototypes
 from smat_dist.train.step import NonFiniteLoss, dense_step
+from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 VIT = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8,
                   kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per test
-    process oversubscribe the cores (measured: the CNN test 3x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

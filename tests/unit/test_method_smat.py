@@ -13,6 +13,7 @@ from smat_dist.method import hard_concrete as hc
 from smat_dist.method.build import build_local
 from smat_dist.train.step import NonFiniteLoss, smat_step
 from tests.data_fixture import make_dataset
+from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 VIT = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8,
                   kwargs={"depth": 2, "embed_dim": 64, "num_heads": 4})
@@ -21,14 +22,6 @@ SMALL_VIT = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8
 CNN = ModelConfig(name="efficientnet_lite0", image_size=32, patch_size=None, pretrained="package:efficientnet_lite0")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads per test
-    process oversubscribe the cores (measured: the CNN test 3x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _ident(t):

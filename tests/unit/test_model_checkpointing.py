@@ -4,17 +4,9 @@ import pytest
 import torch
 
 from smat_dist.config.schema import MethodConfig, ModelConfig
-from smat_dist.data.episodes import Episode
+from smat_dist.bench.step import synthetic_episode
 from smat_dist.method.build import build_local
 from smat_dist.train.step import dense_step, smat_step
-
-
-def _episode(seed: int, ways=3, shots=2, queries=2, size=32) -> Episode:
-    g = torch.Generator().manual_seed(seed)
-    ys = torch.arange(ways).repeat_interleave(shots)
-    yq = torch.arange(ways).repeat_interleave(queries)
-    return Episode(torch.randn(len(ys), 3, size, size, generator=g), ys, torch.randn(len(yq), 3, size, size, generator=g),
-                   yq, "synthetic", "train", seed, ways, [str(i) for i in range(ways)])
 
 
 def _train(method: str, checkpoint: bool):
@@ -24,9 +16,9 @@ def _train(method: str, checkpoint: bool):
     losses = []
     for i in range(3):
         if method == "smat":
-            m = smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, [_episode(i)], i, i, 1, lambda x: x)
+            m = smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, [synthetic_episode(3, 2, 2, 32, seed=0, index=i)], i, i, 1, lambda x: x)
         else:
-            m = dense_step(s.method, s.hyper_opt, [_episode(i)], i, i)
+            m = dense_step(s.method, s.hyper_opt, [synthetic_episode(3, 2, 2, 32, seed=0, index=i)], i, i)
         losses.append(m["loss/task"])
     delta = (s.pool.delta if s.pool is not None else s.method.delta).detach().clone()
     return losses, delta
