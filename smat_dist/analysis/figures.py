@@ -33,7 +33,7 @@ def _chunks(space, pool):
             a, b = max(info.offset, pool.lo), min(info.offset + info.numel, pool.hi)
             if a >= b:
                 continue
-            la = pool.log_alpha[a - pool.lo:b - pool.lo].clamp(-pool.cfg.clamp, pool.cfg.clamp)
+            la = pool.entry_log_alpha(a - pool.lo, b - pool.lo).clamp(-pool.cfg.clamp, pool.cfg.clamp)
             yield info, hc.gate(la, train=False) > 0
 
 

@@ -89,6 +89,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
     torch.manual_seed(seed)
     fb = FunctionalBackbone(build_backbone(mc), pad_to=world).to(dev)
     cfg = MethodConfig(name="smat", experts=M)
+    cfg.sparsity.structured = bool(point.get("structured", False))
     method = SMAT(fb, cfg, seed).to(dev)
     k = point["tasks_per_rank"]
     eps = [synthetic_episode(point["ways"], point["shots"], point["queries"], point["image_size"], seed,
@@ -99,8 +100,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
         base = int(torch.cuda.memory_allocated())
     else:
         base = _rss()
-    lo, hi = fb.space.shard_range(rank, world)
-    pool = ExpertPool(lo, hi, fb.space.numel, M, cfg.sparsity, seed).to(dev)
+    pool = ExpertPool.for_space(fb.space, rank, world, M, cfg.sparsity, seed).to(dev)
     comm, rep_comm, ctl_comm = Comm(), Comm(), Comm()
     merger = build_merger(point["path"], pool, fb.space.padded, comm)
     pool_opt = PoolOptimizer(pool, cfg)

@@ -25,7 +25,9 @@ class ModelConfig:
 @dataclass
 class SparsityConfig:
     target: float = 0.90          # tau, fraction of zeros per expert
-    structured: bool = False      # per-column gates: not supported yet (an error if true)
+    # structured gates (upstream's option): one gate per input column of 2-D weights, per output channel
+    # of conv weights, per entry elsewhere; false = one gate per parameter entry
+    structured: bool = False
     init_mean: float = 0.0
     init_std: float = 0.5
     clamp: float = 4.605170185988092  # ln(100): log-alpha clamped to [-c, c]
@@ -60,6 +62,9 @@ class TeacherConfig:
     temperature: float = 2.0
     lam: float = 0.25             # L = (1-lam) CE + lam KD
     pretrained_teacher: bool = True  # also distil from the frozen pre-trained ProtoNet (upstream does)
+    # the dense teacher's weights are never held whole: formed block by block just before each block runs
+    # (its gradient parked on the host when training on an accelerator)
+    blockwise: bool = False
 
 
 @dataclass

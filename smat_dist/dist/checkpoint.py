@@ -83,6 +83,7 @@ def save(root: str | os.PathLike, comm, *, tasks: int, meta: dict, pool=None, po
     if pool is not None:
         torch.save({"lo": pool.lo, "hi": pool.hi, "numel": pool.numel, "experts": pool.experts,
                     "delta": pool.delta.detach().cpu(), "log_alpha": pool.log_alpha.detach().cpu(),
+                    "group_ids": None if pool.group_ids is None else pool.group_ids.cpu(),
                     "optimizer": pool_opt.state_dict() if pool_opt is not None else {},
                     "rng": _rng_state()}, tmp / f"pool-rank{comm.rank:05d}.pt")
     else:
@@ -145,22 +146,33 @@ def check_compatible(manifest: dict, expect: dict, ck: Path) -> None:
                                   f"this run has {key}={expect[key]!r}")
 
 
-def load_pool_slice(ck: Path, manifest: dict, lo: int, hi: int, numel: int, clamp: float) -> dict:
-    """Re-slice the saved pool (any world size) to [lo, hi): delta, log_alpha and delta's momentum."""
+def load_pool_slice(ck: Path, manifest: dict, lo: int, hi: int, numel: int, clamp: float,
+                    group_ids: torch.Tensor | None = None) -> dict:
+    """Re-slice the saved pool (any world size) to [lo, hi): delta, log_alpha and delta's momentum.
+
+    Structured pools (`group_ids`: the global gate-group ids of the new slice's rows) take each row from
+    any saved shard that holds that group (shards touching the same group hold identical rows)."""
     files = sorted(ck.glob("pool-rank*.pt"))
     if len(files) != manifest["world_size"]:
         raise CheckpointError(f"checkpoint {ck} has {len(files)} pool shards for world size {manifest['world_size']}")
-    parts = []
+    parts, every = [], []
     for f in files:
         sd = torch.load(f, map_location="cpu", weights_only=True)
+        saved_structured = sd.get("group_ids") is not None
+        if saved_structured != (group_ids is not None):
+            raise CheckpointError(
+                f"checkpoint {ck} ({f.name}) has {'structured' if saved_structured else 'unstructured'} masks, "
+                f"this run has method.sparsity.structured={group_ids is not None}")
+        every.append(sd)
         if sd["lo"] >= hi or sd["hi"] <= lo:
             continue
         parts.append(sd)
     parts.sort(key=lambda s: s["lo"])
     n = hi - lo
-    experts = parts[0]["log_alpha"].shape[1] if parts else manifest["experts"]
+    experts = every[0]["log_alpha"].shape[1] if every else manifest["experts"]
     delta = torch.zeros(n)
-    log_alpha = torch.full((n, experts), -clamp)
+    rows = n if group_ids is None else group_ids.numel()
+    log_alpha = torch.full((rows, experts), -clamp)
     momentum = torch.zeros(n)
     have_mom = False
     for sd in parts:
@@ -169,11 +181,27 @@ def load_pool_slice(ck: Path, manifest: dict, lo: int, hi: int, numel: int, clam
             continue
         src = slice(a - sd["lo"], b - sd["lo"])
         delta[a - lo:b - lo] = sd["delta"][src]
-        log_alpha[a - lo:b - lo] = sd["log_alpha"][src]
+        if group_ids is None:
+            log_alpha[a - lo:b - lo] = sd["log_alpha"][src]
         st = sd["optimizer"].get("state", {})
         if 0 in st and st[0].get("momentum_buffer") is not None:
             momentum[a - lo:b - lo] = st[0]["momentum_buffer"][src]
             have_mom = True
+    if group_ids is not None:
+        found = torch.zeros(rows, dtype=torch.bool)
+        for sd in every:
+            ids = sd["group_ids"]
+            if ids.numel() == 0:
+                continue
+            pos = torch.searchsorted(ids, group_ids).clamp_max(ids.numel() - 1)
+            hit = (ids[pos] == group_ids) & ~found
+            log_alpha[hit] = sd["log_alpha"][pos[hit]]
+            found |= hit
+        pad = group_ids.max() if rows else None
+        missing = (~found) & (group_ids != pad) if hi > numel else ~found
+        if bool(missing.any()):
+            raise CheckpointError(f"checkpoint {ck} holds no mask row for gate group "
+                                  f"{int(group_ids[missing][0])} (a different backbone layout?)")
     return {"delta": delta, "log_alpha": log_alpha, "momentum": momentum if have_mom else None,
             "same_layout": len(parts) == 1 and parts[0]["lo"] == lo and parts[0]["hi"] == hi,
             "optimizer": parts[0]["optimizer"] if len(parts) == 1 else None,

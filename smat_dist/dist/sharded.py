@@ -26,26 +26,27 @@ from smat_dist.method.pool import ExpertPool
 
 class _ShardedMerge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, z, delta, comm: Comm):
+    def forward(ctx, w, z, delta, comm: Comm, pool: ExpertPool):
         W = comm.all_gather(w.detach())                  # [R, M]
-        D = (W @ z.t()) * delta.unsqueeze(0)             # [R, n]: my slice of every task's merged delta
-        full = comm.all_to_all(D)                        # [R, n]: every slice of my task's merged delta
-        ctx.comm = comm
+        D = pool.expand((W @ z.t()).t()).t() * delta.unsqueeze(0)   # [R, n]: my slice of every task's merged delta
+        full = comm.all_to_all(D.contiguous())           # [R, n]: every slice of my task's merged delta
+        ctx.comm, ctx.pool = comm, pool
         ctx.save_for_backward(W, z, delta)
         return full.reshape(-1)
 
     @staticmethod
     def backward(ctx, g):
         comm: Comm = ctx.comm
+        pool: ExpertPool = ctx.pool
         W, z, delta = ctx.saved_tensors
         R = comm.world
         G = comm.all_to_all(g.reshape(R, -1).contiguous())  # [R, n]: every task's gradient for my slice
-        Gd = G * delta.unsqueeze(0)
+        Gd = pool.reduce_rows(G * delta.unsqueeze(0))       # [R, rows]: summed over the entries a gate controls
         g_W = comm.all_reduce(Gd @ z)                        # [R, M], summed over slices
         g_w = g_W[comm.rank]
         g_z = (Gd.t() @ W) / R if ctx.needs_input_grad[1] else None
-        g_delta = (G * (W @ z.t())).sum(0) / R if ctx.needs_input_grad[2] else None
-        return g_w, g_z, g_delta, None
+        g_delta = (G * pool.expand((W @ z.t()).t()).t()).sum(0) / R if ctx.needs_input_grad[2] else None
+        return g_w, g_z, g_delta, None, None
 
 
 class ShardedMerger(LocalMerger):
@@ -56,7 +57,21 @@ class ShardedMerger(LocalMerger):
         self.comm = comm
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
-        return _ShardedMerge.apply(w, self.z, self.pool.delta, self.comm)
+        return _ShardedMerge.apply(w, self.z, self.pool.delta, self.comm, self.pool)
+
+    def end_step(self, penalty_coef: torch.Tensor | None = None) -> None:
+        train = self._z is not None and self._train
+        super().end_step(penalty_coef)
+        pool = self.pool
+        if train and pool.structured and pool.layout.num_shared:
+            # Gate groups cut by a shard boundary: every rank touching one holds its row and has added the
+            # gradient of its own entries; the sum over those ranks is the row's gradient (one exchange of
+            # at most x (widest input) rows per step, independent of the tasks).
+            grad = pool.log_alpha.grad
+            buf = grad.new_zeros(pool.layout.num_shared, grad.shape[1])
+            buf[pool.shared_pos] = grad[pool.shared_rows]
+            buf = self.comm.all_reduce(buf)
+            grad[pool.shared_rows] = buf[pool.shared_pos]
 
 
 class _GatherMerge(torch.autograd.Function):
@@ -103,6 +118,9 @@ class GatherMerger(LocalMerger):
 
 
 def build_merger(kind: str, pool: ExpertPool, padded: int, comm: Comm) -> LocalMerger:
+    if kind == "gather" and pool.structured:
+        raise ValueError("dist.pool=gather compares against unstructured masks only; use dist.pool=sharded "
+                         "with method.sparsity.structured=true")
     if kind == "sharded":
         return ShardedMerger(pool, padded, comm)
     if kind == "gather":

@@ -41,7 +41,8 @@ def load_method(path: str, fb=None) -> LocalSetup:
         raise ckpt.CheckpointError(f"{ck}/replicated.pt does not match method {cfg.method.name}: missing {missing}, "
                                    f"unexpected {unexpected}")
     if setup.pool is not None:
-        sl = ckpt.load_pool_slice(ck, manifest, 0, setup.pool.hi, setup.pool.numel, cfg.method.sparsity.clamp)
+        sl = ckpt.load_pool_slice(ck, manifest, 0, setup.pool.hi, setup.pool.numel, cfg.method.sparsity.clamp,
+                                  group_ids=setup.pool.group_ids)
         with torch.no_grad():
             setup.pool.delta.copy_(sl["delta"])
             setup.pool.log_alpha.copy_(sl["log_alpha"])

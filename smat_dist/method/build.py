@@ -32,7 +32,7 @@ def build_local(model_cfg: ModelConfig, cfg: MethodConfig, seed: int = 0, fb: Fu
     fb = fb or FunctionalBackbone(build_backbone(model_cfg))
     if cfg.name == "smat":
         method = SMAT(fb, cfg, seed)
-        pool = ExpertPool(0, fb.space.padded, fb.space.numel, cfg.experts, cfg.sparsity, seed)
+        pool = ExpertPool.for_space(fb.space, 0, 1, cfg.experts, cfg.sparsity, seed)
         merger = LocalMerger(pool, fb.space.padded)
         hyper = TorchHyperOptimizer(hypernet_optimizer(method.hypernet.parameters(), cfg), cfg.hypernet.clip)
         return LocalSetup(fb, method, pool, merger, PoolOptimizer(pool, cfg), hyper)

@@ -38,7 +38,11 @@ class PoolOptimizer:
         out = {}
         if g is not None:
             # Chunked float64 accumulation: no [n, M] float64 copy (2.8 GB at ViT-Ti x 64 experts).
-            sq = sum(g[a:a + (1 << 15)].square().sum(dtype=torch.float64) for a in range(0, g.shape[0], 1 << 15))
+            owned = getattr(self.pool, "owned", None)
+            if owned is None:
+                sq = sum(g[a:a + (1 << 15)].square().sum(dtype=torch.float64) for a in range(0, g.shape[0], 1 << 15))
+            else:  # a structured gate shared by several ranks counts once (on the lowest of them)
+                sq = (g.square().sum(1, dtype=torch.float64) * owned).sum()
             sq = torch.as_tensor(sq, dtype=torch.float64, device=g.device).reshape(1)
             sq = reduce(sq) if reduce is not None else sq
             norm = float(sq.sqrt())

@@ -3,7 +3,8 @@
 A pool object owns entries [lo, hi) of the flat vector: delta (the shared dense delta, zero init) and the
 mask logits of all M experts as an [n, M] block (row = parameter entry), so the merge of one task is one
 matrix-vector product over the slice: m = z @ w, d = m * delta. Single-process training is the special case
-lo = 0, hi = P. The code here is pure torch: collectives live in smat_dist.dist.
+lo = 0, hi = P. With structured gates (groups.py) the block has one row per gate group instead of per
+entry. The code here is pure torch: collectives live in smat_dist.dist.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.method import hard_concrete as hc
+from smat_dist.method.groups import GroupLayout, build_layout
 
 # Initial values are generated in fixed chunks of the flat vector, each from its own seeded generator,
 # so the slice a rank initialises equals the same slice of a single-process init at any world size.
@@ -32,22 +34,85 @@ def _chunked_normal(seed: int, lo: int, hi: int, m: int, mean: float, std: float
     return out
 
 
+def _rows_normal(seed: int, ids: torch.Tensor, m: int, mean: float, std: float) -> torch.Tensor:
+    """Initial logits of the rows with global ids `ids` (sorted): each contiguous run drawn by `_chunked_normal`."""
+    out = torch.empty(ids.numel(), m)
+    if ids.numel() == 0:
+        return out
+    breaks = (torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1).tolist()
+    for a, b in zip([0] + breaks, breaks + [ids.numel()]):
+        s = int(ids[a])
+        out[a:b] = _chunked_normal(seed, s, s + (b - a), m, mean, std)
+    return out
+
+
 class ExpertPool(nn.Module):
-    def __init__(self, lo: int, hi: int, numel: int, experts: int, cfg: SparsityConfig, seed: int = 0):
+    """Delta for entries [lo, hi) and the mask logits that gate them.
+
+    Unstructured (default): one logit row per entry. Structured (`layout` given): one row per gate group the
+    slice touches (see groups.py); `index` maps each entry to its row, and sizes count the entries a row
+    gates here, so that sparsity, expected L0 and the penalty stay fractions of parameters."""
+
+    def __init__(self, lo: int, hi: int, numel: int, experts: int, cfg: SparsityConfig, seed: int = 0,
+                 layout: GroupLayout | None = None):
         super().__init__()
-        if cfg.structured:
-            # Per-column gates break the one-row-per-entry layout the sharded merge relies on; refuse rather
-            # than silently train unstructured masks.
-            raise ValueError("method.sparsity.structured=true is not supported by this version (masks are "
-                             "unstructured, one gate per parameter entry); set it to false")
+        if cfg.structured and layout is None:
+            raise ValueError("method.sparsity.structured=true needs the backbone's gate groups: build the pool "
+                             "with ExpertPool.for_space(space, rank, world, ...)")
         self.lo, self.hi, self.numel, self.experts, self.cfg = lo, hi, numel, experts, cfg
+        self.layout = layout
         self.delta = nn.Parameter(torch.zeros(hi - lo))
-        self.log_alpha = nn.Parameter(_chunked_normal(seed, lo, hi, experts, cfg.init_mean, cfg.init_std))
-        # Padding entries beyond the real parameters must never count towards sparsity nor move.
-        self.register_buffer("valid", (torch.arange(lo, hi) < numel), persistent=False)
+        if layout is None:
+            self.log_alpha = nn.Parameter(_chunked_normal(seed, lo, hi, experts, cfg.init_mean, cfg.init_std))
+            # Padding entries beyond the real parameters must never count towards sparsity nor move.
+            self.register_buffer("valid", (torch.arange(lo, hi) < numel), persistent=False)
+            self.index = self.sizes = self.owned = None
+        else:
+            if layout.index.numel() != hi - lo:
+                raise ValueError(f"group layout covers {layout.index.numel()} entries, the slice {hi - lo}")
+            self.log_alpha = nn.Parameter(_rows_normal(seed, layout.ids, experts, cfg.init_mean, cfg.init_std))
+            self.register_buffer("valid", layout.ids < layout.total_groups, persistent=False)
+            self.register_buffer("index", layout.index, persistent=False)
+            self.register_buffer("sizes", layout.sizes, persistent=False)
+            self.register_buffer("owned", layout.owned, persistent=False)
+            self.register_buffer("shared_rows", layout.shared_rows, persistent=False)
+            self.register_buffer("shared_pos", layout.shared_pos, persistent=False)
         self.n_valid = int(self.valid.sum())
         with torch.no_grad():
             self.log_alpha[~self.valid] = -cfg.clamp
+
+    @classmethod
+    def for_space(cls, space, rank: int, world: int, experts: int, cfg: SparsityConfig, seed: int = 0
+                  ) -> "ExpertPool":
+        """This rank's pool over `space` split across `world` ranks (structured or not, as cfg says)."""
+        lo, hi = space.shard_range(rank, world)
+        layout = build_layout(space, rank, world) if cfg.structured else None
+        return cls(lo, hi, space.numel, experts, cfg, seed, layout=layout)
+
+    @property
+    def structured(self) -> bool:
+        return self.layout is not None
+
+    @property
+    def group_ids(self) -> torch.Tensor | None:
+        return None if self.layout is None else self.layout.ids
+
+    def entry_log_alpha(self, a: int, b: int) -> torch.Tensor:
+        """Logits gating entries [lo + a, lo + b) of the flat vector, one row per entry (for analyses)."""
+        if self.index is None:
+            return self.log_alpha[a:b]
+        return self.log_alpha.index_select(0, self.index[a:b])
+
+    def expand(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-row values [G, ...] -> per-entry values [n, ...] (identity when unstructured)."""
+        return rows if self.index is None else rows.index_select(0, self.index)
+
+    def reduce_rows(self, per_entry: torch.Tensor) -> torch.Tensor:
+        """Per-entry values [..., n] -> per-row sums [..., G] along the last dim (identity when unstructured)."""
+        if self.index is None:
+            return per_entry
+        out = per_entry.new_zeros(*per_entry.shape[:-1], self.log_alpha.shape[0])
+        return out.index_add_(per_entry.dim() - 1, self.index, per_entry)
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -57,8 +122,9 @@ class ExpertPool(nn.Module):
     # the run: at M=64 a ViT-Ti slice is 1.4 GB, so every temporary of that size costs seconds). ----
 
     def _rows(self):
-        for a in range(0, self.hi - self.lo, _ROWS):
-            yield a, min(self.hi - self.lo, a + _ROWS)
+        n = self.log_alpha.shape[0]
+        for a in range(0, n, _ROWS):
+            yield a, min(n, a + _ROWS)
 
     @torch.no_grad()
     def masks_inplace(self, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -110,6 +176,8 @@ class ExpertPool(nn.Module):
             if penalty_coef is not None:
                 p = la[a:b].add(hc.L0_SHIFT).sigmoid_()
                 p.mul_(1.0 - p)
+                if self.sizes is not None:   # a structured gate's penalty counts every entry it controls
+                    p.mul_(self.sizes[a:b].unsqueeze(1))
                 gr.addcmul_(p, penalty_coef.to(p.dtype).unsqueeze(0))
         grad[self.n_valid:] = 0.0
         la.grad = grad
@@ -124,10 +192,16 @@ class ExpertPool(nn.Module):
             b = min(b, nv)
             if a >= b:
                 break
-            # float32 partial sums per chunk (exact for counts below 2^24 rows), accumulated in float64
-            out[0] += z[a:b].eq(0).float().sum(0)
-            out[1] += self.log_alpha[a:b].add(hc.L0_SHIFT).sigmoid_().sum(0)
-            out[2] += self.log_alpha[a:b].le(thr).float().sum(0)
+            if self.sizes is None:
+                # float32 partial sums per chunk (exact for counts below 2^24 rows), accumulated in float64
+                out[0] += z[a:b].eq(0).float().sum(0)
+                out[1] += self.log_alpha[a:b].add(hc.L0_SHIFT).sigmoid_().sum(0)
+                out[2] += self.log_alpha[a:b].le(thr).float().sum(0)
+            else:  # each row weighs the number of entries it gates in this slice
+                sz = self.sizes[a:b].double()
+                out[0] += sz @ z[a:b].eq(0).double()
+                out[1] += sz @ self.log_alpha[a:b].add(hc.L0_SHIFT).sigmoid_().double()
+                out[2] += sz @ self.log_alpha[a:b].le(thr).double()
         return out.reshape(-1)
 
     def masks(self, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -138,14 +212,20 @@ class ExpertPool(nn.Module):
     @torch.no_grad()
     def zero_counts(self, z: torch.Tensor) -> torch.Tensor:
         """Per-expert number of exactly-zero real entries in this slice (sum over ranks -> hard sparsity)."""
+        if self.sizes is not None:
+            return self.sizes.double() @ (z == 0).double()
         return ((z == 0) & self.valid.unsqueeze(1)).sum(0).double()
 
     def l0_sum(self) -> torch.Tensor:
         """Per-expert sum over this slice of P(z != 0), differentiable w.r.t. log_alpha."""
-        return (hc.prob_nonzero(self.log_alpha) * self.valid.unsqueeze(1)).sum(0)
+        weight = self.sizes if self.sizes is not None else self.valid.float()
+        return weight @ hc.prob_nonzero(self.log_alpha)
 
     def merge(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Merged delta slice for one task (w [M]) or several (w [T, M] -> [T, n])."""
         if w.dim() == 1:
-            return (z @ w) * self.delta
-        return (w @ z.t()) * self.delta.unsqueeze(0)
+            return self.expand(z @ w) * self.delta
+        m = w @ z.t()
+        if self.index is not None:
+            m = m.index_select(1, self.index)
+        return m * self.delta.unsqueeze(0)

@@ -67,8 +67,8 @@ class _Run:
         self.pool = self.merger = self.pool_opt = None
         if m.name == "smat":
             self.method = SMAT(self.fb, m, cfg.train.seed).to(self.dev)
-            lo, hi = self.fb.space.shard_range(rank, world)
-            self.pool = ExpertPool(lo, hi, self.fb.space.numel, m.experts, m.sparsity, cfg.train.seed).to(self.dev)
+            self.pool = ExpertPool.for_space(self.fb.space, rank, world, m.experts, m.sparsity,
+                                             cfg.train.seed).to(self.dev)
             self.merger = build_merger(cfg.dist.pool, self.pool, self.fb.space.padded, self.comm)
             self.pool_opt = PoolOptimizer(self.pool, m)
             opt = hypernet_optimizer(self.method.hypernet.parameters(), m)
@@ -128,7 +128,8 @@ def _resume(run: _Run, ck: Path, universal: Path | None = None) -> dict:
     manifest = ckpt.read_manifest(ck)
     ckpt.check_compatible(manifest, run.identity(), ck)
     if run.pool is not None:
-        sl = ckpt.load_pool_slice(ck, manifest, run.pool.lo, run.pool.hi, run.pool.numel, run.cfg.method.sparsity.clamp)
+        sl = ckpt.load_pool_slice(ck, manifest, run.pool.lo, run.pool.hi, run.pool.numel,
+                                  run.cfg.method.sparsity.clamp, group_ids=run.pool.group_ids)
         with torch.no_grad():
             run.pool.delta.copy_(sl["delta"])
             run.pool.log_alpha.copy_(sl["log_alpha"])

@@ -49,7 +49,8 @@ def train_rank(rank: int, world: int, cfg: Config, run_dir: str, stop_after: int
     pf = ck / f"pool-rank{rank:05d}.pt"
     if pf.exists():
         sd = torch.load(pf, weights_only=True)
-        pool = {"lo": sd["lo"], "hi": sd["hi"], "delta": sd["delta"], "log_alpha": sd["log_alpha"]}
+        pool = {"lo": sd["lo"], "hi": sd["hi"], "delta": sd["delta"], "log_alpha": sd["log_alpha"],
+                "group_ids": sd.get("group_ids")}
     losses = []
     mf = Path(run_dir) / "metrics.jsonl"
     if rank == 0 and mf.exists():

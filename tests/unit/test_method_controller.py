@@ -72,9 +72,10 @@ def episodes(tmp_path_factory):
     return eps
 
 
-def _run_to_target(episodes, lambda_lr: float, tasks: int, target: float = 0.9):
+def _run_to_target(episodes, lambda_lr: float, tasks: int, target: float = 0.9, structured: bool = False):
     torch.manual_seed(0)
     cfg = MethodConfig(experts=4, warmup_tasks=0, total_tasks=10_000)
+    cfg.sparsity.structured = structured
     cfg.sparsity.target = target
     cfg.sparsity.lambda_lr = lambda_lr
     assert cfg.sparsity.mask_lr == 1e6 and cfg.sparsity.mask_clip == 5.0  # upstream's mask optimiser
@@ -106,3 +107,9 @@ def test_tiny_model_hard_sparsity_reaches_target(episodes):
     the masks against the real task gradient. Measured on this model: 0.82-0.84 after 300 tasks, 0.88-0.90
     after 600, within 0.03 of tau from ~700 on; a multiplier lr of 0.01 gets there in 300."""
     assert _run_to_target(episodes, lambda_lr=0.002, tasks=800) < 60
+
+
+def test_structured_gates_reach_target_counting_parameters(episodes):
+    """Structured gates (a column of a 2-D weight, a conv channel) hit the target as a fraction of the
+    parameters they control: the penalty and the counts weigh each gate by its group's size."""
+    assert _run_to_target(episodes, lambda_lr=0.01, tasks=300, structured=True) < 60
