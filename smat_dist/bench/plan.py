@@ -16,6 +16,9 @@ and communication figures are exact (the tests compare them with real runs to th
             its gradient's all-to-all (R-1)*n*b, all-reduce of the w partial sums 2(R-1)*4M  (b: merge dtype bytes)
   gather bytes per task: all-gather of the mask logits (R-1)*4nM, delta (R-1)*4n, valid (R-1)*n, and the
             reduce-scatter of their gradients (R-1)*4nM + (R-1)*4n
+  teacher_blockwise (method.teacher.blockwise on an accelerator): the dense teacher's weights take one block
+            (the largest) + the non-block tensors on the device instead of P, and its gradient P moves to
+            the host (`host_bytes`); on CPU the host is the device, so add `host_bytes` back there.
 """
 from __future__ import annotations
 
@@ -48,6 +51,12 @@ def backbone_shape(mc: ModelConfig) -> dict:
             leaf_out[0] += out.numel()
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        from smat_dist.model.backbone import block_units
+
+        block_sizes = [sum(p.numel() for p in m.parameters()) for _, m in block_units(model)]
+    except ValueError:                      # no `blocks`: no blockwise teacher for this model
+        block_sizes = []
     pe = getattr(model, "patch_embed", None)
     hw = tuple(pe.img_size) if pe is not None and getattr(pe, "img_size", None) else (mc.image_size, mc.image_size)
     with torch.no_grad():
@@ -55,7 +64,8 @@ def backbone_shape(mc: ModelConfig) -> dict:
     for h in handles:
         h.remove()
     return {"params": int(params), "feature_dim": int(feat.shape[-1]), "act_elems_per_image": int(leaf_out[0]),
-            "input_hw": list(hw)}
+            "input_hw": list(hw), "largest_block": int(max(block_sizes, default=0)),
+            "nonblock_params": int(params - sum(block_sizes)) if block_sizes else int(params)}
 
 
 def hypernet_params(dim: int, experts: int, cfg: HypernetConfig | None = None) -> int:
@@ -84,7 +94,7 @@ def sent_bytes_per_task(params: int, experts: int, ranks: int, path: str, merge_
 def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, zero_stage: int = 0,
          image_size: int = 84, patch_size: int | None | str = "auto", batch_images: int = 150,
          act_bytes: int = F32, merge_bytes: int = F32, tasks_per_rank: int = 1,
-         kwargs: dict | None = None) -> dict:
+         kwargs: dict | None = None, teacher_blockwise: bool = False) -> dict:
     """Per-rank memory (bytes) and bytes sent per step for one configuration; nothing is allocated."""
     from smat_dist.bench.step import model_config
 
@@ -98,6 +108,12 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
     n = math.ceil(P / R)
     padded = n * R
     H = hypernet_params(shape["feature_dim"], M)
+    if teacher_blockwise and not shape["largest_block"]:
+        raise ValueError(f"plan: teacher_blockwise (method.teacher.blockwise=true) needs a model with 'blocks'; "
+                         f"{model} has none")
+    # The blockwise teacher's gradient is on the device only between its autograd.grad and its copy to the
+    # host, before the outer gradient exists: it takes no slot of its own there.
+    teacher_device = F32 * (shape["largest_block"] + shape["nonblock_params"]) if teacher_blockwise else None
     rep_div = {"params": R if zero_stage >= 3 else 1, "grads": R if zero_stage >= 2 else 1,
                "opt": R if zero_stage >= 1 else 1}
     mem = {
@@ -112,8 +128,10 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         "replicated_grads": math.ceil(F32 * H / rep_div["grads"]),
         "replicated_optimizer": math.ceil(2 * F32 * H / rep_div["opt"]),   # AdamW: exp_avg + exp_avg_sq
         "frozen_backbone": 2 * F32 * P,         # the timm module's own weights + the flat theta_pre
-        "task_weights": 3 * F32 * padded,       # theta, theta' (inner step), teacher theta
-        "task_grads": 3 * F32 * padded,         # inner-step gradient, teacher gradient, outer gradient of theta
+        # theta, theta' (inner step), teacher theta (blockwise: its largest block + the non-block tensors)
+        "task_weights": 3 * F32 * padded if teacher_device is None else 2 * F32 * padded + teacher_device,
+        # inner-step gradient, teacher gradient (blockwise: on the host), outer gradient of theta
+        "task_grads": (2 if teacher_blockwise else 3) * F32 * padded,
         "activations_per_image": act_bytes * shape["act_elems_per_image"],
     }
     # Student passes 2 (support) and 3 (query) keep their graphs alive together until the outer backward.
@@ -130,8 +148,10 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         "model": model, "image_size": image_size, "patch_size": mc.patch_size, "depth": mc.kwargs.get("depth"),
         "experts": M, "ranks": R, "zero_stage": zero_stage, "params": P, "padded": padded,
         "feature_dim": shape["feature_dim"], "hypernet_params": H, "batch_images": batch_images,
-        "mask_logits_total": P * M,
+        "mask_logits_total": P * M, "teacher_blockwise": bool(teacher_blockwise),
+        "largest_block": shape["largest_block"],
         "memory_bytes": mem,
+        "host_bytes": {"teacher_gradient": F32 * padded if teacher_blockwise else 0},
         "peak_bytes": {"sharded": base + max(sharded_merge_buf, mem["pool_transient"]),
                        "gather": base + max(gather_extra, mem["pool_transient"])},
         "sent_bytes_per_task": {p: sent_bytes_per_task(P, M, R, p, merge_bytes) for p in ("sharded", "gather")},
@@ -163,6 +183,10 @@ def parse_kv(args: list[str]) -> dict:
             raise ValueError(f"plan argument {k!r}: unknown key (keys: {', '.join(known)}, depth)")
         if k in ("model",):
             out[k] = v
+        elif k == "teacher_blockwise":
+            if v.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"plan argument teacher_blockwise={v!r}: expected true or false")
+            out[k] = v.lower() in ("true", "1")
         elif k == "patch_size":
             out[k] = "auto" if v == "auto" else (None if v in ("none", "null") else int(v))
         else:

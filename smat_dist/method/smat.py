@@ -21,6 +21,7 @@ from smat_dist.config.schema import MethodConfig
 from smat_dist.method.controller import LagrangeController
 from smat_dist.method.hypernet import HyperNetwork, task_seed
 from smat_dist.method.protonet import accuracy, cosine_logits, prototypes
+from smat_dist.method.teacher import park, teacher_features
 from smat_dist.model.backbone import FunctionalBackbone
 
 
@@ -92,11 +93,19 @@ class SMAT(nn.Module):
         if train and tc.enabled:
             g_t, g_tp = torch.autograd.grad(ce_q, [theta1, p1], retain_graph=True)
             with torch.no_grad():
-                # The teacher's weights overwrite its own gradient buffer: its dense copy costs no memory
-                # beyond the gradient it needs anyway (P numbers, this rank's own task only).
-                t_theta = g_t.mul_(-tc.lr).add_(theta1.detach())
-                t_logits = cosine_logits(fb(t_theta, xq), p1.detach() - tc.lr * g_tp, cfg.logit_scale)
-                del t_theta, g_t
+                if tc.blockwise:
+                    # Never whole on the device: g_t waits on the host (on an accelerator; on CPU it stays
+                    # put), each block's teacher weights are formed just before it runs (method/teacher.py).
+                    g_t = park(g_t)
+                    t_logits = cosine_logits(teacher_features(fb, theta1, g_t, tc.lr, xq),
+                                             p1.detach() - tc.lr * g_tp, cfg.logit_scale)
+                    del g_t
+                else:
+                    # The teacher's weights overwrite its own gradient buffer: its dense copy costs no memory
+                    # beyond the gradient it needs anyway (P numbers, this rank's own task only).
+                    t_theta = g_t.mul_(-tc.lr).add_(theta1.detach())
+                    t_logits = cosine_logits(fb(t_theta, xq), p1.detach() - tc.lr * g_tp, cfg.logit_scale)
+                    del t_theta, g_t
             t2 = tc.temperature ** 2
             kd_dense = reverse_kl(logits, t_logits, tc.temperature)
             kd = 0.5 * t2 * kd_dense if tc.pretrained_teacher else t2 * kd_dense

@@ -1,6 +1,8 @@
 """Frozen timm backbones that run functionally on a flat parameter vector."""
 from __future__ import annotations
 
+from typing import Callable
+
 import timm
 import torch
 from torch import nn
@@ -79,6 +81,25 @@ def checkpoint_blocks(model: nn.Module) -> int:
     return n
 
 
+def block_units(model: nn.Module, what: str = "blockwise forward") -> list[tuple[str, nn.Module]]:
+    """The units a blockwise forward forms weights for, as (path under `model.blocks`, module), in order.
+
+    Each element of `model.blocks` (a ViT block), or, where that element is itself an nn.Sequential (the
+    stages of timm's EfficientNet / MobileNet), each element of it: a CNN stage can hold half the
+    network's parameters, one of its blocks much less.
+    """
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Module):
+        raise ValueError(f"{what}: {type(model).__name__} has no 'blocks' to run block by block")
+    units = []
+    for key, child in blocks.named_children():
+        if isinstance(child, nn.Sequential):
+            units.extend((f"{key}.{k}", c) for k, c in child.named_children())
+        else:
+            units.append((key, child))
+    return units
+
+
 class FunctionalBackbone:
     """Runs `model` with its parameters replaced by views into a flat vector theta (length space.padded)."""
 
@@ -107,3 +128,48 @@ class FunctionalBackbone:
         params = self.space.unflatten(theta)
         params.update(self.buffers)
         return torch.func.functional_call(self.model, params, (x,))
+
+    def blockwise(self, rest: dict[str, torch.Tensor],
+                  block_params: Callable[[str], dict[str, torch.Tensor]], x: torch.Tensor,
+                  what: str = "blockwise forward") -> torch.Tensor:
+        """Forward `x` with the non-block parameters `rest` (full names) and each unit of `block_units`
+        running on the tensors `block_params(key)` (names local to the unit; `key` is its path under
+        `blocks`), asked for just before that unit runs and released as soon as it returns.
+
+        Each unit's forward is wrapped only for the duration of this call (and restored after, also on
+        error), so the plain `__call__` path is untouched. The wrapper composes with `checkpoint_blocks`:
+        it binds the unit's tensors with functional_call, whose call re-enters the wrapper, which then
+        hands over to the forward it found (the checkpointing one, or the class's). Under no_grad nothing
+        keeps a unit's tensors after it returns; with a graph, autograd would keep them for its backward.
+        """
+        import types
+
+        units = block_units(self.model, what)
+        installed = []
+        try:
+            for key, blk in units:
+                had, prev = "forward" in blk.__dict__, blk.__dict__.get("forward")
+                state = {"inside": False}
+
+                def fwd(self_, *args, _orig=blk.forward, _key=key, _state=state, **kwargs):
+                    if _state["inside"]:
+                        return _orig(*args, **kwargs)
+                    tensors = block_params(_key)
+                    _state["inside"] = True
+                    try:
+                        return torch.func.functional_call(self_, tensors, args, kwargs)
+                    finally:
+                        _state["inside"] = False
+                        del tensors
+
+                blk.forward = types.MethodType(fwd, blk)
+                installed.append((blk, had, prev))
+            params = dict(rest)
+            params.update(self.buffers)
+            return torch.func.functional_call(self.model, params, (x,))
+        finally:
+            for blk, had, prev in installed:
+                if had:
+                    blk.forward = prev
+                else:
+                    del blk.forward
