@@ -229,7 +229,7 @@ def smat_step_breakdown(setup: LocalSetup, episodes, first_index: int, tasks_see
         w_sum += w.detach()
         losses.append(float(loss.detach()))
     with timer("pool_terms"):
-        _, coef = method.pool_terms(pool, z, w_sum, k, lambda t: t, factor)
+        _, coef = method.pool_terms(pool, z, w_sum, k, lambda t: t, factor, local=merger.stats)
     with timer("mask_backward"):
         merger.end_step(coef)
     with timer("optimisers"):

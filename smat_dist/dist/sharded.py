@@ -26,27 +26,28 @@ from smat_dist.method.pool import ExpertPool
 
 class _ShardedMerge(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, w, z, delta, comm: Comm, pool: ExpertPool):
+    def forward(ctx, w, delta, merger: "ShardedMerger"):
+        comm, pool, z = merger.comm, merger.pool, merger.z
         W = comm.all_gather(w.detach())                  # [R, M]
         D = pool.expand((W @ z.t()).t()).t() * delta.unsqueeze(0)   # [R, n]: my slice of every task's merged delta
         full = comm.all_to_all(D.contiguous())           # [R, n]: every slice of my task's merged delta
-        ctx.comm, ctx.pool = comm, pool
-        ctx.save_for_backward(W, z, delta)
+        ctx.merger = merger
+        ctx.save_for_backward(W, delta)
         return full.reshape(-1)
 
     @staticmethod
     def backward(ctx, g):
-        comm: Comm = ctx.comm
-        pool: ExpertPool = ctx.pool
-        W, z, delta = ctx.saved_tensors
+        merger: ShardedMerger = ctx.merger
+        comm, pool, z = merger.comm, merger.pool, merger.z
+        W, delta = ctx.saved_tensors
         R = comm.world
         G = comm.all_to_all(g.reshape(R, -1).contiguous())  # [R, n]: every task's gradient for my slice
         Gd = pool.reduce_rows(G * delta.unsqueeze(0))       # [R, rows]: summed over the entries a gate controls
         g_W = comm.all_reduce(Gd @ z)                        # [R, M], summed over slices
         g_w = g_W[comm.rank]
-        g_z = (Gd.t() @ W) / R if ctx.needs_input_grad[1] else None
-        g_delta = (G * pool.expand((W @ z.t()).t()).t()).sum(0) / R if ctx.needs_input_grad[2] else None
-        return g_w, g_z, g_delta, None, None
+        merger.record(Gd.t() / R, W)                         # dL/dz = (Gd^T / R) @ W, applied at end_step
+        g_delta = (G * pool.expand((W @ z.t()).t()).t()).sum(0) / R if ctx.needs_input_grad[1] else None
+        return g_w, g_delta, None
 
 
 class ShardedMerger(LocalMerger):
@@ -57,7 +58,7 @@ class ShardedMerger(LocalMerger):
         self.comm = comm
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
-        return _ShardedMerge.apply(w, self.z, self.pool.delta, self.comm, self.pool)
+        return _ShardedMerge.apply(w, self.pool.delta, self)
 
     def end_step(self, penalty_coef: torch.Tensor | None = None) -> None:
         train = self._z is not None and self._train

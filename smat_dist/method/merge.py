@@ -1,10 +1,11 @@
 """Per-task merge of the expert pool: theta_i = theta_pre + (sum_m w_im z_m) * delta.
 
-The masks z do not depend on the task, so a step computes them once (`begin_step`, without an autograd
-graph) and every task merges from them as a leaf whose gradient accumulates across the step's tasks;
-`end_step` pushes that accumulated gradient through the gate into the mask logits in one fused pass,
-together with the sparsity penalty's gradient. Per task, the merge and its
-backward are then one [n, M] product each, the least an unfused merge can do.
+The masks z do not depend on the task, so a step computes them once (`begin_step`: one pass that also
+clamps the logits and counts the sparsity statistics). A task's merge is one [rows, M] x [M] product; its
+backward needs, for the masks, dL/dz = u w^T with u = (dL/dd * delta) summed per gate row, a rank-one
+matrix. The merger records the factors (u, w) instead of forming and accumulating [rows, M] gradients,
+and `end_step` pushes sum_t u_t w_t^T through the gate into the logits in one fused chunked pass,
+together with the sparsity penalty's gradient.
 """
 from __future__ import annotations
 
@@ -13,37 +14,77 @@ import torch
 from smat_dist.method.pool import ExpertPool
 
 
+class _LocalMerge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, delta, merger: "LocalMerger"):
+        pool, z = merger.pool, merger.z
+        ctx.merger = merger
+        ctx.save_for_backward(w.detach())
+        return pool.expand(z @ w.detach()) * delta
+
+    @staticmethod
+    def backward(ctx, g):
+        merger: LocalMerger = ctx.merger
+        pool, z = merger.pool, merger.z
+        (w,) = ctx.saved_tensors
+        u = pool.reduce_rows(g * pool.delta.detach())      # [rows]: dL/dm summed over the entries a gate controls
+        merger.record(u.unsqueeze(1), w.unsqueeze(0))
+        g_w = z.t() @ u if ctx.needs_input_grad[0] else None
+        g_delta = g * pool.expand(z @ w) if ctx.needs_input_grad[1] else None
+        return g_w, g_delta, None
+
+
 class LocalMerger:
     """The whole pool lives in this process (single process, or every rank holding all of it)."""
 
     def __init__(self, pool: ExpertPool, padded: int):
         self.pool, self.padded = pool, padded
         self._z: torch.Tensor | None = None
-        self._z_leaf: torch.Tensor | None = None
+        self._train = False
+        self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stats: torch.Tensor | None = None
 
     def begin_step(self, train: bool = True) -> torch.Tensor:
-        self.pool.clamp_()
+        """Masks for this step (no autograd graph); in training also this slice's sparsity statistics."""
         self._train = train
-        z = self.pool.masks_inplace(train=train)
+        self._factors = []
+        if train:
+            # The training masks live in a buffer kept across steps: the step ends with end_step.
+            z, self.stats = self.pool.masks_inplace(train=True, out=self.pool._persistent("_z_buf"), clamp=True,
+                                                    with_stats=True)
+        else:
+            z, self.stats = self.pool.masks_inplace(train=False, clamp=True), None
         self._z = z
-        self._z_leaf = z.requires_grad_(train)  # no graph behind it: its gradient is applied by end_step
-        return self._z_leaf
+        return z
 
     @property
     def z(self) -> torch.Tensor:
-        assert self._z_leaf is not None, "begin_step() first"
-        return self._z_leaf
+        assert self._z is not None, "begin_step() first"
+        return self._z
+
+    def record(self, u: torch.Tensor, w: torch.Tensor) -> None:
+        """One merge's mask gradient, dL/dz = u @ w (u [rows, K], w [K, M]), summed at end_step."""
+        if self._train:
+            self._factors.append((u, w))
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
-        d = self.pool.merge(self.z, w)
+        d = _LocalMerge.apply(w, self.pool.delta, self)
         if d.shape[0] != self.padded:  # the pool covers the whole space; pad only if the space is padded
             d = torch.nn.functional.pad(d, (0, self.padded - d.shape[0]))
         return d
 
+    def mask_grad(self):
+        """The step's accumulated dL/dz: factored (U, W) while that is smaller than the dense [rows, M]."""
+        if not self._factors:
+            return None
+        U = torch.cat([u for u, _ in self._factors], 1)
+        W = torch.cat([w for _, w in self._factors], 0)
+        if U.shape[1] < W.shape[1]:
+            return U, W
+        return U @ W
+
     def end_step(self, penalty_coef: torch.Tensor | None = None) -> None:
         """Apply the step's accumulated mask gradient (and the sparsity penalty's) to the mask logits."""
         if self._z is not None and self._train:
-            g = self._z_leaf.grad
-            self._z_leaf.grad = None
-            self.pool.apply_mask_grad_(self._z.detach(), g, penalty_coef, train=True)
-        self._z = self._z_leaf = None
+            self.pool.apply_mask_grad_(self._z, self.mask_grad(), penalty_coef, train=True)
+        self._z, self._factors = None, []

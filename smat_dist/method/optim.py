@@ -34,24 +34,32 @@ class PoolOptimizer:
 
     def step(self, factor: float, reduce=None) -> dict[str, float]:
         """`reduce` sums a tensor over ranks (the clip norm is global over the whole pool)."""
-        g = self.pool.log_alpha.grad
+        pool = self.pool
+        g = pool.log_alpha.grad
         out = {}
+        scale = 1.0
         if g is not None:
-            # Chunked float64 accumulation: no [n, M] float64 copy (2.8 GB at ViT-Ti x 64 experts).
-            owned = getattr(self.pool, "owned", None)
-            if owned is None:
-                sq = sum(g[a:a + (1 << 15)].square().sum(dtype=torch.float64) for a in range(0, g.shape[0], 1 << 15))
-            else:  # a structured gate shared by several ranks counts once (on the lowest of them)
-                sq = (g.square().sum(1, dtype=torch.float64) * owned).sum()
+            sq = getattr(pool, "grad_sq", None)   # left by the fused gate backward (same pass as the gradient)
+            if sq is None:
+                owned = getattr(pool, "owned", None)
+                if owned is None:
+                    # Chunked float64 accumulation: no [n, M] float64 copy (2.8 GB at ViT-Ti x 64 experts).
+                    sq = sum(g[a:a + (1 << 15)].square().sum(dtype=torch.float64)
+                             for a in range(0, g.shape[0], 1 << 15))
+                else:  # a structured gate shared by several ranks counts once (on the lowest of them)
+                    sq = (g.square().sum(1, dtype=torch.float64) * owned).sum()
+            pool.grad_sq = None
             sq = torch.as_tensor(sq, dtype=torch.float64, device=g.device).reshape(1)
             sq = reduce(sq) if reduce is not None else sq
             norm = float(sq.sqrt())
             clip = self.cfg.sparsity.mask_clip
             if norm > clip:
-                g.mul_(clip / (norm + 1e-12))
+                # Plain SGD without momentum or decay: scaling the step is scaling the gradient, without a
+                # pass over the [n, M] gradient.
+                scale = clip / (norm + 1e-12)
             out["grad_norm/log_alpha"] = norm
         for grp in self.opt.param_groups:
-            grp["lr"] = grp["base_lr"] * factor
+            grp["lr"] = grp["base_lr"] * factor * (scale if grp["name"] == "log_alpha" else 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return out

@@ -18,9 +18,10 @@ from smat_dist.method.groups import GroupLayout, build_layout
 # Initial values are generated in fixed chunks of the flat vector, each from its own seeded generator,
 # so the slice a rank initialises equals the same slice of a single-process init at any world size.
 _INIT_CHUNK = 1 << 18
-# Rows per chunk of the fused pool passes: large enough to amortise kernel launches, small enough to
-# keep the temporaries in cache and out of the allocator's way.
-_ROWS = 1 << 15
+# Elements per chunk of the fused pool passes (8 MB of float32): large enough to amortise the per-chunk
+# reductions and launches (measured: 1 MB chunks made the statistics 1.5x slower), small enough to bound
+# the scratch buffers.
+_CHUNK = 1 << 21
 
 
 def _chunked_normal(seed: int, lo: int, hi: int, m: int, mean: float, std: float) -> torch.Tensor:
@@ -121,87 +122,153 @@ class ExpertPool(nn.Module):
     # ---- The fused, allocation-light path the training step uses (the [n, M] block is the largest state of
     # the run: at M=64 a ViT-Ti slice is 1.4 GB, so every temporary of that size costs seconds). ----
 
+    def _chunk_rows(self) -> int:
+        return max(256, _CHUNK // max(1, self.log_alpha.shape[1]))
+
     def _rows(self):
-        n = self.log_alpha.shape[0]
-        for a in range(0, n, _ROWS):
-            yield a, min(n, a + _ROWS)
+        n, step = self.log_alpha.shape[0], self._chunk_rows()
+        for a in range(0, n, step):
+            yield a, min(n, a + step)
+
+    def _scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Three chunk buffers, allocated once and reused by every pass.
+
+        Per-chunk temporaries of a few MB sit above glibc's mmap threshold, so each one is a fresh mapping
+        whose pages fault in on first touch: measured on this CPU at M=64, that made the gate's backward
+        20-30x slower (5-6 s instead of 0.2 s per step) until the allocator's threshold adapted."""
+        la = self.log_alpha
+        key = (la.device, la.dtype, la.shape[1])
+        buf = getattr(self, "_scratch_bufs", None)
+        if buf is None or buf[0] != key:
+            r = min(self._chunk_rows(), la.shape[0])
+            buf = self._scratch_bufs = (key, [torch.empty(r, la.shape[1], device=la.device, dtype=la.dtype)
+                                              for _ in range(3)])
+        return tuple(t[:rows] for t in buf[1])
+
+    def _persistent(self, name: str) -> torch.Tensor:
+        """An [rows, M] buffer kept across steps (masks, mask gradient): allocating 1.4 GB afresh every step
+        costs its page faults again every step."""
+        t = getattr(self, name, None)
+        la = self.log_alpha
+        if t is None or t.shape != la.shape or t.device != la.device or t.dtype != la.dtype:
+            t = torch.empty_like(la)
+            setattr(self, name, t)
+        return t
 
     @torch.no_grad()
-    def masks_inplace(self, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z [n, M] without an autograd graph, one allocation; its gradient is applied by `apply_mask_grad_`."""
+    def masks_inplace(self, train: bool = True, generator: torch.Generator | None = None,
+                      out: torch.Tensor | None = None, clamp: bool = False, with_stats: bool = False):
+        """z [rows, M] without an autograd graph; its gradient is applied by `apply_mask_grad_`.
+
+        One pass over the logits: optionally clamps them in place first and (with_stats) also returns this
+        slice's `stats` while each chunk is in cache: (z, stats) instead of z."""
         la = self.log_alpha
         beta = hc.BETA if train else 1.0
         eps = self.cfg.noise_eps if train else 0.0
-        z = torch.empty_like(la)
+        z = torch.empty_like(la) if out is None else out
+        stats = self._stats_acc() if with_stats else None
         for a, b in self._rows():
-            x = z[a:b]
+            x, lc = z[a:b], la[a:b]
+            if clamp:
+                lc.clamp_(-self.cfg.clamp, self.cfg.clamp)
             if eps > 0:
                 x.uniform_(0.5 - eps, 0.5 + eps, generator=generator)
-                x.logit_().add_(la[a:b])
+                x.logit_().add_(lc)
             else:
-                x.copy_(la[a:b])
+                x.copy_(lc)
             x.mul_(1.0 / beta).sigmoid_().mul_(hc.ZETA - hc.GAMMA).add_(hc.GAMMA).clamp_(0.0, 1.0)
-        z[self.n_valid:] = 0.0  # padding rows sit at the end of the last slice
-        return z
+            if b > self.n_valid:
+                x[max(0, self.n_valid - a):] = 0.0  # padding rows sit at the end of the last slice
+            if stats is not None:
+                self._stats_chunk(stats, x, a, b)
+        return (z, stats.reshape(-1)) if with_stats else z
 
     @torch.no_grad()
-    def apply_mask_grad_(self, z: torch.Tensor, g_z: torch.Tensor | None, penalty_coef: torch.Tensor | None,
+    def apply_mask_grad_(self, z: torch.Tensor, g_z, penalty_coef: torch.Tensor | None,
                          train: bool = True) -> None:
         """log_alpha.grad += dz/dlog_alpha * g_z + coef_m * d P(z != 0)/dlog_alpha, chunk by chunk.
 
-        dz/dlog_alpha is recovered from z itself: inside the gate's open interval s = (z - gamma)/(zeta - gamma)
-        and dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta (with or without the logistic noise); it is 0 where
-        the gate is clamped. The penalty's gradient is coef_m * p (1 - p) with p = sigmoid(log_alpha + shift).
-        g_z's storage becomes the gradient buffer when there is none yet (no extra [n, M] allocation)."""
+        g_z is the masks' gradient, either dense [rows, M] or factored as (U [rows, K], W [K, M]) with
+        g_z = U @ W (one column of U per task merged this step: never materialised, each chunk is formed in
+        cache). dz/dlog_alpha is recovered from z itself: inside the gate's open interval
+        s = (z - gamma)/(zeta - gamma) and dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta (with or without the
+        logistic noise); it is 0 where the gate is clamped. The penalty's gradient is coef_m * p (1 - p) with
+        p = sigmoid(log_alpha + shift). Also leaves the squared norm of the resulting gradient over this
+        slice's real rows in `grad_sq` (unstructured pools; the optimiser's clip then needs no extra pass)."""
         la = self.log_alpha
         if g_z is None and penalty_coef is None:
             return
         grad = la.grad
-        if grad is None:
-            grad = g_z if g_z is not None else torch.zeros_like(la)
-            from_gz = g_z is not None
-        else:
-            from_gz = False
+        fresh = grad is None
+        if fresh:
+            grad = self._persistent("_grad_buf")
         beta = hc.BETA if train else 1.0
         span = hc.ZETA - hc.GAMMA
+        nv = self.n_valid
+        sq = torch.zeros((), dtype=torch.float64, device=la.device)
+        coef = None if penalty_coef is None else penalty_coef.to(la.dtype).unsqueeze(0)
         for a, b in self._rows():
             gr = grad[a:b]
+            f1, f2, f3 = self._scratch(b - a)
             if g_z is not None:
-                d = z[a:b].sub(hc.GAMMA).div_(span).sub_(0.5).square_().neg_().add_(0.25).mul_(span / beta)
-                d.mul_((z[a:b] > 0) & (z[a:b] < 1))
-                if from_gz:
-                    gr.mul_(d)
+                zc = z[a:b]
+                torch.sub(zc, hc.GAMMA, out=f1)
+                f1.div_(span).sub_(0.5).square_().neg_().add_(0.25).mul_(span / beta)
+                f1.mul_(torch.gt(zc, 0.0, out=f2)).mul_(torch.lt(zc, 1.0, out=f2))  # 0 where clamped
+                if isinstance(g_z, tuple):
+                    torch.matmul(g_z[0][a:b], g_z[1], out=f2)
+                    f1.mul_(f2)
                 else:
-                    gr.addcmul_(g_z[a:b], d)
-            if penalty_coef is not None:
-                p = la[a:b].add(hc.L0_SHIFT).sigmoid_()
-                p.mul_(1.0 - p)
+                    f1.mul_(g_z[a:b])
+            else:
+                f1.zero_()
+            if coef is not None:
+                torch.add(la[a:b], hc.L0_SHIFT, out=f2).sigmoid_()
+                torch.mul(f2, f2, out=f3)
+                f2.sub_(f3)                      # p (1 - p)
                 if self.sizes is not None:   # a structured gate's penalty counts every entry it controls
-                    p.mul_(self.sizes[a:b].unsqueeze(1))
-                gr.addcmul_(p, penalty_coef.to(p.dtype).unsqueeze(0))
-        grad[self.n_valid:] = 0.0
+                    f2.mul_(self.sizes[a:b].unsqueeze(1))
+                f1.addcmul_(f2, coef)
+            if fresh:
+                gr.copy_(f1)
+            else:
+                gr.add_(f1)
+            if b > nv:
+                gr[max(0, nv - a):] = 0.0
+            sq += torch.mul(gr, gr, out=f3).sum()   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
         la.grad = grad
+        self.grad_sq = None if self.sizes is not None else sq
+
+    def _stats_acc(self) -> torch.Tensor:
+        return torch.zeros(3, self.experts, dtype=torch.float64, device=self.log_alpha.device)
+
+    def _stats_chunk(self, out: torch.Tensor, zc: torch.Tensor, a: int, b: int) -> None:
+        b = min(b, self.n_valid)
+        if a >= b:
+            return
+        zc, la = zc[: b - a], self.log_alpha[a:b]
+        thr = -hc.threshold(train=False)
+        f1 = self._scratch(b - a)[2]
+        if self.sizes is None:
+            # comparisons written as 0/1 floats (a bool column sum is ~4x slower); float32 partial sums
+            # per chunk are exact for counts below 2^24 rows, accumulated in float64
+            out[0] += torch.eq(zc, 0.0, out=f1).sum(0)
+            out[1] += torch.add(la, hc.L0_SHIFT, out=f1).sigmoid_().sum(0)
+            out[2] += torch.le(la, thr, out=f1).sum(0)
+        else:  # each row weighs the number of entries it gates in this slice
+            sz = self.sizes[a:b].double()
+            out[0] += sz @ zc.eq(0).double()
+            out[1] += sz @ la.add(hc.L0_SHIFT).sigmoid_().double()
+            out[2] += sz @ la.le(thr).double()
 
     @torch.no_grad()
     def stats(self, z: torch.Tensor) -> torch.Tensor:
         """[3M] per-expert sums over this slice's real entries: exact zeros of z, P(z != 0), and eval-gate zeros."""
-        m, nv = self.experts, self.n_valid
-        out = torch.zeros(3, m, dtype=torch.float64, device=z.device)
-        thr = -hc.threshold(train=False)
+        out = self._stats_acc()
         for a, b in self._rows():
-            b = min(b, nv)
-            if a >= b:
+            if a >= self.n_valid:
                 break
-            if self.sizes is None:
-                # float32 partial sums per chunk (exact for counts below 2^24 rows), accumulated in float64
-                out[0] += z[a:b].eq(0).float().sum(0)
-                out[1] += self.log_alpha[a:b].add(hc.L0_SHIFT).sigmoid_().sum(0)
-                out[2] += self.log_alpha[a:b].le(thr).float().sum(0)
-            else:  # each row weighs the number of entries it gates in this slice
-                sz = self.sizes[a:b].double()
-                out[0] += sz @ z[a:b].eq(0).double()
-                out[1] += sz @ self.log_alpha[a:b].add(hc.L0_SHIFT).sigmoid_().double()
-                out[2] += sz @ self.log_alpha[a:b].le(thr).double()
+            self._stats_chunk(out, z[a:b], a, b)
         return out.reshape(-1)
 
     def masks(self, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -138,14 +138,15 @@ class SMAT(nn.Module):
         return cosine_logits(self.fb(theta, xq), protos, self.cfg.logit_scale)
 
     def pool_terms(self, pool, z: torch.Tensor, w_sum: torch.Tensor, n_tasks: int, reduce, lr_factor: float,
-                   update: bool = True) -> tuple[dict[str, float], torch.Tensor]:
+                   update: bool = True, local: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
         """The step's sparsity terms; one all-reduce of 4M+1 numbers (`reduce` sums across ranks).
 
         Returns the metrics and the per-expert coefficient of the penalty's gradient on the mask logits,
         coef_m = lambda_m * w_m / numel (dL_sp/dlog_alpha = coef_m * dP(z != 0)/dlog_alpha), which the merger
         applies with the task gradient in one pass."""
         M, numel = self.cfg.experts, pool.numel
-        local = pool.stats(z.detach())
+        if local is None:  # the merger's begin_step counts them in its mask pass
+            local = pool.stats(z.detach())
         stats = reduce(torch.cat([local, w_sum.double(),
                                   torch.tensor([float(n_tasks)], dtype=torch.float64, device=local.device)]))
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel

@@ -79,7 +79,7 @@ def smat_step(method: SMAT, merger, pool, pool_opt: PoolOptimizer, hyper: HyperO
         for key, v in res.metrics.items():
             sums[key] = sums.get(key, 0.0) + v
     out = {key: v / k for key, v in sums.items()}
-    pool_metrics, coef = method.pool_terms(pool, z, w_sum, k, reduce, factor)
+    pool_metrics, coef = method.pool_terms(pool, z, w_sum, k, reduce, factor, local=merger.stats)
     out.update(pool_metrics)
     merger.end_step(coef)
     out.update(pool_opt.step(factor, reduce))
