@@ -118,12 +118,12 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
                "opt": R if zero_stage >= 1 else 1}
     mem = {
         "pool_params": F32 * n * (M + 1),
-        "pool_grads": F32 * n * (M + 1),
+        "pool_grads": F32 * n * (M + 1),       # delta's and the logits' (a buffer reused every step)
         "pool_optimizer": F32 * n,
-        "pool_masks": F32 * n * M,
-        # the gate's backward at the step's end (and pool_terms' expected-L0 graph) hold ~3 more n x M
-        # temporaries at once: measured on CPU, see tests/unit/test_bench_scale.py
-        "pool_transient": F32 * n * M,
+        "pool_masks": F32 * n * M,             # z of the step (a buffer reused every step)
+        # the masks' gradient stays factored, U [n, k*R] x W [k*R, M] (the per-merge pieces and their
+        # concatenation), dense n x M only once k*R >= M; plus three reused chunk buffers of the fused passes
+        "pool_transient": 2 * F32 * n * min(tasks_per_rank * R, M) + 3 * F32 * min(1 << 21, n * M),
         "replicated_params": math.ceil(F32 * H / rep_div["params"]),
         "replicated_grads": math.ceil(F32 * H / rep_div["grads"]),
         "replicated_optimizer": math.ceil(2 * F32 * H / rep_div["opt"]),   # AdamW: exp_avg + exp_avg_sq
