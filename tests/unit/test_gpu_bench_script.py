@@ -1,0 +1,32 @@
+"""scripts/gpu_bench.sh at toy sizes (SMOKE=1, CPU): a GPU session has minutes, so the script itself is
+checked here: every part runs and writes parseable figures under $OUT, and nothing else."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # ~40 s
+
+
+def test_gpu_bench_script_smoke(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    env = dict(os.environ, SMOKE="1", OUT=str(out), PY=sys.executable)
+    res = subprocess.run(["bash", "scripts/gpu_bench.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "exited" not in res.stdout, res.stdout[-2000:]
+    env_info = json.loads((out / "env.json").read_text())
+    assert {"torch", "timm", "cuda"} <= set(env_info)
+    step = [json.loads(x) for x in (out / "step.jsonl").read_text().splitlines()]
+    assert step and step[0]["smat_over_pmf"] > 0 and step[0]["smat_passes"] == 7
+    scale = [json.loads(x) for x in (out / "scale.jsonl").read_text().splitlines()]
+    assert {(r["path"], r["experts"]) for r in scale if r["bench"] == "scale"} == {
+        (p, m) for p in ("sharded", "gather") for m in (4, 16)}
+    plan = [json.loads(x) for x in (out / "plan.jsonl").read_text().splitlines()]
+    assert plan[0]["experts"] == 4 and plan[0]["peak_bytes"]["sharded"] > 0
