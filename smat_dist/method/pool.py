@@ -207,19 +207,22 @@ class ExpertPool(nn.Module):
         nv = self.n_valid
         sq = torch.zeros((), dtype=torch.float64, device=la.device)
         coef = None if penalty_coef is None else penalty_coef.to(la.dtype).unsqueeze(0)
+        c = 1.0 / (span * beta)
+        w_c = g_z[1] * c if isinstance(g_z, tuple) else None
         for a, b in self._rows():
             gr = grad[a:b]
             f1, f2, f3 = self._scratch(b - a)
             if g_z is not None:
                 zc = z[a:b]
+                # (zeta - gamma) s (1 - s) / beta = (z - gamma)(zeta - z) * c, c applied with the gradient
                 torch.sub(zc, hc.GAMMA, out=f1)
-                f1.div_(span).sub_(0.5).square_().neg_().add_(0.25).mul_(span / beta)
+                f1.mul_(torch.neg(zc, out=f2).add_(hc.ZETA))
                 f1.mul_(torch.gt(zc, 0.0, out=f2)).mul_(torch.lt(zc, 1.0, out=f2))  # 0 where clamped
                 if isinstance(g_z, tuple):
-                    torch.matmul(g_z[0][a:b], g_z[1], out=f2)
+                    torch.matmul(g_z[0][a:b], w_c, out=f2)
                     f1.mul_(f2)
                 else:
-                    f1.mul_(g_z[a:b])
+                    f1.mul_(g_z[a:b]).mul_(c)
             else:
                 f1.zero_()
             if coef is not None:
