@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--budget-gb", type=float, default=None, help="memory budget (default 60%% of what is free)")
     sc.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     sc.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores / ranks)")
+    sc.add_argument("--lean", action="store_true", help="lean pool on the sharded path (method.sparsity.lean)")
 
     pl = sub.add_parser("plan", help="per-rank memory and bytes per step, without allocating")
     pl.add_argument("kv", nargs="*", help="model=NAME experts=M ranks=R zero_stage=S image_size=PX images=N depth=D")
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rows = scale.run(args.experts, args.ranks, paths, args.model, args.image_size, args.depth, args.ways,
                          args.shots, args.queries, args.tasks_per_rank, args.steps,
-                         int(args.budget_gb * 2**30) if args.budget_gb else None, args.precision, args.threads)
+                         int(args.budget_gb * 2**30) if args.budget_gb else None, args.precision, args.threads,
+                         lean=args.lean)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "plan":
         from smat_dist.bench.plan import parse_kv, plan

@@ -94,7 +94,7 @@ def sent_bytes_per_task(params: int, experts: int, ranks: int, path: str, merge_
 def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, zero_stage: int = 0,
          image_size: int = 84, patch_size: int | None | str = "auto", batch_images: int = 150,
          act_bytes: int = F32, merge_bytes: int = F32, tasks_per_rank: int = 1,
-         kwargs: dict | None = None, teacher_blockwise: bool = False) -> dict:
+         kwargs: dict | None = None, teacher_blockwise: bool = False, lean: bool = False) -> dict:
     """Per-rank memory (bytes) and bytes sent per step for one configuration; nothing is allocated."""
     from smat_dist.bench.step import model_config
 
@@ -118,12 +118,13 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
                "opt": R if zero_stage >= 1 else 1}
     mem = {
         "pool_params": F32 * n * (M + 1),
-        "pool_grads": F32 * n * (M + 1),       # delta's and the logits' (a buffer reused every step)
+        # delta's and the logits' gradient (a buffer reused every step); lean: delta's only
+        "pool_grads": F32 * n * (1 if lean else M + 1),
         "pool_optimizer": F32 * n,
-        "pool_masks": F32 * n * M,             # z of the step (a buffer reused every step)
+        "pool_masks": 0 if lean else F32 * n * M,   # z of the step (a buffer reused every step); lean: none
         # the masks' gradient stays factored, U [n, k*R] x W [k*R, M] (the per-merge pieces and their
         # concatenation), dense n x M only once k*R >= M; plus three reused chunk buffers of the fused passes
-        "pool_transient": 2 * F32 * n * min(tasks_per_rank * R, M) + 3 * F32 * min(1 << 21, n * M),
+        "pool_transient": 2 * F32 * n * min(tasks_per_rank * R, M) + 4 * F32 * min(1 << 21, n * M),
         "replicated_params": math.ceil(F32 * H / rep_div["params"]),
         "replicated_grads": math.ceil(F32 * H / rep_div["grads"]),
         "replicated_optimizer": math.ceil(2 * F32 * H / rep_div["opt"]),   # AdamW: exp_avg + exp_avg_sq
@@ -146,7 +147,7 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
     sharded_merge_buf = 2 * F32 * padded if R > 1 else 0   # the [R, n] merged deltas sent and received
     out = {
         "model": model, "image_size": image_size, "patch_size": mc.patch_size, "depth": mc.kwargs.get("depth"),
-        "experts": M, "ranks": R, "zero_stage": zero_stage, "params": P, "padded": padded,
+        "experts": M, "ranks": R, "zero_stage": zero_stage, "lean": lean, "params": P, "padded": padded,
         "feature_dim": shape["feature_dim"], "hypernet_params": H, "batch_images": batch_images,
         "mask_logits_total": P * M, "teacher_blockwise": bool(teacher_blockwise),
         "largest_block": shape["largest_block"],
@@ -183,9 +184,9 @@ def parse_kv(args: list[str]) -> dict:
             raise ValueError(f"plan argument {k!r}: unknown key (keys: {', '.join(known)}, depth)")
         if k in ("model",):
             out[k] = v
-        elif k == "teacher_blockwise":
+        elif k in ("teacher_blockwise", "lean"):
             if v.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"plan argument teacher_blockwise={v!r}: expected true or false")
+                raise ValueError(f"plan argument {k}={v!r}: expected true or false")
             out[k] = v.lower() in ("true", "1")
         elif k == "patch_size":
             out[k] = "auto" if v == "auto" else (None if v in ("none", "null") else int(v))

@@ -175,7 +175,7 @@ def smat_step_breakdown(setup: LocalSetup, episodes, first_index: int, tasks_see
     k = len(episodes)
     with timer("masks"):
         z = merger.begin_step(train=True)
-    w_sum = torch.zeros(cfg.experts, device=z.device)
+    w_sum = torch.zeros(cfg.experts, device=pool.log_alpha.device)
     losses = []
     for j, ep in enumerate(episodes):
         xs, ys, xq, yq, ways = ep.support, ep.support_labels, ep.query, ep.query_labels, int(ep.ways)

@@ -35,6 +35,9 @@ class SparsityConfig:
     # inert, yet it costs three passes over the [P, M] block per step and draws from a per-rank RNG stream;
     # 0 (deterministic gate) is our default, set 1e-6 to reproduce upstream exactly.
     noise_eps: float = 0.0
+    # keep only the mask logits: the step's masks and their gradient are recomputed chunk by chunk where
+    # needed (pool memory per rank ~1/3 at large M, a few more elementwise passes); needs noise_eps=0
+    lean: bool = False
     lambda_lr: float = 0.002
     mask_lr: float = 1.0e6
     mask_clip: float = 5.0

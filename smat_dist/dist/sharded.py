@@ -27,9 +27,9 @@ from smat_dist.method.pool import ExpertPool
 class _ShardedMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, delta, merger: "ShardedMerger"):
-        comm, pool, z = merger.comm, merger.pool, merger.z
+        comm, pool = merger.comm, merger.pool
         W = comm.all_gather(w.detach())                  # [R, M]
-        D = pool.expand((W @ z.t()).t()).t() * delta.unsqueeze(0)   # [R, n]: my slice of every task's merged delta
+        D = pool.expand(merger.zw(W).t()).t() * delta.unsqueeze(0)  # [R, n]: my slice of every task's merged delta
         full = comm.all_to_all(D.contiguous())           # [R, n]: every slice of my task's merged delta
         ctx.merger = merger
         ctx.save_for_backward(W, delta)
@@ -38,15 +38,16 @@ class _ShardedMerge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         merger: ShardedMerger = ctx.merger
-        comm, pool, z = merger.comm, merger.pool, merger.z
+        comm, pool = merger.comm, merger.pool
         W, delta = ctx.saved_tensors
         R = comm.world
         G = comm.all_to_all(g.reshape(R, -1).contiguous())  # [R, n]: every task's gradient for my slice
         Gd = pool.reduce_rows(G * delta.unsqueeze(0))       # [R, rows]: summed over the entries a gate controls
-        g_W = comm.all_reduce(Gd @ z)                        # [R, M], summed over slices
+        Gz, Wz = merger.tz_zw(Gd, W)
+        g_W = comm.all_reduce(Gz)                            # [R, M], summed over slices
         g_w = g_W[comm.rank]
         merger.record(Gd.t() / R, W)                         # dL/dz = (Gd^T / R) @ W, applied at end_step
-        g_delta = (G * pool.expand((W @ z.t()).t()).t()).sum(0) / R if ctx.needs_input_grad[1] else None
+        g_delta = (G * pool.expand(Wz.t()).t()).sum(0) / R if ctx.needs_input_grad[1] else None
         return g_w, g_delta, None
 
 
@@ -61,7 +62,7 @@ class ShardedMerger(LocalMerger):
         return _ShardedMerge.apply(w, self.pool.delta, self)
 
     def end_step(self, penalty_coef: torch.Tensor | None = None) -> None:
-        train = self._z is not None and self._train
+        train = self._active and self._train
         super().end_step(penalty_coef)
         pool = self.pool
         if train and pool.structured and pool.layout.num_shared:
@@ -119,6 +120,9 @@ class GatherMerger(LocalMerger):
 
 
 def build_merger(kind: str, pool: ExpertPool, padded: int, comm: Comm) -> LocalMerger:
+    if kind == "gather" and pool.cfg.lean:
+        raise ValueError("dist.pool=gather keeps its own gathered masks: it cannot run a lean pool "
+                         "(method.sparsity.lean=true); use dist.pool=sharded")
     if kind == "gather" and pool.structured:
         raise ValueError("dist.pool=gather compares against unstructured masks only; use dist.pool=sharded "
                          "with method.sparsity.structured=true")

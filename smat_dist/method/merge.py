@@ -5,7 +5,8 @@ clamps the logits and counts the sparsity statistics). A task's merge is one [ro
 backward needs, for the masks, dL/dz = u w^T with u = (dL/dd * delta) summed per gate row, a rank-one
 matrix. The merger records the factors (u, w) instead of forming and accumulating [rows, M] gradients,
 and `end_step` pushes sum_t u_t w_t^T through the gate into the logits in one fused chunked pass,
-together with the sparsity penalty's gradient.
+together with the sparsity penalty's gradient. A lean pool (method.sparsity.lean) stores no z at all: every
+use recomputes the gates chunk by chunk from the logits.
 """
 from __future__ import annotations
 
@@ -17,20 +18,20 @@ from smat_dist.method.pool import ExpertPool
 class _LocalMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, delta, merger: "LocalMerger"):
-        pool, z = merger.pool, merger.z
         ctx.merger = merger
         ctx.save_for_backward(w.detach())
-        return pool.expand(z @ w.detach()) * delta
+        return merger.pool.expand(merger.zw(w.detach().unsqueeze(0))[0]) * delta
 
     @staticmethod
     def backward(ctx, g):
         merger: LocalMerger = ctx.merger
-        pool, z = merger.pool, merger.z
+        pool = merger.pool
         (w,) = ctx.saved_tensors
         u = pool.reduce_rows(g * pool.delta.detach())      # [rows]: dL/dm summed over the entries a gate controls
         merger.record(u.unsqueeze(1), w.unsqueeze(0))
-        g_w = z.t() @ u if ctx.needs_input_grad[0] else None
-        g_delta = g * pool.expand(z @ w) if ctx.needs_input_grad[1] else None
+        uz, wz = merger.tz_zw(u.unsqueeze(0), w.unsqueeze(0))
+        g_w = uz[0] if ctx.needs_input_grad[0] else None
+        g_delta = g * pool.expand(wz[0]) if ctx.needs_input_grad[1] else None
         return g_w, g_delta, None
 
 
@@ -39,16 +40,22 @@ class LocalMerger:
 
     def __init__(self, pool: ExpertPool, padded: int):
         self.pool, self.padded = pool, padded
+        self.lean = bool(pool.cfg.lean)
         self._z: torch.Tensor | None = None
+        self._active = False
         self._train = False
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats: torch.Tensor | None = None
 
-    def begin_step(self, train: bool = True) -> torch.Tensor:
-        """Masks for this step (no autograd graph); in training also this slice's sparsity statistics."""
-        self._train = train
+    def begin_step(self, train: bool = True) -> torch.Tensor | None:
+        """Masks for this step (no autograd graph); in training also this slice's sparsity statistics.
+        Returns z [rows, M], or None for a lean pool (recomputed chunk by chunk where used)."""
+        self._train, self._active = train, True
         self._factors = []
-        if train:
+        if self.lean:
+            z = None
+            self.stats = self.pool.masks_inplace(train=train, clamp=True, with_stats=True, store=False)[1]
+        elif train:
             # The training masks live in a buffer kept across steps: the step ends with end_step.
             z, self.stats = self.pool.masks_inplace(train=True, out=self.pool._persistent("_z_buf"), clamp=True,
                                                     with_stats=True)
@@ -59,8 +66,34 @@ class LocalMerger:
 
     @property
     def z(self) -> torch.Tensor:
-        assert self._z is not None, "begin_step() first"
+        assert self._z is not None, "begin_step() first (a lean pool keeps no z: use zw / tz_zw)"
         return self._z
+
+    @torch.no_grad()
+    def zw(self, W: torch.Tensor) -> torch.Tensor:
+        """W @ z^T: [K, M] -> [K, rows] (each task's merged mask over the gate rows)."""
+        assert self._active, "begin_step() first"
+        if self._z is not None:
+            return W @ self._z.t()
+        pool = self.pool
+        out = W.new_empty(W.shape[0], pool.log_alpha.shape[0])
+        for a, b in pool._rows():
+            out[:, a:b] = W @ pool.gate_rows(a, b, pool._scratch(b - a)[3], self._train).t()
+        return out
+
+    @torch.no_grad()
+    def tz_zw(self, U: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(U @ z, W @ z^T) for U [K, rows], W [K', M]: one pass over the masks for both."""
+        if self._z is not None:
+            return U @ self._z, W @ self._z.t()
+        pool = self.pool
+        uz = U.new_zeros(U.shape[0], pool.experts)
+        wz = W.new_empty(W.shape[0], pool.log_alpha.shape[0])
+        for a, b in pool._rows():
+            zc = pool.gate_rows(a, b, pool._scratch(b - a)[3], self._train)
+            uz += U[:, a:b] @ zc
+            wz[:, a:b] = W @ zc.t()
+        return uz, wz
 
     def record(self, u: torch.Tensor, w: torch.Tensor) -> None:
         """One merge's mask gradient, dL/dz = u @ w (u [rows, K], w [K, M]), summed at end_step."""
@@ -84,7 +117,11 @@ class LocalMerger:
         return U @ W
 
     def end_step(self, penalty_coef: torch.Tensor | None = None) -> None:
-        """Apply the step's accumulated mask gradient (and the sparsity penalty's) to the mask logits."""
-        if self._z is not None and self._train:
-            self.pool.apply_mask_grad_(self._z, self.mask_grad(), penalty_coef, train=True)
-        self._z, self._factors = None, []
+        """Apply the step's accumulated mask gradient (and the sparsity penalty's) to the mask logits; a lean
+        pool defers it to the optimiser step, which recomputes it chunk by chunk."""
+        if self._active and self._train:
+            if self.lean:
+                self.pool.defer_mask_grad_(self.mask_grad(), penalty_coef)
+            else:
+                self.pool.apply_mask_grad_(self._z, self.mask_grad(), penalty_coef, train=True)
+        self._z, self._factors, self._active = None, [], False

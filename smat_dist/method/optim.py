@@ -36,9 +36,10 @@ class PoolOptimizer:
         """`reduce` sums a tensor over ranks (the clip norm is global over the whole pool)."""
         pool = self.pool
         g = pool.log_alpha.grad
+        deferred = getattr(pool, "has_deferred", False)
         out = {}
         scale = 1.0
-        if g is not None:
+        if g is not None or deferred:
             sq = getattr(pool, "grad_sq", None)   # left by the fused gate backward (same pass as the gradient)
             if sq is None:
                 owned = getattr(pool, "owned", None)
@@ -49,7 +50,7 @@ class PoolOptimizer:
                 else:  # a structured gate shared by several ranks counts once (on the lowest of them)
                     sq = (g.square().sum(1, dtype=torch.float64) * owned).sum()
             pool.grad_sq = None
-            sq = torch.as_tensor(sq, dtype=torch.float64, device=g.device).reshape(1)
+            sq = torch.as_tensor(sq, dtype=torch.float64, device=pool.log_alpha.device).reshape(1)
             sq = reduce(sq) if reduce is not None else sq
             norm = float(sq.sqrt())
             clip = self.cfg.sparsity.mask_clip
@@ -61,6 +62,8 @@ class PoolOptimizer:
         for grp in self.opt.param_groups:
             grp["lr"] = grp["base_lr"] * factor * (scale if grp["name"] == "log_alpha" else 1.0)
         self.opt.step()
+        if deferred:  # the lean pool's logits: gradient recomputed chunk by chunk inside the update
+            pool.step_deferred_(self.opt.param_groups[1]["lr"])
         self.opt.zero_grad(set_to_none=True)
         return out
 

@@ -57,6 +57,9 @@ class ExpertPool(nn.Module):
     def __init__(self, lo: int, hi: int, numel: int, experts: int, cfg: SparsityConfig, seed: int = 0,
                  layout: GroupLayout | None = None):
         super().__init__()
+        if cfg.lean and (cfg.structured or cfg.noise_eps > 0):
+            raise ValueError("method.sparsity.lean=true recomputes the masks from the logits: it needs "
+                             "structured=false and noise_eps=0 (the deterministic gate)")
         if cfg.structured and layout is None:
             raise ValueError("method.sparsity.structured=true needs the backbone's gate groups: build the pool "
                              "with ExpertPool.for_space(space, rank, world, ...)")
@@ -130,8 +133,8 @@ class ExpertPool(nn.Module):
         for a in range(0, n, step):
             yield a, min(n, a + step)
 
-    def _scratch(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Three chunk buffers, allocated once and reused by every pass.
+    def _scratch(self, rows: int) -> tuple[torch.Tensor, ...]:
+        """Four chunk buffers, allocated once and reused by every pass.
 
         Per-chunk temporaries of a few MB sit above glibc's mmap threshold, so each one is a fresh mapping
         whose pages fault in on first touch: measured on this CPU at M=64, that made the gate's backward
@@ -142,7 +145,7 @@ class ExpertPool(nn.Module):
         if buf is None or buf[0] != key:
             r = min(self._chunk_rows(), la.shape[0])
             buf = self._scratch_bufs = (key, [torch.empty(r, la.shape[1], device=la.device, dtype=la.dtype)
-                                              for _ in range(3)])
+                                              for _ in range(4)])
         return tuple(t[:rows] for t in buf[1])
 
     def _persistent(self, name: str) -> torch.Tensor:
@@ -157,18 +160,22 @@ class ExpertPool(nn.Module):
 
     @torch.no_grad()
     def masks_inplace(self, train: bool = True, generator: torch.Generator | None = None,
-                      out: torch.Tensor | None = None, clamp: bool = False, with_stats: bool = False):
+                      out: torch.Tensor | None = None, clamp: bool = False, with_stats: bool = False,
+                      store: bool = True):
         """z [rows, M] without an autograd graph; its gradient is applied by `apply_mask_grad_`.
 
         One pass over the logits: optionally clamps them in place first and (with_stats) also returns this
-        slice's `stats` while each chunk is in cache: (z, stats) instead of z."""
+        slice's `stats` while each chunk is in cache: (z, stats) instead of z. store=False (the lean pool)
+        computes each chunk in a scratch buffer for the statistics only and returns None for z."""
         la = self.log_alpha
         beta = hc.BETA if train else 1.0
         eps = self.cfg.noise_eps if train else 0.0
-        z = torch.empty_like(la) if out is None else out
+        if not store and eps > 0:
+            raise ValueError("masks cannot be recomputed with the noisy gate (method.sparsity.noise_eps > 0)")
+        z = None if not store else torch.empty_like(la) if out is None else out
         stats = self._stats_acc() if with_stats else None
         for a, b in self._rows():
-            x, lc = z[a:b], la[a:b]
+            x, lc = (z[a:b] if z is not None else self._scratch(b - a)[3]), la[a:b]
             if clamp:
                 lc.clamp_(-self.cfg.clamp, self.cfg.clamp)
             if eps > 0:
@@ -184,17 +191,58 @@ class ExpertPool(nn.Module):
         return (z, stats.reshape(-1)) if with_stats else z
 
     @torch.no_grad()
+    def gate_rows(self, a: int, b: int, out: torch.Tensor, train: bool = True) -> torch.Tensor:
+        """Deterministic-gate masks of rows [a, b) into `out` (the lean pool's recomputation)."""
+        beta = hc.BETA if train else 1.0
+        torch.mul(self.log_alpha[a:b], 1.0 / beta, out=out)
+        out.sigmoid_().mul_(hc.ZETA - hc.GAMMA).add_(hc.GAMMA).clamp_(0.0, 1.0)
+        if b > self.n_valid:
+            out[max(0, self.n_valid - a):] = 0.0
+        return out
+
+    def _grad_chunk(self, a: int, b: int, zc, g_z, w_c, c: float, coef, f1, f2, f3) -> torch.Tensor:
+        """dL/dlog_alpha of rows [a, b) into f1: dz/dlog_alpha * g_z + coef_m * dP(z != 0)/dlog_alpha.
+
+        dz/dlog_alpha is recovered from z itself: inside the gate's open interval s = (z - gamma)/(zeta - gamma)
+        and dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta = (z - gamma)(zeta - z) * c (with or without the
+        logistic noise); 0 where the gate is clamped. The penalty's is coef_m * p (1 - p), p = sigmoid(la + shift).
+        g_z is dense [rows, M] or factored (U [rows, K], W [K, M]); w_c is W * c, formed once per pass."""
+        if g_z is not None:
+            torch.sub(zc, hc.GAMMA, out=f1)
+            f1.mul_(torch.neg(zc, out=f2).add_(hc.ZETA))
+            f1.mul_(torch.gt(zc, 0.0, out=f2)).mul_(torch.lt(zc, 1.0, out=f2))  # 0 where clamped
+            if isinstance(g_z, tuple):
+                torch.matmul(g_z[0][a:b], w_c, out=f2)
+                f1.mul_(f2)
+            else:
+                f1.mul_(g_z[a:b]).mul_(c)
+        else:
+            f1.zero_()
+        if coef is not None:
+            torch.add(self.log_alpha[a:b], hc.L0_SHIFT, out=f2).sigmoid_()
+            torch.mul(f2, f2, out=f3)
+            f2.sub_(f3)                      # p (1 - p)
+            if self.sizes is not None:   # a structured gate's penalty counts every entry it controls
+                f2.mul_(self.sizes[a:b].unsqueeze(1))
+            f1.addcmul_(f2, coef)
+        if b > self.n_valid:
+            f1[max(0, self.n_valid - a):] = 0.0
+        return f1
+
+    def _grad_pass(self, g_z, penalty_coef, train: bool):
+        beta = hc.BETA if train else 1.0
+        c = 1.0 / ((hc.ZETA - hc.GAMMA) * beta)
+        w_c = g_z[1] * c if isinstance(g_z, tuple) else None
+        coef = None if penalty_coef is None else penalty_coef.to(self.log_alpha.dtype).unsqueeze(0)
+        return w_c, c, coef
+
+    @torch.no_grad()
     def apply_mask_grad_(self, z: torch.Tensor, g_z, penalty_coef: torch.Tensor | None,
                          train: bool = True) -> None:
-        """log_alpha.grad += dz/dlog_alpha * g_z + coef_m * d P(z != 0)/dlog_alpha, chunk by chunk.
-
-        g_z is the masks' gradient, either dense [rows, M] or factored as (U [rows, K], W [K, M]) with
-        g_z = U @ W (one column of U per task merged this step: never materialised, each chunk is formed in
-        cache). dz/dlog_alpha is recovered from z itself: inside the gate's open interval
-        s = (z - gamma)/(zeta - gamma) and dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta (with or without the
-        logistic noise); it is 0 where the gate is clamped. The penalty's gradient is coef_m * p (1 - p) with
-        p = sigmoid(log_alpha + shift). Also leaves the squared norm of the resulting gradient over this
-        slice's real rows in `grad_sq` (unstructured pools; the optimiser's clip then needs no extra pass)."""
+        """log_alpha.grad += the masks' gradient pushed through the gate + the penalty's, chunk by chunk
+        (`_grad_chunk`; a factored g_z is never materialised, each chunk is formed in cache). Also leaves the
+        squared norm of the result over this slice's rows in `grad_sq` (unstructured pools; the optimiser's
+        clip then needs no extra pass)."""
         la = self.log_alpha
         if g_z is None and penalty_coef is None:
             return
@@ -202,45 +250,63 @@ class ExpertPool(nn.Module):
         fresh = grad is None
         if fresh:
             grad = self._persistent("_grad_buf")
-        beta = hc.BETA if train else 1.0
-        span = hc.ZETA - hc.GAMMA
-        nv = self.n_valid
+        w_c, c, coef = self._grad_pass(g_z, penalty_coef, train)
         sq = torch.zeros((), dtype=torch.float64, device=la.device)
-        coef = None if penalty_coef is None else penalty_coef.to(la.dtype).unsqueeze(0)
-        c = 1.0 / (span * beta)
-        w_c = g_z[1] * c if isinstance(g_z, tuple) else None
         for a, b in self._rows():
             gr = grad[a:b]
-            f1, f2, f3 = self._scratch(b - a)
-            if g_z is not None:
-                zc = z[a:b]
-                # (zeta - gamma) s (1 - s) / beta = (z - gamma)(zeta - z) * c, c applied with the gradient
-                torch.sub(zc, hc.GAMMA, out=f1)
-                f1.mul_(torch.neg(zc, out=f2).add_(hc.ZETA))
-                f1.mul_(torch.gt(zc, 0.0, out=f2)).mul_(torch.lt(zc, 1.0, out=f2))  # 0 where clamped
-                if isinstance(g_z, tuple):
-                    torch.matmul(g_z[0][a:b], w_c, out=f2)
-                    f1.mul_(f2)
-                else:
-                    f1.mul_(g_z[a:b]).mul_(c)
-            else:
-                f1.zero_()
-            if coef is not None:
-                torch.add(la[a:b], hc.L0_SHIFT, out=f2).sigmoid_()
-                torch.mul(f2, f2, out=f3)
-                f2.sub_(f3)                      # p (1 - p)
-                if self.sizes is not None:   # a structured gate's penalty counts every entry it controls
-                    f2.mul_(self.sizes[a:b].unsqueeze(1))
-                f1.addcmul_(f2, coef)
+            f1, f2, f3, _ = self._scratch(b - a)
+            self._grad_chunk(a, b, z[a:b] if g_z is not None else None, g_z, w_c, c, coef, f1, f2, f3)
             if fresh:
                 gr.copy_(f1)
             else:
                 gr.add_(f1)
-            if b > nv:
-                gr[max(0, nv - a):] = 0.0
+                if b > self.n_valid:
+                    gr[max(0, self.n_valid - a):] = 0.0
             sq += torch.mul(gr, gr, out=f3).sum()   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
         la.grad = grad
         self.grad_sq = None if self.sizes is not None else sq
+
+    # ---- The lean pool (method.sparsity.lean): only the logits are kept. The masks and their gradient are
+    # recomputed chunk by chunk where needed, so the [rows, M] state is 1 array instead of 3. ----
+
+    @torch.no_grad()
+    def defer_mask_grad_(self, g_z, penalty_coef: torch.Tensor | None) -> None:
+        """Lean end of step: keep the factored gradient for `step_deferred_`, leave its squared norm in grad_sq."""
+        w_c, c, coef = self._grad_pass(g_z, penalty_coef, True)
+        sq = torch.zeros((), dtype=torch.float64, device=self.log_alpha.device)
+        for a, b in self._rows():
+            f1, f2, f3, f4 = self._scratch(b - a)
+            zc = self.gate_rows(a, b, f4) if g_z is not None else None
+            sq += self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3).square_().sum()
+        self.grad_sq = sq
+        self._deferred = (g_z, penalty_coef)
+
+    @torch.no_grad()
+    def deferred_grad(self) -> torch.Tensor:
+        """The deferred gradient materialised [rows, M] (diagnostics and tests; training never forms it)."""
+        g_z, penalty_coef = self._deferred
+        w_c, c, coef = self._grad_pass(g_z, penalty_coef, True)
+        out = torch.empty_like(self.log_alpha)
+        for a, b in self._rows():
+            f1, f2, f3, f4 = self._scratch(b - a)
+            zc = self.gate_rows(a, b, f4) if g_z is not None else None
+            out[a:b] = self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3)
+        return out
+
+    @property
+    def has_deferred(self) -> bool:
+        return getattr(self, "_deferred", None) is not None
+
+    @torch.no_grad()
+    def step_deferred_(self, lr: float) -> None:
+        """log_alpha -= lr * (the deferred gradient), each chunk's gradient recomputed just before its update."""
+        g_z, penalty_coef = self._deferred
+        self._deferred = None
+        w_c, c, coef = self._grad_pass(g_z, penalty_coef, True)
+        for a, b in self._rows():
+            f1, f2, f3, f4 = self._scratch(b - a)
+            zc = self.gate_rows(a, b, f4) if g_z is not None else None
+            self.log_alpha[a:b].add_(self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3), alpha=-lr)
 
     def _stats_acc(self) -> torch.Tensor:
         return torch.zeros(3, self.experts, dtype=torch.float64, device=self.log_alpha.device)

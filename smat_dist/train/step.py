@@ -69,7 +69,7 @@ def smat_step(method: SMAT, merger, pool, pool_opt: PoolOptimizer, hyper: HyperO
     factor = lr_factor(tasks_seen, cfg)
     k = len(episodes)
     z = merger.begin_step(train=True)
-    w_sum = torch.zeros(cfg.experts, device=z.device)
+    w_sum = torch.zeros(cfg.experts, device=pool.log_alpha.device)
     sums: dict[str, float] = {}
     for j, ep in enumerate(episodes):
         res = method.task(ep, merger, first_index + j, train=True)

@@ -25,8 +25,8 @@ def _target(t: int) -> torch.Tensor:
     return torch.randn(PAD, generator=torch.Generator().manual_seed(200 + t))
 
 
-def _pool(lo, hi):
-    pool = ExpertPool(lo, hi, P, M, SparsityConfig(init_std=1.0), seed=3)
+def _pool(lo, hi, lean=False):
+    pool = ExpertPool(lo, hi, P, M, SparsityConfig(init_std=1.0, lean=lean), seed=3)
     with torch.no_grad():
         pool.delta.copy_(torch.linspace(-1, 1, PAD)[lo:hi])
     return pool
@@ -35,15 +35,16 @@ def _pool(lo, hi):
 def _run(rank, world, kind):
     comm = Comm()
     lo, hi = rank * PAD // world, (rank + 1) * PAD // world
-    pool = _pool(lo, hi)
-    merger = (ShardedMerger if kind == "sharded" else GatherMerger)(pool, PAD, comm)
+    pool = _pool(lo, hi, lean=kind == "lean")
+    merger = (GatherMerger if kind == "gather" else ShardedMerger)(pool, PAD, comm)
     merger.begin_step(train=True)
     w = _weights(rank).requires_grad_(True)
     d = merger.merge(w)
     loss = (d * _target(rank)).sum()
     loss.backward()
     merger.end_step()
-    return dict(d=d.detach(), gw=w.grad.clone(), gdelta=pool.delta.grad.clone(), gla=pool.log_alpha.grad.clone(),
+    gla = pool.deferred_grad() if kind == "lean" else pool.log_alpha.grad.clone()   # lean: never materialised
+    return dict(d=d.detach(), gw=w.grad.clone(), gdelta=pool.delta.grad.clone(), gla=gla,
                 bytes=comm.sent_bytes)
 
 
@@ -62,7 +63,7 @@ def _reference():
     return outs, pool.delta.grad.clone(), pool.log_alpha.grad.clone()
 
 
-@pytest.mark.parametrize("kind", ["sharded", "gather"])
+@pytest.mark.parametrize("kind", ["sharded", "gather", "lean"])
 def test_two_rank_merge_matches_single_process(kind):
     res = run_ranks(_run, 2, kind)
     outs, gdelta, gla = _reference()
