@@ -180,3 +180,13 @@ def test_pmf_baseline_trains_on_two_ranks_and_loads_for_eval(data_dir, tmp_path)
     assert len(losses) == 2 and losses[1] < losses[0]
     setup = load_method(str(tmp_path))
     torch.testing.assert_close(setup.method.delta.detach(), res[0]["replicated"]["delta"])
+
+
+def test_lean_pool_trains_like_the_stored_pool(data_dir, two_rank_run, tmp_path):
+    """method.sparsity.lean recomputes the masks and their gradient instead of storing them: same run."""
+    d_full, full = two_rank_run
+    cfg = _with_val(tiny_config(data_dir, tasks=TASKS, tasks_per_rank=1))
+    cfg.method.sparsity.lean = True
+    lean = run_ranks(train_rank, 2, cfg, str(tmp_path))
+    assert _losses(tmp_path) == pytest.approx(_losses(d_full), rel=1e-5, abs=1e-6)
+    _assert_same_state(lean, full)
