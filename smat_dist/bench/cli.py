@@ -2,7 +2,9 @@
 
   smat-bench step  [--model NAME ...] [--image-size PX] [--ways 10 --shots 5 --queries 10] [--repeats N]
   smat-bench scale [--experts 4,16,64,256] [--ranks 1,2] [--paths sharded,gather] [--model NAME] [--depth auto]
+                   [--lean]
   smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
+                   [lean=true] [teacher_blockwise=true] [act_bytes=2] [tasks_per_rank=K]
   smat-bench data  [--data DIR]
 
 step: SMAT vs P>M>F vs frozen forward, interleaved, with measured backbone passes and a per-phase breakdown.
@@ -72,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--lean", action="store_true", help="lean pool on the sharded path (method.sparsity.lean)")
 
     pl = sub.add_parser("plan", help="per-rank memory and bytes per step, without allocating")
-    pl.add_argument("kv", nargs="*", help="model=NAME experts=M ranks=R zero_stage=S image_size=PX images=N depth=D")
+    pl.add_argument("kv", nargs="*", help="model=NAME experts=M ranks=R zero_stage=S image_size=PX images=N depth=D "
+                                              "lean=BOOL teacher_blockwise=BOOL act_bytes=B tasks_per_rank=K")
 
     da = sub.add_parser("data", help="episodes per second of the data pipeline")
     da.add_argument("--data", default=None, help="a dataset folder or a folder of them (default: synthetic)")
