@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--model", default="vit_tiny_patch16_224")
     sc.add_argument("--image-size", type=int, default=84)
     sc.add_argument("--depth", type=_depth, default="auto",
-                    help="ViT depth: auto truncates only if the largest point does not fit the memory budget")
+                    help="ViT depth: auto truncates only if the sharded path's largest point does not fit the "
+                         "memory budget (gather-all points that do not fit are skipped)")
     sc.add_argument("--ways", type=int, default=10)
     sc.add_argument("--shots", type=int, default=5)
     sc.add_argument("--queries", type=int, default=10)

@@ -161,14 +161,20 @@ def measure_point(point: dict) -> dict:
 
 
 def _auto_depth(model: str, image_size: int, experts: list[int], ranks: list[int], paths: list[str], budget: int,
-                images: int) -> int | None:
-    """None (the full model) if every point fits the budget, else the deepest ViT depth whose largest point fits."""
+                images: int, lean: bool = False) -> int | None:
+    """None (the full model) if the sharded path's largest point fits the budget, else the deepest ViT depth
+    at which it does. The sharded path is the one being measured; gather-all points that do not fit at that
+    depth are reported as skipped rather than shrinking the model for everything."""
+    sized = ["sharded"] if "sharded" in paths else paths
+
     def need(depth):
         kw = {"depth": depth} if depth else None
         worst = 0
         for r in ranks:
-            p = plan(model, max(experts), r, image_size=image_size, batch_images=images, kwargs=kw)
-            worst = max(worst, max(p["peak_bytes"][x] for x in paths) * r)   # all ranks share this machine
+            for x in sized:
+                p = plan(model, max(experts), r, image_size=image_size, batch_images=images, kwargs=kw,
+                         lean=lean and x == "sharded")
+                worst = max(worst, p["peak_bytes"][x] * r)   # all ranks share this machine
         return worst
 
     if need(None) <= budget:
@@ -193,7 +199,7 @@ def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), mod
     budget = budget_bytes or int(0.6 * _available_bytes())
     images = ways * (shots + queries)
     if depth == "auto":
-        depth = _auto_depth(model, image_size, experts, ranks, paths, budget, images)
+        depth = _auto_depth(model, image_size, experts, ranks, paths, budget, images, lean)
         if depth is not None:
             log.info("scale bench: %s truncated to depth %d so that M=%d fits %.1f GB", model, depth, max(experts),
                      budget / 2**30)

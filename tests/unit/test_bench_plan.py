@@ -51,3 +51,22 @@ def test_cli_plan_and_bad_keys(capsys):
     assert "modle" in capsys.readouterr().err
     with pytest.raises(ValueError, match="key=value"):
         parse_kv(["experts"])
+
+
+def test_scale_auto_depth_sizes_the_sharded_path_and_skips_gather_points_that_do_not_fit():
+    from smat_dist.bench.scale import _auto_depth
+
+    kw = dict(image_size=84, batch_images=150)
+    sharded = plan("vit_tiny_patch16_224", experts=256, ranks=1, **kw)["peak_bytes"]
+    assert sharded["gather"] > sharded["sharded"]
+    budget = (sharded["sharded"] + sharded["gather"]) // 2
+    # the full model fits on the sharded path: no truncation, although gather at M=256 does not fit
+    assert _auto_depth("vit_tiny_patch16_224", 84, [4, 256], [1], ["sharded", "gather"], budget, 150) is None
+    # below the sharded path's need, the model is truncated to a depth at which it fits
+    d = _auto_depth("vit_tiny_patch16_224", 84, [4, 256], [1], ["sharded", "gather"], sharded["sharded"] // 2, 150)
+    assert d is not None and 1 <= d < 12
+    assert plan("vit_tiny_patch16_224", experts=256, ranks=1, kwargs={"depth": d}, **kw)["peak_bytes"]["sharded"] \
+        <= sharded["sharded"] // 2 or d == 1
+    # the lean pool needs less, so it keeps more depth
+    dl = _auto_depth("vit_tiny_patch16_224", 84, [4, 256], [1], ["sharded"], sharded["sharded"] // 2, 150, lean=True)
+    assert dl is None or dl >= d
