@@ -154,14 +154,15 @@ class FusedPoolPasses:
         for a, b in self._rows():
             gr = grad[a:b]
             f1, f2, f3, _ = self._scratch(b - a)
-            self._grad_chunk(a, b, z[a:b] if g_z is not None else None, g_z, w_c, c, coef, f1, f2, f3)
-            if fresh:
-                gr.copy_(f1)
-            else:
+            # a fresh gradient is written in place (no copy pass); otherwise added to what is there
+            self._grad_chunk(a, b, z[a:b] if g_z is not None else None, g_z, w_c, c, coef,
+                             gr if fresh else f1, f2, f3)
+            if not fresh:
                 gr.add_(f1)
                 if b > self.n_valid:
                     gr[max(0, self.n_valid - a):] = 0.0
-            sq += torch.mul(gr, gr, out=f3).sum()   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
+            flat = gr.view(-1)
+            sq += torch.dot(flat, flat)   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
         la.grad = grad
         self.grad_sq = None if self.sizes is not None else sq
 
@@ -176,7 +177,8 @@ class FusedPoolPasses:
         for a, b in self._rows():
             f1, f2, f3, f4 = self._scratch(b - a)
             zc = self.gate_rows(a, b, f4) if g_z is not None else None
-            sq += self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3).square_().sum()
+            g = self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3).view(-1)
+            sq += torch.dot(g, g)
         self.grad_sq = sq
         self._deferred = (g_z, penalty_coef)
 
