@@ -2,7 +2,7 @@
 
   smat-bench step  [--model NAME ...] [--image-size PX] [--ways 10 --shots 5 --queries 10] [--repeats N]
   smat-bench scale [--experts 4,16,64,256] [--ranks 1,2] [--paths sharded,gather] [--model NAME] [--depth auto]
-                   [--lean]
+                   [--lean] [--compile]
   smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
                    [lean=true] [teacher_blockwise=true] [act_bytes=2] [tasks_per_rank=K]
   smat-bench data  [--data DIR]
@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     sc.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores / ranks)")
     sc.add_argument("--lean", action="store_true", help="lean pool on the sharded path (method.sparsity.lean)")
+    sc.add_argument("--compile", action="store_true",
+                    help="fused torch.compile kernels for the pool passes (method.sparsity.compile)")
 
     pl = sub.add_parser("plan", help="per-rank memory and bytes per step, without allocating")
     pl.add_argument("kv", nargs="*", help="model=NAME experts=M ranks=R zero_stage=S image_size=PX images=N depth=D "
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = scale.run(args.experts, args.ranks, paths, args.model, args.image_size, args.depth, args.ways,
                          args.shots, args.queries, args.tasks_per_rank, args.steps,
                          int(args.budget_gb * 2**30) if args.budget_gb else None, args.precision, args.threads,
-                         lean=args.lean)
+                         lean=args.lean, compile=args.compile)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "plan":
         from smat_dist.bench.plan import parse_kv, plan

@@ -91,6 +91,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
     cfg = MethodConfig(name="smat", experts=M)
     cfg.sparsity.structured = bool(point.get("structured", False))
     cfg.sparsity.lean = bool(point.get("lean", False))
+    cfg.sparsity.compile = bool(point.get("compile", False))
     method = SMAT(fb, cfg, seed).to(dev)
     k = point["tasks_per_rank"]
     eps = [synthetic_episode(point["ways"], point["shots"], point["queries"], point["image_size"], seed,
@@ -146,7 +147,7 @@ def measure_point(point: dict) -> dict:
     r0 = res[0]
     row = {"bench": "scale", **{k: point[k] for k in ("model", "experts", "ranks", "path", "image_size", "depth",
                                                       "tasks_per_rank", "steps", "ways", "shots", "queries")},
-           "lean": bool(point.get("lean", False))}
+           "lean": bool(point.get("lean", False)), "compile": bool(point.get("compile", False))}
     row.update({
         "s_per_task": max(r["s_per_task"] for r in res),      # the step waits for the slowest rank
         "pool_bytes_per_rank": max(r["pool_bytes_per_rank"] for r in res),
@@ -193,7 +194,7 @@ def _auto_depth(model: str, image_size: int, experts: list[int], ranks: list[int
 def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), model: str = "vit_tiny_patch16_224",
         image_size: int = 84, depth: int | str | None = "auto", ways: int = 10, shots: int = 5, queries: int = 10,
         tasks_per_rank: int = 1, steps: int = 2, budget_bytes: int | None = None, precision: str = "auto",
-        threads: int | None = None, lean: bool = False) -> list[dict]:
+        threads: int | None = None, lean: bool = False, compile: bool = False) -> list[dict]:
     """All points (printed as JSON lines as they finish), then a summary line with the target ratios."""
     experts, ranks, paths = list(experts), list(ranks), list(paths)
     budget = budget_bytes or int(0.6 * _available_bytes())
@@ -210,7 +211,7 @@ def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), mod
                 point = dict(model=model, experts=M, ranks=r, path=path, image_size=image_size, depth=depth,
                              tasks_per_rank=tasks_per_rank, steps=steps, ways=ways, shots=shots, queries=queries,
                              precision=precision, threads=threads or max(1, (os.cpu_count() or 2) // r),
-                             lean=lean and path == "sharded")
+                             lean=lean and path == "sharded", compile=compile)
                 kw = {"depth": depth} if depth else None
                 need = plan(model, M, r, image_size=image_size, batch_images=images, kwargs=kw,
                             lean=point["lean"])["peak_bytes"][path] * r

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from smat_dist.method import hard_concrete as hc
+from smat_dist.method.pool_kernels import kernel
 
 # Elements per chunk of the fused pool passes (8 MB of float32): large enough to amortise the per-chunk
 # reductions and launches (measured: 1 MB chunks made the statistics 1.5x slower), small enough to bound
@@ -73,8 +74,14 @@ class FusedPoolPasses:
             raise ValueError("masks cannot be recomputed with the noisy gate (method.sparsity.noise_eps > 0)")
         z = None if not store else torch.empty_like(la) if out is None else out
         stats = self._stats_acc() if with_stats else None
+        fused = self.cfg.compile and eps == 0 and clamp and stats is not None and self.sizes is None
         for a, b in self._rows():
             x, lc = (z[a:b] if z is not None else self._scratch(b - a)[3]), la[a:b]
+            if fused and b - a == self._chunk_rows() and b <= self.n_valid:
+                sums = kernel("_masks_stats")(x, lc, 1.0 / beta, self.cfg.clamp, -hc.threshold(train=False))
+                for i in range(3):
+                    stats[i] += sums[i]
+                continue
             if clamp:
                 lc.clamp_(-self.cfg.clamp, self.cfg.clamp)
             if eps > 0:
@@ -106,6 +113,15 @@ class FusedPoolPasses:
         and dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta = (z - gamma)(zeta - z) * c (with or without the
         logistic noise); 0 where the gate is clamped. The penalty's is coef_m * p (1 - p), p = sigmoid(la + shift).
         g_z is dense [rows, M] or factored (U [rows, K], W [K, M]); w_c is W * c, formed once per pass."""
+        if (self.cfg.compile and g_z is not None and coef is not None and self.sizes is None
+                and b - a == self._chunk_rows() and b <= self.n_valid):
+            la = self.log_alpha[a:b]
+            if isinstance(g_z, tuple):
+                u = g_z[0][a:b]
+                kernel("_gate_grad_outer" if u.shape[1] == 1 else "_gate_grad_mm")(f1, zc, la, u, w_c, coef)
+            else:
+                kernel("_gate_grad_dense")(f1, zc, la, g_z[a:b], c, coef)
+            return f1
         if g_z is not None:
             torch.sub(zc, hc.GAMMA, out=f1)
             f1.mul_(torch.neg(zc, out=f2).add_(hc.ZETA))
