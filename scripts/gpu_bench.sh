@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark in one command of under 8 minutes on one H200: `smat-bench step` (SMAT vs P>M>F vs frozen,
 # ViT-Ti / EfficientNet-Lite0 at 84 px, ViT-S / ViT-B at 128 and 224 px, bf16 autocast) and `smat-bench scale`
-# (ViT-Ti, 1 GPU, M = 4..256, sharded and gather), plus the planner at the measured points.
+# (ViT-Ti, 1 GPU, M = 4..256, sharded and gather; then fused pool kernels and the lean pool), plus the planner.
 #
 # Through the device tool, from this checkout, nothing carried:
 #   run(command="bash scripts/gpu_bench.sh", timeout_s=540)
@@ -44,6 +44,8 @@ if [ "$SMOKE" = 1 ]; then
     --ways 2 --shots 1 --queries 1 --repeats 1
   run 120 scale "$OUT/scale.jsonl" $BENCH scale --experts 4,16 --ranks 1 --paths sharded,gather \
     --model vit_tiny_patch16_224 --image-size 32 --depth 1 --ways 2 --shots 1 --queries 1 --steps 1
+  run 120 scale_fused "$OUT/scale.jsonl" $BENCH scale --experts 4 --ranks 1 --paths sharded --compile \
+    --model vit_tiny_patch16_224 --image-size 32 --depth 1 --ways 2 --shots 1 --queries 1 --steps 1
   run 60 plan "$OUT/plan.jsonl" $BENCH plan model=vit_tiny_patch16_224 experts=4 ranks=1 image_size=32
 else
   # 1. step: interleaved medians; bf16 autocast.
@@ -56,7 +58,12 @@ else
   # 2. scale: ViT-Ti on 1 GPU, M = 4..256, both merge paths, 4 tasks per step (steady-state time per task).
   run 200 scale "$OUT/scale.jsonl" $BENCH scale --experts 4,16,64,256 --ranks 1 --paths sharded,gather \
     --model vit_tiny_patch16_224 --image-size 84 --depth full --tasks-per-rank 4 --steps 3 --precision bf16
-  # 3. the planner at the measured points, to compare with max_memory_allocated.
+  # 3. the same sharded points with the pool passes as fused kernels (Triton) and with the lean pool.
+  run 100 scale_fused "$OUT/scale.jsonl" $BENCH scale --experts 4,64,256 --ranks 1 --paths sharded \
+    --model vit_tiny_patch16_224 --image-size 84 --depth full --tasks-per-rank 4 --steps 3 --precision bf16 --compile
+  run 60 scale_lean "$OUT/scale.jsonl" $BENCH scale --experts 64,256 --ranks 1 --paths sharded \
+    --model vit_tiny_patch16_224 --image-size 84 --depth full --tasks-per-rank 4 --steps 3 --precision bf16 --lean
+  # 4. the planner at the measured points, to compare with max_memory_allocated.
   for m in 4 64 256; do
     run 30 plan "$OUT/plan.jsonl" $BENCH plan model=vit_tiny_patch16_224 experts=$m ranks=1 image_size=84 \
       act_bytes=2 tasks_per_rank=4

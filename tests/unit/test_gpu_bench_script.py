@@ -26,7 +26,7 @@ def test_gpu_bench_script_smoke(tmp_path):
     step = [json.loads(x) for x in (out / "step.jsonl").read_text().splitlines()]
     assert step and step[0]["smat_over_pmf"] > 0 and step[0]["smat_passes"] == 7
     scale = [json.loads(x) for x in (out / "scale.jsonl").read_text().splitlines()]
-    assert {(r["path"], r["experts"]) for r in scale if r["bench"] == "scale"} == {
-        (p, m) for p in ("sharded", "gather") for m in (4, 16)}
+    assert {(r["path"], r["experts"], r["compile"]) for r in scale if r["bench"] == "scale"} == {
+        (p, m, False) for p in ("sharded", "gather") for m in (4, 16)} | {("sharded", 4, True)}
     plan = [json.loads(x) for x in (out / "plan.jsonl").read_text().splitlines()]
     assert plan[0]["experts"] == 4 and plan[0]["peak_bytes"]["sharded"] > 0
