@@ -29,8 +29,8 @@ class _ShardedMerge(torch.autograd.Function):
     def forward(ctx, w, delta, merger: "ShardedMerger"):
         comm, pool = merger.comm, merger.pool
         W = comm.all_gather(w.detach())                  # [R, M]
-        D = pool.expand(merger.zw(W).t()).t() * delta.unsqueeze(0)  # [R, n]: my slice of every task's merged delta
-        full = comm.all_to_all(D.contiguous())           # [R, n]: every slice of my task's merged delta
+        D = pool.expand(merger.zw(W)) * delta            # [R, n]: my slice of every task's merged delta
+        full = comm.all_to_all(D)                        # [R, n]: every slice of my task's merged delta
         ctx.merger = merger
         ctx.save_for_backward(W, delta)
         return full.reshape(-1)
@@ -47,7 +47,7 @@ class _ShardedMerge(torch.autograd.Function):
         g_W = comm.all_reduce(Gz)                            # [R, M], summed over slices
         g_w = g_W[comm.rank]
         merger.record(Gd.t() / R, W)                         # dL/dz = (Gd^T / R) @ W, applied at end_step
-        g_delta = (G * pool.expand(Wz.t()).t()).sum(0) / R if ctx.needs_input_grad[1] else None
+        g_delta = (G * pool.expand(Wz)).sum(0) / R if ctx.needs_input_grad[1] else None
         return g_w, g_delta, None
 
 

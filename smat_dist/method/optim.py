@@ -36,13 +36,13 @@ class PoolOptimizer:
         """`reduce` sums a tensor over ranks (the clip norm is global over the whole pool)."""
         pool = self.pool
         g = pool.log_alpha.grad
-        deferred = getattr(pool, "has_deferred", False)
+        deferred = pool.has_deferred
         out = {}
         scale = 1.0
         if g is not None or deferred:
-            sq = getattr(pool, "grad_sq", None)   # left by the fused gate backward (same pass as the gradient)
+            sq = pool.grad_sq   # left by the fused gate backward (same pass as the gradient)
             if sq is None:
-                owned = getattr(pool, "owned", None)
+                owned = pool.owned
                 if owned is None:
                     # Chunked float64 accumulation: no [n, M] float64 copy (2.8 GB at ViT-Ti x 64 experts).
                     sq = sum(g[a:a + (1 << 15)].square().sum(dtype=torch.float64)

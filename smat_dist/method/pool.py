@@ -79,6 +79,8 @@ class ExpertPool(FusedPoolPasses, nn.Module):
             self.register_buffer("shared_rows", layout.shared_rows, persistent=False)
             self.register_buffer("shared_pos", layout.shared_pos, persistent=False)
         self.n_valid = int(self.valid.sum())
+        self.grad_sq: torch.Tensor | None = None     # squared norm left by the fused gate backward
+        self._deferred = None                          # a lean pool's gradient, applied by step_deferred_
         with torch.no_grad():
             self.log_alpha[~self.valid] = -cfg.clamp
 
@@ -105,8 +107,8 @@ class ExpertPool(FusedPoolPasses, nn.Module):
         return self.log_alpha.index_select(0, self.index[a:b])
 
     def expand(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-row values [G, ...] -> per-entry values [n, ...] (identity when unstructured)."""
-        return rows if self.index is None else rows.index_select(0, self.index)
+        """Per-row values [..., G] -> per-entry values [..., n] along the last dim (identity when unstructured)."""
+        return rows if self.index is None else rows.index_select(rows.dim() - 1, self.index)
 
     def reduce_rows(self, per_entry: torch.Tensor) -> torch.Tensor:
         """Per-entry values [..., n] -> per-row sums [..., G] along the last dim (identity when unstructured)."""
@@ -138,9 +140,4 @@ class ExpertPool(FusedPoolPasses, nn.Module):
 
     def merge(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Merged delta slice for one task (w [M]) or several (w [T, M] -> [T, n])."""
-        if w.dim() == 1:
-            return self.expand(z @ w) * self.delta
-        m = w @ z.t()
-        if self.index is not None:
-            m = m.index_select(1, self.index)
-        return m * self.delta.unsqueeze(0)
+        return self.expand(w @ z.t()) * self.delta

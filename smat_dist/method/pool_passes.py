@@ -86,25 +86,26 @@ class FusedPoolPasses:
                 lc.clamp_(-self.cfg.clamp, self.cfg.clamp)
             if eps > 0:
                 x.uniform_(0.5 - eps, 0.5 + eps, generator=generator)
-                x.logit_().add_(lc)
+                self._gate_tail_(x.logit_().add_(lc).mul_(1.0 / beta), a, b)
             else:
-                x.copy_(lc)
-            x.mul_(1.0 / beta).sigmoid_().mul_(hc.ZETA - hc.GAMMA).add_(hc.GAMMA).clamp_(0.0, 1.0)
-            if b > self.n_valid:
-                x[max(0, self.n_valid - a):] = 0.0  # padding rows sit at the end of the last slice
+                self.gate_rows(a, b, x, train)
             if stats is not None:
                 self._stats_chunk(stats, x, a, b)
         return (z, stats.reshape(-1)) if with_stats else z
 
     @torch.no_grad()
     def gate_rows(self, a: int, b: int, out: torch.Tensor, train: bool = True) -> torch.Tensor:
-        """Deterministic-gate masks of rows [a, b) into `out` (the lean pool's recomputation)."""
+        """Deterministic-gate masks of rows [a, b) into `out`."""
         beta = hc.BETA if train else 1.0
-        torch.mul(self.log_alpha[a:b], 1.0 / beta, out=out)
-        out.sigmoid_().mul_(hc.ZETA - hc.GAMMA).add_(hc.GAMMA).clamp_(0.0, 1.0)
+        return self._gate_tail_(torch.mul(self.log_alpha[a:b], 1.0 / beta, out=out), a, b)
+
+    def _gate_tail_(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """x = (logit noise +) log_alpha / beta of rows [a, b) -> the stretched, clamped gate, in place;
+        padding rows (at the end of the last slice) are 0."""
+        x.sigmoid_().mul_(hc.ZETA - hc.GAMMA).add_(hc.GAMMA).clamp_(0.0, 1.0)
         if b > self.n_valid:
-            out[max(0, self.n_valid - a):] = 0.0
-        return out
+            x[max(0, self.n_valid - a):] = 0.0
+        return x
 
     def _grad_chunk(self, a: int, b: int, zc, g_z, w_c, c: float, coef, f1, f2, f3) -> torch.Tensor:
         """dL/dlog_alpha of rows [a, b) into f1: dz/dlog_alpha * g_z + coef_m * dP(z != 0)/dlog_alpha.
@@ -185,45 +186,42 @@ class FusedPoolPasses:
     # ---- The lean pool (method.sparsity.lean): only the logits are kept. The masks and their gradient are
     # recomputed chunk by chunk where needed, so the [rows, M] state is 1 array instead of 3. ----
 
-    @torch.no_grad()
-    def defer_mask_grad_(self, g_z, penalty_coef: torch.Tensor | None) -> None:
-        """Lean end of step: keep the factored gradient for `step_deferred_`, leave its squared norm in grad_sq."""
+    def _deferred_chunks(self):
+        """(a, b, gradient of rows [a, b)) of the deferred gradient, each chunk recomputed from the logits."""
+        g_z, penalty_coef = self._deferred
         w_c, c, coef = self._grad_pass(g_z, penalty_coef, True)
-        sq = torch.zeros((), dtype=torch.float64, device=self.log_alpha.device)
         for a, b in self._rows():
             f1, f2, f3, f4 = self._scratch(b - a)
             zc = self.gate_rows(a, b, f4) if g_z is not None else None
-            g = self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3).view(-1)
-            sq += torch.dot(g, g)
-        self.grad_sq = sq
+            yield a, b, self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3)
+
+    @torch.no_grad()
+    def defer_mask_grad_(self, g_z, penalty_coef: torch.Tensor | None) -> None:
+        """Lean end of step: keep the factored gradient for `step_deferred_`, leave its squared norm in grad_sq."""
         self._deferred = (g_z, penalty_coef)
+        sq = torch.zeros((), dtype=torch.float64, device=self.log_alpha.device)
+        for _, _, g in self._deferred_chunks():
+            sq += torch.dot(g.view(-1), g.view(-1))
+        self.grad_sq = sq
 
     @torch.no_grad()
     def deferred_grad(self) -> torch.Tensor:
         """The deferred gradient materialised [rows, M] (diagnostics and tests; training never forms it)."""
-        g_z, penalty_coef = self._deferred
-        w_c, c, coef = self._grad_pass(g_z, penalty_coef, True)
         out = torch.empty_like(self.log_alpha)
-        for a, b in self._rows():
-            f1, f2, f3, f4 = self._scratch(b - a)
-            zc = self.gate_rows(a, b, f4) if g_z is not None else None
-            out[a:b] = self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3)
+        for a, b, g in self._deferred_chunks():
+            out[a:b] = g
         return out
 
     @property
     def has_deferred(self) -> bool:
-        return getattr(self, "_deferred", None) is not None
+        return self._deferred is not None
 
     @torch.no_grad()
     def step_deferred_(self, lr: float) -> None:
         """log_alpha -= lr * (the deferred gradient), each chunk's gradient recomputed just before its update."""
-        g_z, penalty_coef = self._deferred
+        for a, b, g in self._deferred_chunks():
+            self.log_alpha[a:b].add_(g, alpha=-lr)
         self._deferred = None
-        w_c, c, coef = self._grad_pass(g_z, penalty_coef, True)
-        for a, b in self._rows():
-            f1, f2, f3, f4 = self._scratch(b - a)
-            zc = self.gate_rows(a, b, f4) if g_z is not None else None
-            self.log_alpha[a:b].add_(self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3), alpha=-lr)
 
     def _stats_acc(self) -> torch.Tensor:
         return torch.zeros(3, self.experts, dtype=torch.float64, device=self.log_alpha.device)
