@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _emit(row: dict) -> None:
+    """The benchmarks' output: one JSON object per line on stdout, as soon as it is measured."""
+    print(json.dumps(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = build_parser().parse_args(argv)
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = step.run(args.model, args.image_size, ways=args.ways, shots=args.shots, queries=args.queries,
                         repeats=args.repeats, experts=args.experts, tasks_per_step=args.tasks_per_step,
-                        precision=args.precision, device=args.device, patch_size=args.patch_size)
+                        precision=args.precision, device=args.device, patch_size=args.patch_size, emit=_emit)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "scale":
         from smat_dist.bench import scale
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = scale.run(args.experts, args.ranks, paths, args.model, args.image_size, args.depth, args.ways,
                          args.shots, args.queries, args.tasks_per_rank, args.steps,
                          int(args.budget_gb * 2**30) if args.budget_gb else None, args.precision, args.threads,
-                         lean=args.lean, compile=args.compile)
+                         lean=args.lean, compile=args.compile, emit=_emit)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "plan":
         from smat_dist.bench.plan import parse_kv, plan
@@ -119,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"smat-bench plan: {e}", file=sys.stderr)
             return 2
-        print(json.dumps(plan(**kw)), flush=True)
+        _emit(plan(**kw))
         return 0
     if args.cmd == "data":
         from smat_dist.bench import data
 
-        data.run(args.data, episodes=args.episodes, workers=tuple(args.workers), image_size=args.image_size)
+        data.run(args.data, episodes=args.episodes, workers=tuple(args.workers), image_size=args.image_size,
+                 emit=_emit)
         return 0
     return 2
 

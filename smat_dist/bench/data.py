@@ -9,7 +9,6 @@ PNG bytes (40 classes x 30 images at 84 px) is written with the shard writer int
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -99,8 +98,9 @@ def _folder_baseline(paths: list[list[list[str]]], indices: list[int], stream: E
 
 
 def run(data_dir: str | None = None, episodes: int = 8, workers: tuple[int, ...] = (0, 1, 2), split: str = "train",
-        image_size: int = 128, seed: int = 0, emit: bool = True, synthetic: tuple[int, int] = (40, 30)) -> list[dict]:
-    """Benchmark the episode pipeline; print (if ``emit``) and return one JSON-able dict per worker count.
+        image_size: int = 128, seed: int = 0, emit=None, synthetic: tuple[int, int] = (40, 30)) -> list[dict]:
+    """Benchmark the episode pipeline; return (and pass each to ``emit`` as measured) one JSON-able dict per
+    worker count.
 
     ``synthetic``: (classes, images per class) of the generated dataset when ``data_dir`` is None."""
     with tempfile.TemporaryDirectory(prefix="smat-bench-data-") as tmp:
@@ -136,6 +136,6 @@ def run(data_dir: str | None = None, episodes: int = 8, workers: tuple[int, ...]
                    "folder_episodes_per_s": round(episodes / folder_s, 3), "cpus": os.cpu_count()}
             results.append(row)
             if emit:
-                print(json.dumps(row), flush=True)
+                emit(row)
         stream.close()
     return results

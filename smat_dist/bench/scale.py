@@ -13,7 +13,6 @@ cost and backbone cost both scale with depth, so the time ratios stay representa
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics
@@ -194,8 +193,9 @@ def _auto_depth(model: str, image_size: int, experts: list[int], ranks: list[int
 def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), model: str = "vit_tiny_patch16_224",
         image_size: int = 84, depth: int | str | None = "auto", ways: int = 10, shots: int = 5, queries: int = 10,
         tasks_per_rank: int = 1, steps: int = 2, budget_bytes: int | None = None, precision: str = "auto",
-        threads: int | None = None, lean: bool = False, compile: bool = False) -> list[dict]:
-    """All points (printed as JSON lines as they finish), then a summary line with the target ratios."""
+        threads: int | None = None, lean: bool = False, compile: bool = False, emit=None) -> list[dict]:
+    """All points (each passed to `emit` as it finishes; the CLI prints them), then a summary row with the
+    target ratios."""
     experts, ranks, paths = list(experts), list(ranks), list(paths)
     budget = budget_bytes or int(0.6 * _available_bytes())
     images = ways * (shots + queries)
@@ -227,10 +227,12 @@ def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), mod
                         log.exception("scale point failed")
                         row = {"bench": "scale", "model": model, "experts": M, "ranks": r, "path": path,
                                "depth": depth, "error": f"{type(e).__name__}: {e}"}
-                print(json.dumps(row), flush=True)
+                if emit:
+                    emit(row)
                 rows.append(row)
     summary = summarise(rows)
-    print(json.dumps(summary), flush=True)
+    if emit:
+        emit(summary)
     return rows + [summary]
 
 

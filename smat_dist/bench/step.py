@@ -323,10 +323,8 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     return row
 
 
-def run(models=DEFAULT_MODELS, image_size: int = 84, **kw) -> list[dict]:
-    """Bench each model; prints one JSON line per model as soon as it is measured (CLI output)."""
-    import json
-
+def run(models=DEFAULT_MODELS, image_size: int = 84, emit=None, **kw) -> list[dict]:
+    """Bench each model; `emit(row)` (the CLI prints it) as soon as each is measured."""
     rows = []
     for name in models:
         log.info("step bench: %s at %d px", name, image_size)
@@ -335,6 +333,7 @@ def run(models=DEFAULT_MODELS, image_size: int = 84, **kw) -> list[dict]:
         except Exception as e:  # one backbone failing (e.g. out of memory) must not lose the others' figures
             log.exception("step bench failed for %s", name)
             row = {"bench": "step", "model": name, "image_size": image_size, "error": f"{type(e).__name__}: {e}"}
-        print(json.dumps(row), flush=True)
+        if emit:
+            emit(row)
         rows.append(row)
     return rows

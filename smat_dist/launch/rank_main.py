@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     flag = StopFlag().install()
     result = resolve_rank_fn(DEFAULT_RANK_FN)(cfg, cfg.run_dir, flag)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result, default=str), flush=True)
+        log.info("finished: %s", json.dumps(result, default=str))
     return 0
 
 

@@ -6,10 +6,10 @@ import json
 from smat_dist.bench.data import run
 
 
-def test_bench_data_reports_each_worker_setting(capsys):
-    rows = run(None, episodes=2, workers=(0, 1), image_size=32, synthetic=(6, 8))
-    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert printed == rows and [r["workers"] for r in rows] == [0, 1]
+def test_bench_data_reports_each_worker_setting():
+    emitted = []
+    rows = run(None, episodes=2, workers=(0, 1), image_size=32, synthetic=(6, 8), emit=emitted.append)
+    assert [json.loads(json.dumps(r)) for r in emitted] == rows and [r["workers"] for r in rows] == [0, 1]
     for r in rows:
         for key in ("episodes_per_s", "images_per_s", "folder_images_per_s", "first_episode_s"):
             assert r[key] > 0, key

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from smat_dist.config.schema import MethodConfig, ModelConfig
-from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
 from smat_dist.method.build import build_local
 from smat_dist.method.teacher import TeacherWeights, block_layout, park, teacher_features
 from smat_dist.model.backbone import FunctionalBackbone, block_units, build_backbone
 from smat_dist.train.step import smat_step
-from tests.data_fixture import make_dataset
+from tests.unit.test_method_smat import episodes  # noqa: F401  (fixture: the same real-image episodes)
 from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 VIT = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8,
@@ -130,17 +129,6 @@ def test_model_without_blocks_is_refused():
         teacher_features(fb, theta, torch.zeros_like(theta), LR, torch.zeros(1, 3, 32, 32))
 
 
-@pytest.fixture(scope="module")
-def episodes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("teacher")
-    src = str(make_dataset(root, "toy", images=10))
-    stream = EpisodeStream(src, "train", EpisodeConfig(mode="fixed", ways=4, shots=2, queries=3, image_size=32),
-                           seed=0, train_aug=False)
-    eps = [stream.episode(i) for i in range(2)]
-    stream.close()
-    return eps
-
-
 def _train(mc: ModelConfig, blockwise: bool, episodes):
     cfg = MethodConfig(experts=2, warmup_tasks=0, total_tasks=10_000)
     cfg.teacher.blockwise = blockwise
@@ -159,7 +147,7 @@ def _train(mc: ModelConfig, blockwise: bool, episodes):
     s.pool_opt.opt.register_step_pre_hook(hook)
     s.hyper_opt.opt.register_step_pre_hook(hook)
     torch.manual_seed(123)
-    out = smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, episodes, 0, 0, 1, lambda t: t)
+    out = smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, episodes[:2], 0, 0, 1, lambda t: t)
     after = _state(s.fb)
     assert all(torch.equal(before[k], after[k]) for k in before)   # the frozen backbone is untouched
     return out, grads

@@ -123,12 +123,17 @@ def _dino_state(depth: int = 2, dim: int = 192, seed: int = 0) -> dict[str, torc
     return {k: torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
+def _tiny_vit_from(path):
+    """The 2-block ViT-Ti at 32 px the DINO state dicts above fit, with weights from `path`."""
+    return build_backbone(ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8, pretrained=str(path),
+                                      kwargs={"depth": 2}))
+
+
 def test_dino_pretrain_pth_loads(tmp_path):
     sd = _dino_state()
     path = tmp_path / "dino_deittiny16_pretrain.pth"
     torch.save(sd, path)
-    bb = build_backbone(ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8, pretrained=str(path),
-                                    kwargs={"depth": 2}))
+    bb = _tiny_vit_from(path)
     own = bb.state_dict()
     assert torch.equal(own["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
     assert torch.equal(own["norm.bias"], sd["norm.bias"])
@@ -146,8 +151,7 @@ def test_dino_full_training_checkpoint_loads_the_teacher(tmp_path):
                                      global_crops_scale=(0.4, 1.0), output_dir="/out")}
     path = tmp_path / "checkpoint.pth"
     torch.save(ck, path)
-    bb = build_backbone(ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8, pretrained=str(path),
-                                    kwargs={"depth": 2}))
+    bb = _tiny_vit_from(path)
     own = bb.state_dict()
     assert torch.equal(own["blocks.1.mlp.fc1.weight"], teacher["blocks.1.mlp.fc1.weight"])
     assert not torch.equal(own["blocks.1.mlp.fc1.weight"], student["blocks.1.mlp.fc1.weight"])
