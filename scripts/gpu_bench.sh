@@ -41,7 +41,7 @@ run() {  # run LIMIT_S NAME OUTFILE CMD...: time-boxed, stdout appended to OUTFI
 
 if [ "$SMOKE" = 1 ]; then
   run 120 step "$OUT/step.jsonl" $BENCH step --model vit_tiny_patch16_224 --image-size 32 --patch-size 8 \
-    --ways 2 --shots 1 --queries 1 --repeats 1
+    --ways 2 --shots 1 --queries 1 --repeats 1 --teacher-top-fraction 0.5
   run 120 scale "$OUT/scale.jsonl" $BENCH scale --experts 4,16 --ranks 1 --paths sharded,gather \
     --model vit_tiny_patch16_224 --image-size 32 --depth 1 --ways 2 --shots 1 --queries 1 --steps 1
   run 120 scale_fused "$OUT/scale.jsonl" $BENCH scale --experts 4 --ranks 1 --paths sharded --compile \
@@ -49,11 +49,11 @@ if [ "$SMOKE" = 1 ]; then
   run 60 plan "$OUT/plan.jsonl" $BENCH plan model=vit_tiny_patch16_224 experts=4 ranks=1 image_size=32
 else
   # 1. step: interleaved medians; bf16 autocast.
-  run 60 step "$OUT/step.jsonl" $BENCH step --model vit_tiny_patch16_224 efficientnet_lite0 --image-size 84 \
-    --repeats 5 --precision bf16
+  run 75 step "$OUT/step.jsonl" $BENCH step --model vit_tiny_patch16_224 efficientnet_lite0 --image-size 84 \
+    --repeats 5 --precision bf16 --teacher-top-fraction 0.25
   for px in 128 224; do
     run 110 step "$OUT/step.jsonl" $BENCH step --model vit_small_patch16_224 vit_base_patch16_224 \
-      --image-size $px --repeats 5 --precision bf16
+      --image-size $px --repeats 5 --precision bf16 --teacher-top-fraction 0.25
   done
   # 2. scale: ViT-Ti on 1 GPU, M = 4..256, both merge paths, 4 tasks per step (steady-state time per task).
   run 200 scale "$OUT/scale.jsonl" $BENCH scale --experts 4,16,64,256 --ranks 1 --paths sharded,gather \

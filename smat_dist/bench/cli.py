@@ -1,6 +1,7 @@
 """smat-bench: benchmarks that print one JSON object per line per result.
 
   smat-bench step  [--model NAME ...] [--image-size PX] [--ways 10 --shots 5 --queries 10] [--repeats N]
+                   [--teacher-top-fraction F] [--compile]
   smat-bench scale [--experts 4,16,64,256] [--ranks 1,2] [--paths sharded,gather] [--model NAME] [--depth auto]
                    [--lean] [--compile]
   smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
@@ -54,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--tasks-per-step", type=int, default=1)
     st.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     st.add_argument("--device", default="auto")
+    st.add_argument("--teacher-top-fraction", type=float, default=0.25,
+                    help="also time SMAT with the top teacher (method.teacher.top_fraction) in the same rounds; "
+                         "0 = not")
+    st.add_argument("--compile", action="store_true", help="fused pool kernels (method.sparsity.compile) for SMAT")
 
     sc = sub.add_parser("scale", help="step time, memory and bytes as experts and ranks grow")
     sc.add_argument("--experts", type=_ints, default=[4, 16, 64, 256])
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
         rows = step.run(args.model, args.image_size, ways=args.ways, shots=args.shots, queries=args.queries,
                         repeats=args.repeats, experts=args.experts, tasks_per_step=args.tasks_per_step,
-                        precision=args.precision, device=args.device, patch_size=args.patch_size, emit=_emit)
+                        precision=args.precision, device=args.device, patch_size=args.patch_size, emit=_emit,
+                        teacher_top_fraction=args.teacher_top_fraction or None, compile=args.compile)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "scale":
         from smat_dist.bench import scale

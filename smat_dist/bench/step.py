@@ -26,7 +26,7 @@ from smat_dist.method.build import LocalSetup, build_local
 from smat_dist.method.optim import lr_factor
 from smat_dist.method.protonet import cosine_logits, prototypes
 from smat_dist.method.smat import reverse_kl
-from smat_dist.model.backbone import FunctionalBackbone
+from smat_dist.model.backbone import FunctionalBackbone, block_units
 from smat_dist.train.step import dense_step, smat_step
 from smat_dist.utils.log import get_logger
 
@@ -116,9 +116,9 @@ class Timer:
 @dataclass
 class PassCounts:
     forwards: int = 0
-    forward_images: int = 0
+    forward_images: float = 0        # images x the share of the blocks the pass ran (1 for a whole pass)
     backward_traversals: int = 0     # backbone graphs a backward went through
-    backward_images: int = 0
+    backward_images: float = 0
     backward_calls: int = 0          # autograd engine calls that went through at least one backbone graph
     _calls_seen: set = field(default_factory=set)
 
@@ -128,40 +128,65 @@ class PassCounts:
                 f"{prefix}_forward_images": self.forward_images, f"{prefix}_backward_images": self.backward_images}
 
 
+def unit_share(fb: FunctionalBackbone, unit: str) -> float:
+    """The share of `block_units` from `unit` on (the work of a pass that starts there, in whole passes)."""
+    keys = [k for k, _ in block_units(fb.model)]
+    return (len(keys) - keys.index(unit)) / len(keys)
+
+
+def tap_share(fb: FunctionalBackbone, tap) -> float:
+    return 1.0 if tap is None else unit_share(fb, tap.unit)
+
+
 @contextlib.contextmanager
 def count_passes():
     """Counts backbone forwards (FunctionalBackbone.__call__) and the backward passes through them."""
     counts = PassCounts()
     engine_call = [0]
     orig_call = FunctionalBackbone.__call__
+    orig_from = FunctionalBackbone.run_from
     orig_engine = torch.autograd._engine_run_backward
 
     def engine(*a, **k):
         engine_call[0] += 1
         return orig_engine(*a, **k)
 
-    def call(self, theta, x):
-        out = orig_call(self, theta, x)
+    def call(self, theta, x, tap=None):
+        out = orig_call(self, theta, x, tap=tap)
         counts.forwards += 1
         counts.forward_images += int(x.shape[0])
         if out.requires_grad:
             n = int(x.shape[0])
+            # With a tap (the top teacher), a backward that stops at the tapped unit has traversed only the
+            # units above it; one that goes on through the tapped input traverses the rest.
+            top = tap_share(self, tap)
 
             def hook(g):
                 counts.backward_traversals += 1
-                counts.backward_images += n
+                counts.backward_images += n * top
                 counts._calls_seen.add(engine_call[0])
                 counts.backward_calls = len(counts._calls_seen)
 
             out.register_hook(hook)
+            if tap is not None and tap.activation is not None and tap.activation.requires_grad:
+                tap.activation.register_hook(lambda g: setattr(counts, "backward_images",
+                                                               counts.backward_images + n * (1 - top)))
+        return out
+
+    def from_unit(self, params, x, unit, activation):
+        out = orig_from(self, params, x, unit, activation)
+        counts.forwards += 1
+        counts.forward_images += int(x.shape[0]) * unit_share(self, unit)
         return out
 
     FunctionalBackbone.__call__ = call
+    FunctionalBackbone.run_from = from_unit
     torch.autograd._engine_run_backward = engine
     try:
         yield counts
     finally:
         FunctionalBackbone.__call__ = orig_call
+        FunctionalBackbone.run_from = orig_from
         torch.autograd._engine_run_backward = orig_engine
 
 
@@ -202,19 +227,20 @@ def smat_step_breakdown(setup: LocalSetup, episodes, first_index: int, tasks_see
                 g_theta, g_head = torch.autograd.grad(ce_s, [theta1, head], retain_graph=True)
                 theta1 = theta1 - cfg.inner_lr * g_theta
                 p1 = p1 - cfg.inner_lr * g_head
+        tc = cfg.teacher
+        teacher = method.teacher
+        tap = teacher.tap() if tc.enabled else None
         with timer("query_pass"):
-            fq = fb(theta1, xq)
+            fq = fb(theta1, xq, tap=tap)
             logits = cosine_logits(fq, p1, cfg.logit_scale)
             ce_q = F.cross_entropy(logits, yq)
         loss = ce_q
-        tc = cfg.teacher
         if tc.enabled:
             with timer("teacher_grad"):
-                g_t, g_tp = torch.autograd.grad(ce_q, [theta1, p1], retain_graph=True)
+                grads = teacher.gradient(ce_q, theta1, p1, tap)
             with timer("teacher_eval"):
-                with torch.no_grad():
-                    t_theta = theta1.detach() - tc.lr * g_t
-                    t_logits = cosine_logits(fb(t_theta, xq), p1.detach() - tc.lr * g_tp, cfg.logit_scale)
+                t_logits = teacher.logits(grads, theta1, p1, xq, tap)
+            del grads, tap
             with timer("loss_terms"):
                 t2 = tc.temperature ** 2
                 kd_dense = reverse_kl(logits, t_logits, tc.temperature)
@@ -243,6 +269,10 @@ def smat_step_breakdown(setup: LocalSetup, episodes, first_index: int, tasks_see
 
 # ---------------------------------------------------------------- the benchmark
 
+def _per_task(v, k: int):
+    return v // k if isinstance(v, int) else round(v / k, 3)
+
+
 def _median(xs):
     return float(statistics.median(xs)) if xs else float("nan")
 
@@ -250,25 +280,42 @@ def _median(xs):
 def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5, queries: int = 10,
                 repeats: int = 3, experts: int = 8, tasks_per_step: int = 1, precision: str = "auto",
                 device: str | None = None, patch_size: int | None | str = "auto", kwargs: dict | None = None,
-                seed: int = 0) -> dict:
-    """One JSON-able row: medians of interleaved SMAT / P>M>F / frozen timings, measured passes, breakdown."""
+                seed: int = 0, teacher_top_fraction: float | None = None, compile: bool = False) -> dict:
+    """One JSON-able row: medians of interleaved SMAT / P>M>F / frozen timings, measured passes, breakdown.
+
+    With `teacher_top_fraction`, a fourth contender, SMAT with the top teacher (method/teacher.py), is timed
+    in the same interleaved rounds (`smat_top_*` keys); `compile` fuses the pool passes of both SMATs."""
     dev = pick_device(device)
     mc = model_config(name, image_size, patch_size)
     if kwargs:
         mc.kwargs = {**mc.kwargs, **kwargs}
-    smat = to_device(build_local(mc, MethodConfig(name="smat", experts=experts), seed), dev)
+
+    def smat_cfg(top: float = 1.0) -> MethodConfig:
+        cfg = MethodConfig(name="smat", experts=experts)
+        cfg.teacher.top_fraction = top
+        cfg.sparsity.compile = compile
+        return cfg
+
+    smat = to_device(build_local(mc, smat_cfg(), seed), dev)
     # P>M>F and the frozen forward share SMAT's backbone object (same weights, same theta_pre).
     pmf = to_device(build_local(mc, MethodConfig(name="pmf"), seed, fb=smat.fb), dev)
-    copy = to_device(build_local(mc, MethodConfig(name="smat", experts=experts), seed, fb=smat.fb), dev)
+    copy = to_device(build_local(mc, smat_cfg(), seed, fb=smat.fb), dev)
+    top = None
+    if teacher_top_fraction is not None:
+        top = to_device(build_local(mc, smat_cfg(teacher_top_fraction), seed, fb=smat.fb), dev)
     eps = [synthetic_episode(ways, shots, queries, image_size, seed, i, dev) for i in range(tasks_per_step)]
     amp = autocast_for(dev, precision)
     fb = smat.fb
-    times = {"smat": [], "pmf": [], "frozen": []}
+    times = {"smat": [], "pmf": [], "frozen": [], "smat_top": []}
     timer = Timer(dev)
     passes = {}
 
     def run_smat(i):
         return smat_step(smat.method, smat.merger, smat.pool, smat.pool_opt, smat.hyper_opt, eps, i, i, 1,
+                         lambda t: t)
+
+    def run_top(i):
+        return smat_step(top.method, top.merger, top.pool, top.pool_opt, top.hyper_opt, eps, i, i, 1,
                          lambda t: t)
 
     def run_pmf(i):
@@ -283,14 +330,15 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         torch.cuda.reset_peak_memory_stats(dev)
     with amp:
         # Warm-up round (allocator, kernels, lazy inits), which is also where the passes are counted.
-        for key, fn in (("smat", run_smat), ("pmf", run_pmf)):
+        contenders = [("smat", run_smat), ("pmf", run_pmf)] + ([("smat_top", run_top)] if top else [])
+        for key, fn in contenders:
             with count_passes() as c:
                 fn(0)
             passes[key] = c
         run_frozen(0)
         smat_step_breakdown(copy, eps, 0, 0, Timer(dev))
         for r in range(1, repeats + 1):
-            for key, fn in (("smat", run_smat), ("pmf", run_pmf), ("frozen", run_frozen)):
+            for key, fn in contenders[:2] + [("frozen", run_frozen)] + contenders[2:]:
                 sync(dev)
                 t0 = time.perf_counter()
                 fn(r)
@@ -310,10 +358,20 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         "smat_s_per_task": s, "pmf_s_per_task": p, "frozen_s_per_task": f,
         "smat_over_pmf": s / p, "pmf_over_frozen": p / f,
         "smat_passes": ps.forwards // k + ps.backward_calls // k, "pmf_passes": pp.forwards // k + pp.backward_calls // k,
-        **{key: v // k for key, v in ps.as_dict("smat").items()}, **{key: v // k for key, v in pp.as_dict("pmf").items()},
+        **{key: _per_task(v, k) for key, v in ps.as_dict("smat").items()},
+        **{key: _per_task(v, k) for key, v in pp.as_dict("pmf").items()},
         "work_ratio_fwd_images": work["smat"] / work["pmf"],
         "smat_s_all": times["smat"], "pmf_s_all": times["pmf"],
     }
+    if top is not None:
+        st, pt = _median(times["smat_top"]), passes["smat_top"]
+        row.update({"teacher_top_fraction": teacher_top_fraction,
+                    "teacher_top_units": f"{top.method.teacher.layout.share:.3f} of the blocks",
+                    "smat_top_s_per_task": st, "smat_top_over_pmf": st / p, "smat_top_over_smat": st / s,
+                    **{key: _per_task(v, k) for key, v in pt.as_dict("smat_top").items()},
+                    "smat_top_work_ratio_fwd_images": work["smat_top"] / work["pmf"],
+                    "smat_top_s_all": times["smat_top"]})
+    row["compile"] = compile
     total = sum(timer.s.values())
     row["breakdown_s_per_task"] = {key: v / (repeats * k) for key, v in timer.s.items()}
     row["breakdown_share"] = {key: v / total for key, v in timer.s.items()}

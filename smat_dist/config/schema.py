@@ -71,6 +71,10 @@ class TeacherConfig:
     # the dense teacher's weights are never held whole: formed block by block just before each block runs
     # (its gradient parked on the host when training on an accelerator)
     blockwise: bool = False
+    # share of the backbone's blocks, from the top, that the dense teacher's SGD step adapts (with the layers
+    # after the blocks and the head); its gradient and its evaluation then run through those blocks only.
+    # 1.0 = every parameter (upstream's teacher). See method/teacher.py.
+    top_fraction: float = 1.0
 
 
 @dataclass

@@ -8,6 +8,9 @@ Backbone passes per training task (S = support, Q = query):
   5. teacher theta_t on Q, no graph: teacher logits;
   plus the inner-step backward through pass 2 and the outer backward through passes 2 and 3.
 That is 4 forward passes (2 without graph) and 3 backward passes, against upstream's 8 forwards and 4 backwards.
+In image units (a backward = 2 forwards) that is 6S + 7Q against P>M>F's 3S + 3Q, above 2x for any episode.
+The opt-in top teacher (method.teacher.top_fraction = f < 1) runs passes 4 and 5 through the top blocks only:
+6S + (4 + 3f)Q (method/teacher.py).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from smat_dist.config.schema import MethodConfig
 from smat_dist.method.controller import LagrangeController
 from smat_dist.method.hypernet import HyperNetwork, task_seed
 from smat_dist.method.protonet import accuracy, cosine_logits, prototypes
-from smat_dist.method.teacher import park, teacher_features
+from smat_dist.method.teacher import DenseTeacher
 from smat_dist.model.backbone import FunctionalBackbone
 
 
@@ -52,6 +55,7 @@ class SMAT(nn.Module):
         self.seed = seed
         self.hypernet = HyperNetwork(backbone.feature_dim, cfg.experts, cfg.hypernet)
         self.controller = LagrangeController(cfg.experts, cfg.sparsity.target, cfg.sparsity.lambda_lr)
+        self.teacher = DenseTeacher(backbone, cfg.teacher, cfg.logit_scale)
 
     def forward(self, protos: torch.Tensor, train: bool, task_index: int = 0):
         # The hypernetwork is reached through forward() so that engines that hook module calls
@@ -83,29 +87,18 @@ class SMAT(nn.Module):
                 theta1 = theta1 - cfg.inner_lr * g_theta
                 p1 = p1 - cfg.inner_lr * g_head
                 m["loss/support_ce"] = ce_s.item()
-        fq = fb(theta1, xq)
+        tc = cfg.teacher
+        teach = train and tc.enabled
+        tap = self.teacher.tap() if teach else None
+        fq = fb(theta1, xq, tap=tap)
         logits = cosine_logits(fq, p1, cfg.logit_scale)
         ce_q = F.cross_entropy(logits, yq)
         loss = ce_q
         m["loss/query_ce"] = ce_q.item()
         m["acc/query"] = accuracy(logits, yq)
-        tc = cfg.teacher
-        if train and tc.enabled:
-            g_t, g_tp = torch.autograd.grad(ce_q, [theta1, p1], retain_graph=True)
-            with torch.no_grad():
-                if tc.blockwise:
-                    # Never whole on the device: g_t waits on the host (on an accelerator; on CPU it stays
-                    # put), each block's teacher weights are formed just before it runs (method/teacher.py).
-                    g_t = park(g_t)
-                    t_logits = cosine_logits(teacher_features(fb, theta1, g_t, tc.lr, xq),
-                                             p1.detach() - tc.lr * g_tp, cfg.logit_scale)
-                    del g_t
-                else:
-                    # The teacher's weights overwrite its own gradient buffer: its dense copy costs no memory
-                    # beyond the gradient it needs anyway (P numbers, this rank's own task only).
-                    t_theta = g_t.mul_(-tc.lr).add_(theta1.detach())
-                    t_logits = cosine_logits(fb(t_theta, xq), p1.detach() - tc.lr * g_tp, cfg.logit_scale)
-                    del t_theta, g_t
+        if teach:
+            t_logits = self.teacher.logits(self.teacher.gradient(ce_q, theta1, p1, tap), theta1, p1, xq, tap)
+            del tap
             t2 = tc.temperature ** 2
             kd_dense = reverse_kl(logits, t_logits, tc.temperature)
             kd = 0.5 * t2 * kd_dense if tc.pretrained_teacher else t2 * kd_dense

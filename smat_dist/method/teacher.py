@@ -12,19 +12,31 @@ P-vector on the compute device. Here theta_t is never held whole on the device:
     `model.blocks` (ViT), or of a stage in it (timm's EfficientNet keeps nn.Sequential stages there).
 
 On an accelerator the device then holds at most one block of teacher weights plus the non-block tensors,
-and the gradient's P numbers live on the host. Pure torch: no DeepSpeed or torch.distributed here.
+and the gradient's P numbers live on the host.
+
+The top teacher (`method.teacher.top_fraction` < 1) is a deliberate, opt-in departure from upstream: the SGD
+step adapts only the top blocks (a share of `block_units`, rounded up), the layers after the blocks and the
+head. Its gradient is a backward through the student's query graph that stops at the first adapted block
+(autograd runs only the nodes that lead to the requested tensors), and its evaluation re-runs the query pass
+from that block's input, which the student's pass kept (`Tap`). The teacher then costs 3 x fraction query
+passes instead of 3, which is what brings a SMAT task under 2x a P>M>F step (figures in the README).
+Pure torch: no DeepSpeed or torch.distributed here.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
 import torch
 
-from smat_dist.model.backbone import FunctionalBackbone, block_units
+from smat_dist.config.schema import TeacherConfig
+from smat_dist.method.protonet import cosine_logits
+from smat_dist.model.backbone import FunctionalBackbone, Tap, block_units
 from smat_dist.model.flat import ParamInfo
 
 CONFIG_KEY = "method.teacher.blockwise"
+TOP_KEY = "method.teacher.top_fraction"
 
 
 @dataclass(frozen=True)
@@ -133,3 +145,104 @@ def teacher_features(fb: FunctionalBackbone, theta: torch.Tensor, g: torch.Tenso
     (see `park`); theta is on the compute device. `weights` replaces the provider (tests instrument it)."""
     weights = weights or TeacherWeights(fb, theta, g, lr)
     return fb.blockwise(weights.rest(), weights.block, x, what=f"{CONFIG_KEY}=true")
+
+
+# ---------------------------------------------------------------- the top teacher
+
+@dataclass(frozen=True)
+class TopLayout:
+    """What the top teacher adapts: from unit `unit` (a key of `block_units`) on, plus the layers after the
+    blocks (`names`: every adapted parameter, in flat order); `share`: the fraction of units it runs."""
+    unit: str
+    names: tuple[str, ...]
+    share: float
+
+
+def _after_blocks(model: torch.nn.Module) -> set[str]:
+    """Parameters of the modules that run after the last block (final norm, CNN head conv...), found by
+    watching one dummy forward. The root module's own tensors (a ViT's cls token and position embedding)
+    feed the blocks, so they are not among them."""
+    done, after, handles = [False], set(), []
+    in_blocks = {id(m) for m in model.blocks.modules()}
+    for name, mod in model.named_modules():
+        if not name or id(mod) in in_blocks or not list(mod.parameters(recurse=False)):
+            continue
+
+        def seen(_m, _a, _o, _name=name, _mod=mod):
+            if done[0]:
+                after.update(f"{_name}.{p}" for p, _ in _mod.named_parameters(recurse=False))
+        handles.append(mod.register_forward_hook(seen))
+    handles.append(model.blocks.register_forward_hook(lambda *_: done.__setitem__(0, True)))
+    pe = getattr(model, "patch_embed", None)
+    hw = tuple(pe.img_size) if pe is not None and getattr(pe, "img_size", None) else (64, 64)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, *hw, device=next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    return after
+
+
+def top_layout(fb: FunctionalBackbone, fraction: float) -> TopLayout:
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"{TOP_KEY}={fraction}: expected a share of the blocks in (0, 1]")
+    units = block_units(fb.model, f"{TOP_KEY}={fraction}")
+    k = min(len(units), max(1, math.ceil(fraction * len(units) - 1e-9)))
+    start = len(units) - k
+    prefixes = tuple(f"blocks.{key}." for key, _ in units[start:])
+    after = _after_blocks(fb.model)
+    names = tuple(i.name for i in fb.space.infos if i.name.startswith(prefixes) or i.name in after)
+    return TopLayout(units[start][0], names, k / len(units))
+
+
+class DenseTeacher:
+    """The dense teacher: one plain SGD step (lr `cfg.lr`) on the query cross-entropy from the student's
+    stepped weights theta' and head p', then its query logits. Three forms, the same teacher where they
+    overlap: in place (default: theta_t overwrites its own gradient buffer), blockwise (never whole on the
+    device) and top (only the top blocks adapted and re-run, `top_fraction` < 1)."""
+
+    def __init__(self, fb: FunctionalBackbone, cfg: TeacherConfig, logit_scale: float):
+        self.fb, self.cfg, self.logit_scale = fb, cfg, logit_scale
+        self.layout = None
+        if cfg.enabled and cfg.top_fraction != 1.0:
+            if cfg.blockwise:
+                raise ValueError(f"{CONFIG_KEY}=true and {TOP_KEY}={cfg.top_fraction}: choose one (the top "
+                                 f"teacher already forms and runs only its top blocks)")
+            self.layout = top_layout(fb, cfg.top_fraction)
+
+    def tap(self) -> Tap | None:
+        """What the student's query pass must keep for this teacher (None: nothing)."""
+        return Tap(self.layout.unit) if self.layout is not None else None
+
+    def gradient(self, ce_q: torch.Tensor, theta1: torch.Tensor, p1: torch.Tensor, tap: Tap | None):
+        """The teacher's step direction: (gradient of CE(Q) w.r.t. theta' or the top tensors, w.r.t. p').
+        A backward through the student's query graph, which is kept for the outer backward."""
+        if self.layout is None:
+            return tuple(torch.autograd.grad(ce_q, [theta1, p1], retain_graph=True))
+        if tap is None or tap.params is None:
+            raise RuntimeError(f"{TOP_KEY}: the student's query pass ran without the teacher's tap")
+        views = [tap.params[n] for n in self.layout.names]
+        *g, g_head = torch.autograd.grad(ce_q, views + [p1], retain_graph=True)
+        return g, g_head
+
+    @torch.no_grad()
+    def logits(self, grads, theta1: torch.Tensor, p1: torch.Tensor, xq: torch.Tensor,
+               tap: Tap | None) -> torch.Tensor:
+        """The teacher's query logits; consumes (overwrites) the gradient buffers."""
+        g, g_head = grads
+        lr, fb = self.cfg.lr, self.fb
+        if self.layout is not None:
+            params = {n: t.detach() for n, t in tap.params.items()}
+            for name, gi in zip(self.layout.names, g):
+                params[name] = gi.mul_(-lr).add_(params[name])
+            feats = fb.run_from(params, xq, self.layout.unit, tap.activation.detach())
+        elif self.cfg.blockwise:
+            # Never whole on the device: g waits on the host (on an accelerator; on CPU it stays put), each
+            # block's teacher weights are formed just before it runs.
+            feats = teacher_features(fb, theta1, park(g), lr, xq)
+        else:
+            # The teacher's weights overwrite its own gradient buffer: its dense copy costs no memory beyond
+            # the gradient it needs anyway (P numbers, this rank's own task only).
+            feats = fb(g.mul_(-lr).add_(theta1.detach()), xq)
+        return cosine_logits(feats, p1.detach() - lr * g_head, self.logit_scale)

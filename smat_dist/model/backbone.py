@@ -1,6 +1,8 @@
 """Frozen timm backbones that run functionally on a flat parameter vector."""
 from __future__ import annotations
 
+import contextlib
+import types
 from typing import Callable
 
 import timm
@@ -49,8 +51,6 @@ def checkpoint_blocks(model: nn.Module) -> int:
     recomputation re-binds exactly those. Parameter names are unchanged (the block's forward is wrapped, not
     the module), so weights and checkpoints are unaffected. Returns the number of blocks wrapped.
     """
-    import types
-
     from torch.utils.checkpoint import checkpoint
 
     blocks = getattr(model, "blocks", None)
@@ -100,6 +100,35 @@ def block_units(model: nn.Module, what: str = "blockwise forward") -> list[tuple
     return units
 
 
+@contextlib.contextmanager
+def _forwards_replaced(units: list[tuple[str, nn.Module]], make: Callable):
+    """Each unit's forward replaced by `make(key, module)` (bound to the module) for the duration of the
+    block, and restored after, also on error: the instance's own override (checkpoint_blocks') or none."""
+    installed = []
+    try:
+        for key, blk in units:
+            installed.append((blk, "forward" in blk.__dict__, blk.__dict__.get("forward")))
+            blk.forward = types.MethodType(make(key, blk), blk)
+        yield
+    finally:
+        for blk, had, prev in installed:
+            if had:
+                blk.forward = prev
+            else:
+                del blk.forward
+
+
+class Tap:
+    """Asks `FunctionalBackbone.__call__` to keep what a later partial re-run of the same forward needs:
+    the parameter views it ran with (`params`, full names, buffers included) and the input of one unit
+    of `block_units` (`activation`, with its graph). See `FunctionalBackbone.run_from`."""
+
+    def __init__(self, unit: str):
+        self.unit = unit
+        self.params: dict[str, torch.Tensor] | None = None
+        self.activation: torch.Tensor | None = None
+
+
 class FunctionalBackbone:
     """Runs `model` with its parameters replaced by views into a flat vector theta (length space.padded)."""
 
@@ -124,10 +153,47 @@ class FunctionalBackbone:
             return tuple(pe.img_size)
         return (64, 64)
 
-    def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, theta: torch.Tensor, x: torch.Tensor, tap: "Tap | None" = None) -> torch.Tensor:
         params = self.space.unflatten(theta)
         params.update(self.buffers)
-        return torch.func.functional_call(self.model, params, (x,))
+        if tap is None:
+            return torch.func.functional_call(self.model, params, (x,))
+        tap.params, tap.activation = params, None
+
+        def keep_input(_module, args):
+            if tap.activation is None:    # checkpoint_blocks re-enters the unit: keep the outer call's input
+                tap.activation = args[0]
+
+        handle = self.model.blocks.get_submodule(tap.unit).register_forward_pre_hook(keep_input)
+        try:
+            return torch.func.functional_call(self.model, params, (x,))
+        finally:
+            handle.remove()
+
+    def run_from(self, params: dict[str, torch.Tensor], x: torch.Tensor, unit: str,
+                 activation: torch.Tensor) -> torch.Tensor:
+        """Features of the forward whose unit `unit` (a key of `block_units`) receives `activation` as its
+        input, with `params` (full names, buffers included) bound: the units before it are skipped (they
+        pass their input through) and only the layers ahead of the blocks (stem, embeddings: a small share
+        of the work) still run on `x`. With `activation` kept by a `Tap` on the same input, and the same
+        parameters from `unit` on, this equals the whole forward, at the cost of the units from `unit` on."""
+        units = block_units(self.model, "run_from")
+        keys = [k for k, _ in units]
+        if unit not in keys:
+            raise ValueError(f"run_from: no unit {unit!r} in model.blocks (units: {keys})")
+        start = keys.index(unit)
+
+        def fwd_for(key, blk):
+            if key == unit:
+                def fwd(self_, x_, *args, _orig=blk.forward, **kwargs):
+                    return _orig(activation, *args, **kwargs)
+            else:
+                def fwd(self_, x_, *args, **kwargs):
+                    return x_
+            return fwd
+
+        with _forwards_replaced(units[:start + 1], fwd_for):
+            return torch.func.functional_call(self.model, params, (x,))
 
     def blockwise(self, rest: dict[str, torch.Tensor],
                   block_params: Callable[[str], dict[str, torch.Tensor]], x: torch.Tensor,
@@ -142,34 +208,22 @@ class FunctionalBackbone:
         hands over to the forward it found (the checkpointing one, or the class's). Under no_grad nothing
         keeps a unit's tensors after it returns; with a graph, autograd would keep them for its backward.
         """
-        import types
+        def fwd_for(key, blk):
+            state = {"inside": False}
 
-        units = block_units(self.model, what)
-        installed = []
-        try:
-            for key, blk in units:
-                had, prev = "forward" in blk.__dict__, blk.__dict__.get("forward")
-                state = {"inside": False}
+            def fwd(self_, *args, _orig=blk.forward, **kwargs):
+                if state["inside"]:
+                    return _orig(*args, **kwargs)
+                tensors = block_params(key)
+                state["inside"] = True
+                try:
+                    return torch.func.functional_call(self_, tensors, args, kwargs)
+                finally:
+                    state["inside"] = False
+                    del tensors
+            return fwd
 
-                def fwd(self_, *args, _orig=blk.forward, _key=key, _state=state, **kwargs):
-                    if _state["inside"]:
-                        return _orig(*args, **kwargs)
-                    tensors = block_params(_key)
-                    _state["inside"] = True
-                    try:
-                        return torch.func.functional_call(self_, tensors, args, kwargs)
-                    finally:
-                        _state["inside"] = False
-                        del tensors
-
-                blk.forward = types.MethodType(fwd, blk)
-                installed.append((blk, had, prev))
+        with _forwards_replaced(block_units(self.model, what), fwd_for):
             params = dict(rest)
             params.update(self.buffers)
             return torch.func.functional_call(self.model, params, (x,))
-        finally:
-            for blk, had, prev in installed:
-                if had:
-                    blk.forward = prev
-                else:
-                    del blk.forward

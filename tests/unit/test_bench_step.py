@@ -44,6 +44,15 @@ def test_passes_are_counted_not_assumed():
     with count_passes() as c:
         dense_step(pmf.method, pmf.hyper_opt, ep, 0, 0)
     assert (c.forwards, c.backward_calls, c.backward_traversals, c.forward_images) == (1, 1, 1, 12)
+    # the top teacher (half of 2 blocks): its backward stops at the tapped block and its evaluation runs the
+    # top block only, so the teacher's passes count half the images
+    cfg = MethodConfig(name="smat", experts=2)
+    cfg.teacher.top_fraction = 0.5
+    top = build_local(TINY, cfg, seed=0, fb=smat.fb)
+    with count_passes() as c:
+        smat_step(top.method, top.merger, top.pool, top.pool_opt, top.hyper_opt, ep, 0, 0, 1, lambda t: t)
+    assert (c.forwards, c.backward_calls, c.backward_traversals) == (4, 3, 4)
+    assert (c.forward_images, c.backward_images) == (12 + 6 + 6 + 3, 6 + 3 + 6 + 6)
     # the patch is undone
     with count_passes() as c:
         pass
@@ -54,9 +63,13 @@ def test_passes_are_counted_not_assumed():
 @pytest.mark.slow  # a whole interleaved bench (warm-up + 1 repeat x 4 runs)
 def test_bench_row_has_every_field():
     row = bench_model("vit_tiny_patch16_224", 32, ways=3, shots=2, queries=2, repeats=1, experts=2, patch_size=8,
-                      kwargs={"depth": 1})
+                      kwargs={"depth": 2}, teacher_top_fraction=0.5)
     for key in ("smat_s_per_task", "pmf_s_per_task", "frozen_s_per_task", "smat_over_pmf"):
         assert row[key] > 0, key
     assert row["smat_passes"] == 7 and row["pmf_passes"] == 2
+    assert row["smat_top_over_pmf"] > 0 and row["teacher_top_units"] == "0.500 of the blocks"
+    # S = 6, Q = 6: SMAT 6S + 7Q = 78, the top teacher 6S + (4 + 3/2)Q = 69, P>M>F 3S + 3Q = 36
+    assert row["work_ratio_fwd_images"] == pytest.approx(78 / 36)
+    assert row["smat_top_work_ratio_fwd_images"] == pytest.approx(69 / 36)
     assert abs(row["smat_over_pmf"] - row["smat_s_per_task"] / row["pmf_s_per_task"]) < 1e-12
     assert abs(sum(row["breakdown_share"].values()) - 1) < 1e-9

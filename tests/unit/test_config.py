@@ -21,7 +21,7 @@ def test_groups_present():
     assert GROUPS["model"] == sorted(["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant",
                                       "efficientnet_lite0", "user_checkpoint"])
     assert GROUPS["data"] == ["imagefolder", "metadataset", "offline"]
-    assert GROUPS["method"] == ["pmf", "pretrained", "smat", "smat_structured"]
+    assert GROUPS["method"] == ["pmf", "pretrained", "smat", "smat_structured", "smat_top_teacher"]
     assert GROUPS["dist"] == ["zero0", "zero1", "zero2", "zero3"]
     assert GROUPS["launcher"] == ["local", "slurm"]
 
@@ -33,9 +33,11 @@ def test_every_group_option_composes(group, option):
     if group == "dist":
         assert cfg.dist.zero_stage == int(option[-1])
     if group in ("launcher", "method"):
-        assert getattr(cfg, group).name == option.replace("_structured", "")
+        assert getattr(cfg, group).name == ("smat" if option.startswith("smat") else option)
     if option == "smat_structured":
         assert cfg.method.sparsity.structured
+    if group == "method":
+        assert cfg.method.teacher.top_fraction == (0.25 if option == "smat_top_teacher" else 1.0)
 
 
 def test_defaults_and_overrides():
