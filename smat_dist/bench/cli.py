@@ -5,7 +5,7 @@
   smat-bench scale [--experts 4,16,64,256] [--ranks 1,2] [--paths sharded,gather] [--model NAME] [--depth auto]
                    [--lean] [--compile]
   smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
-                   [lean=true] [teacher_blockwise=true] [act_bytes=2] [tasks_per_rank=K]
+                   [lean=true] [teacher_blockwise=true | teacher_top_fraction=F] [act_bytes=2] [tasks_per_rank=K]
   smat-bench data  [--data DIR]
 
 step: SMAT vs P>M>F vs frozen forward, interleaved, with measured backbone passes and a per-phase breakdown.
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="per-rank memory and bytes per step, without allocating")
     pl.add_argument("kv", nargs="*", help="model=NAME experts=M ranks=R zero_stage=S image_size=PX images=N depth=D "
-                                              "lean=BOOL teacher_blockwise=BOOL act_bytes=B tasks_per_rank=K")
+                                              "lean=BOOL teacher_blockwise=BOOL teacher_top_fraction=F act_bytes=B "
+                                              "tasks_per_rank=K")
 
     da = sub.add_parser("data", help="episodes per second of the data pipeline")
     da.add_argument("--data", default=None, help="a dataset folder or a folder of them (default: synthetic)")

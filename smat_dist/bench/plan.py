@@ -19,6 +19,8 @@ and communication figures are exact (the tests compare them with real runs to th
   teacher_blockwise (method.teacher.blockwise on an accelerator): the dense teacher's weights take one block
             (the largest) + the non-block tensors on the device instead of P, and its gradient P moves to
             the host (`host_bytes`); on CPU the host is the device, so add `host_bytes` back there.
+  teacher_top_fraction=f (method.teacher.top_fraction): the teacher's weights and gradient cover only its top
+            blocks and the layers after them (`teacher_top_params`) instead of P.
 """
 from __future__ import annotations
 
@@ -63,9 +65,26 @@ def backbone_shape(mc: ModelConfig) -> dict:
         feat = model(torch.empty(1, 3, *hw, device="meta"))
     for h in handles:
         h.remove()
+    after = 0
+    if block_sizes:
+        from smat_dist.method.teacher import _after_blocks
+
+        named = dict(model.named_parameters())
+        after = sum(named[n].numel() for n in _after_blocks(model))
     return {"params": int(params), "feature_dim": int(feat.shape[-1]), "act_elems_per_image": int(leaf_out[0]),
-            "input_hw": list(hw), "largest_block": int(max(block_sizes, default=0)),
+            "input_hw": list(hw), "largest_block": int(max(block_sizes, default=0)), "block_sizes": block_sizes,
+            "after_blocks_params": int(after),
             "nonblock_params": int(params - sum(block_sizes)) if block_sizes else int(params)}
+
+
+def teacher_top_params(shape: dict, fraction: float) -> int:
+    """Parameters the top teacher adapts: its top units (method.teacher.top_layout's rounding) + the layers
+    after the blocks."""
+    sizes = shape["block_sizes"]
+    if not 0.0 < fraction <= 1.0 or not sizes:
+        raise ValueError(f"plan: teacher_top_fraction={fraction} needs a share in (0, 1] and a model with 'blocks'")
+    k = min(len(sizes), max(1, math.ceil(fraction * len(sizes) - 1e-9)))
+    return int(sum(sizes[len(sizes) - k:]) + shape["after_blocks_params"])
 
 
 def hypernet_params(dim: int, experts: int, cfg: HypernetConfig | None = None) -> int:
@@ -94,7 +113,8 @@ def sent_bytes_per_task(params: int, experts: int, ranks: int, path: str, merge_
 def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, zero_stage: int = 0,
          image_size: int = 84, patch_size: int | None | str = "auto", batch_images: int = 150,
          act_bytes: int = F32, merge_bytes: int = F32, tasks_per_rank: int = 1,
-         kwargs: dict | None = None, teacher_blockwise: bool = False, lean: bool = False) -> dict:
+         kwargs: dict | None = None, teacher_blockwise: bool = False, lean: bool = False,
+         teacher_top_fraction: float = 1.0) -> dict:
     """Per-rank memory (bytes) and bytes sent per step for one configuration; nothing is allocated."""
     from smat_dist.bench.step import model_config
 
@@ -114,6 +134,11 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
     # The blockwise teacher's gradient is on the device only between its autograd.grad and its copy to the
     # host, before the outer gradient exists: it takes no slot of its own there.
     teacher_device = F32 * (shape["largest_block"] + shape["nonblock_params"]) if teacher_blockwise else None
+    top = teacher_top_params(shape, teacher_top_fraction) if teacher_top_fraction != 1.0 else None
+    if top is not None and teacher_blockwise:
+        raise ValueError("plan: teacher_blockwise and teacher_top_fraction < 1: choose one")
+    if top is not None:
+        teacher_device = F32 * top
     rep_div = {"params": R if zero_stage >= 3 else 1, "grads": R if zero_stage >= 2 else 1,
                "opt": R if zero_stage >= 1 else 1}
     mem = {
@@ -132,7 +157,8 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         # theta, theta' (inner step), teacher theta (blockwise: its largest block + the non-block tensors)
         "task_weights": 3 * F32 * padded if teacher_device is None else 2 * F32 * padded + teacher_device,
         # inner-step gradient, teacher gradient (blockwise: on the host), outer gradient of theta
-        "task_grads": (2 if teacher_blockwise else 3) * F32 * padded,
+        # (top teacher: its top tensors only)
+        "task_grads": (2 if teacher_blockwise else 3) * F32 * padded if top is None else 2 * F32 * padded + F32 * top,
         "activations_per_image": act_bytes * shape["act_elems_per_image"],
     }
     # Student passes 2 (support) and 3 (query) keep their graphs alive together until the outer backward.
@@ -150,7 +176,8 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         "experts": M, "ranks": R, "zero_stage": zero_stage, "lean": lean, "params": P, "padded": padded,
         "feature_dim": shape["feature_dim"], "hypernet_params": H, "batch_images": batch_images,
         "mask_logits_total": P * M, "teacher_blockwise": bool(teacher_blockwise),
-        "largest_block": shape["largest_block"],
+        "largest_block": shape["largest_block"], "teacher_top_fraction": teacher_top_fraction,
+        "teacher_top_params": top if top is not None else P,
         "memory_bytes": mem,
         "host_bytes": {"teacher_gradient": F32 * padded if teacher_blockwise else 0},
         "peak_bytes": {"sharded": base + max(sharded_merge_buf, mem["pool_transient"]),
@@ -190,6 +217,8 @@ def parse_kv(args: list[str]) -> dict:
             out[k] = v.lower() in ("true", "1")
         elif k == "patch_size":
             out[k] = "auto" if v == "auto" else (None if v in ("none", "null") else int(v))
+        elif k == "teacher_top_fraction":
+            out[k] = float(v)
         else:
             out[k] = int(v)
     return out

@@ -70,3 +70,24 @@ def test_scale_auto_depth_sizes_the_sharded_path_and_skips_gather_points_that_do
     # the lean pool needs less, so it keeps more depth
     dl = _auto_depth("vit_tiny_patch16_224", 84, [4, 256], [1], ["sharded"], sharded["sharded"] // 2, 150, lean=True)
     assert dl is None or dl >= d
+
+
+@pytest.mark.parametrize("name,kw", [("vit_tiny_patch16_224", {"depth": 3}), ("efficientnet_lite0", {})])
+def test_top_teacher_plan_counts_the_tensors_the_teacher_adapts(name, kw):
+    from smat_dist.method.teacher import top_layout
+    from smat_dist.model.backbone import FunctionalBackbone, build_backbone
+
+    ps = 8 if "vit" in name else None
+    fb = FunctionalBackbone(build_backbone(ModelConfig(name=name, image_size=32, patch_size=ps, pretrained=None,
+                                                       kwargs=kw)))
+    sizes = {i.name: i.numel for i in fb.space.infos}
+    common = dict(image_size=32, patch_size=ps, kwargs=kw)
+    whole, top = plan(name, **common), plan(name, teacher_top_fraction=0.25, **common)
+    adapted = sum(sizes[n] for n in top_layout(fb, 0.25).names)
+    assert top["teacher_top_params"] == adapted < whole["teacher_top_params"] == fb.space.numel
+    saved = 4 * (whole["padded"] - adapted)
+    for key in ("task_weights", "task_grads"):
+        assert whole["memory_bytes"][key] - top["memory_bytes"][key] == saved
+    assert parse_kv(["teacher_top_fraction=0.25"]) == {"teacher_top_fraction": 0.25}
+    with pytest.raises(ValueError, match="choose one"):
+        plan(name, teacher_top_fraction=0.25, teacher_blockwise=True, **common)
