@@ -190,3 +190,20 @@ def test_lean_pool_trains_like_the_stored_pool(data_dir, two_rank_run, tmp_path)
     lean = run_ranks(train_rank, 2, cfg, str(tmp_path))
     assert _losses(tmp_path) == pytest.approx(_losses(d_full), rel=1e-5, abs=1e-6)
     _assert_same_state(lean, full)
+
+
+def test_top_teacher_two_ranks_equal_one_rank(data_dir, two_rank_run, tmp_path):
+    """method.teacher.top_fraction through the real trainer: 2 ranks = 1 rank, and only the teacher changed."""
+    def cfg(tasks_per_rank):
+        c = tiny_config(data_dir, tasks=TASKS, tasks_per_rank=tasks_per_rank)
+        c.method.teacher.top_fraction = 0.5
+        return c
+
+    r2 = run_ranks(train_rank, 2, cfg(1), str(tmp_path / "r2"))
+    r1 = run_ranks(train_rank, 1, cfg(2), str(tmp_path / "r1"))
+    assert _losses(tmp_path / "r2") == pytest.approx(_losses(tmp_path / "r1"), rel=1e-5, abs=1e-6)
+    _assert_same_state(r2, r1)
+    whole = [json.loads(x) for x in (Path(two_rank_run[0]) / "metrics.jsonl").read_text().splitlines()]
+    top = [json.loads(x) for x in (tmp_path / "r2" / "metrics.jsonl").read_text().splitlines()]
+    assert top[0]["loss/query_ce"] == pytest.approx(whole[0]["loss/query_ce"], rel=1e-6)
+    assert top[0]["loss/kd_dense"] != pytest.approx(whole[0]["loss/kd_dense"], rel=1e-6)
