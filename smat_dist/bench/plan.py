@@ -67,10 +67,10 @@ def backbone_shape(mc: ModelConfig) -> dict:
         h.remove()
     after = 0
     if block_sizes:
-        from smat_dist.method.teacher import _after_blocks
+        from smat_dist.method.teacher import after_blocks
 
         named = dict(model.named_parameters())
-        after = sum(named[n].numel() for n in _after_blocks(model))
+        after = sum(named[n].numel() for n in after_blocks(model))
     return {"params": int(params), "feature_dim": int(feat.shape[-1]), "act_elems_per_image": int(leaf_out[0]),
             "input_hw": list(hw), "largest_block": int(max(block_sizes, default=0)), "block_sizes": block_sizes,
             "after_blocks_params": int(after),

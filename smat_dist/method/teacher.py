@@ -1,8 +1,9 @@
-"""The dense teacher formed block by block (`method.teacher.blockwise=true`).
+"""The dense teacher (`DenseTeacher`): in place (default), block by block (`method.teacher.blockwise=true`) or
+top blocks only (`method.teacher.top_fraction` < 1).
 
 The teacher is one SGD step on the task's query loss: theta_t = theta' - lr * g_t, with g_t the gradient of
-CE(Q) at theta'. The default path (SMAT.task) writes theta_t over g_t's own buffer, so the teacher costs one
-P-vector on the compute device. Here theta_t is never held whole on the device:
+CE(Q) at theta'. The default path writes theta_t over g_t's own buffer, so the teacher costs one P-vector on
+the compute device. The blockwise path never holds theta_t whole on the device:
 
   * `park(g_t)` moves the teacher gradient to host memory when the backbone runs on an accelerator (pinned
     and copied asynchronously on CUDA); on CPU it stays where it is, as the host is the compute device;
@@ -158,7 +159,7 @@ class TopLayout:
     share: float
 
 
-def _after_blocks(model: torch.nn.Module) -> set[str]:
+def after_blocks(model: torch.nn.Module) -> set[str]:
     """Parameters of the modules that run after the last block (final norm, CNN head conv...), found by
     watching one dummy forward. The root module's own tensors (a ViT's cls token and position embedding)
     feed the blocks, so they are not among them."""
@@ -191,7 +192,7 @@ def top_layout(fb: FunctionalBackbone, fraction: float) -> TopLayout:
     k = min(len(units), max(1, math.ceil(fraction * len(units) - 1e-9)))
     start = len(units) - k
     prefixes = tuple(f"blocks.{key}." for key, _ in units[start:])
-    after = _after_blocks(fb.model)
+    after = after_blocks(fb.model)
     names = tuple(i.name for i in fb.space.infos if i.name.startswith(prefixes) or i.name in after)
     return TopLayout(units[start][0], names, k / len(units))
 
