@@ -80,10 +80,12 @@ def backbone_shape(mc: ModelConfig) -> dict:
 def teacher_top_params(shape: dict, fraction: float) -> int:
     """Parameters the top teacher adapts: its top units (method.teacher.top_layout's rounding) + the layers
     after the blocks."""
+    from smat_dist.method.teacher import top_units
+
     sizes = shape["block_sizes"]
-    if not 0.0 < fraction <= 1.0 or not sizes:
-        raise ValueError(f"plan: teacher_top_fraction={fraction} needs a share in (0, 1] and a model with 'blocks'")
-    k = min(len(sizes), max(1, math.ceil(fraction * len(sizes) - 1e-9)))
+    if not sizes:
+        raise ValueError(f"plan: teacher_top_fraction={fraction} needs a model with 'blocks'")
+    k = top_units(len(sizes), fraction)
     return int(sum(sizes[len(sizes) - k:]) + shape["after_blocks_params"])
 
 

@@ -33,7 +33,7 @@ import torch
 
 from smat_dist.config.schema import TeacherConfig
 from smat_dist.method.protonet import cosine_logits
-from smat_dist.model.backbone import FunctionalBackbone, Tap, block_units
+from smat_dist.model.backbone import FunctionalBackbone, Tap, block_units, input_hw
 from smat_dist.model.flat import ParamInfo
 
 CONFIG_KEY = "method.teacher.blockwise"
@@ -174,22 +174,25 @@ def after_blocks(model: torch.nn.Module) -> set[str]:
                 after.update(f"{_name}.{p}" for p, _ in _mod.named_parameters(recurse=False))
         handles.append(mod.register_forward_hook(seen))
     handles.append(model.blocks.register_forward_hook(lambda *_: done.__setitem__(0, True)))
-    pe = getattr(model, "patch_embed", None)
-    hw = tuple(pe.img_size) if pe is not None and getattr(pe, "img_size", None) else (64, 64)
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, *hw, device=next(model.parameters()).device))
+            model(torch.zeros(1, 3, *input_hw(model), device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
     return after
 
 
-def top_layout(fb: FunctionalBackbone, fraction: float) -> TopLayout:
+def top_units(n_units: int, fraction: float) -> int:
+    """How many units, from the top, a share `fraction` of `n_units` adapts: rounded up, at least one."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"{TOP_KEY}={fraction}: expected a share of the blocks in (0, 1]")
+    return min(n_units, max(1, math.ceil(fraction * n_units - 1e-9)))
+
+
+def top_layout(fb: FunctionalBackbone, fraction: float) -> TopLayout:
     units = block_units(fb.model, f"{TOP_KEY}={fraction}")
-    k = min(len(units), max(1, math.ceil(fraction * len(units) - 1e-9)))
+    k = top_units(len(units), fraction)
     start = len(units) - k
     prefixes = tuple(f"blocks.{key}." for key, _ in units[start:])
     after = after_blocks(fb.model)

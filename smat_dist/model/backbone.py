@@ -100,6 +100,14 @@ def block_units(model: nn.Module, what: str = "blockwise forward") -> list[tuple
     return units
 
 
+def input_hw(model: nn.Module) -> tuple[int, int]:
+    """An input size the model accepts for a probing forward: a ViT's fixed size, else 64 x 64."""
+    pe = getattr(model, "patch_embed", None)
+    if pe is not None and getattr(pe, "img_size", None):
+        return tuple(pe.img_size)
+    return (64, 64)
+
+
 @contextlib.contextmanager
 def _forwards_replaced(units: list[tuple[str, nn.Module]], make: Callable):
     """Each unit's forward replaced by `make(key, module)` (bound to the module) for the duration of the
@@ -138,7 +146,7 @@ class FunctionalBackbone:
         self.buffers = dict(model.named_buffers())
         self.theta_pre = self.space.flatten({n: p.detach() for n, p in model.named_parameters()})
         with torch.no_grad():
-            dummy = torch.zeros(1, 3, *self._input_hw())
+            dummy = torch.zeros(1, 3, *input_hw(self.model))
             self.feature_dim = int(self.model(dummy).shape[-1])
 
     def to(self, device: torch.device) -> "FunctionalBackbone":
@@ -147,11 +155,6 @@ class FunctionalBackbone:
         self.theta_pre = self.theta_pre.to(device)
         return self
 
-    def _input_hw(self):
-        pe = getattr(self.model, "patch_embed", None)
-        if pe is not None and getattr(pe, "img_size", None):
-            return tuple(pe.img_size)
-        return (64, 64)
 
     def __call__(self, theta: torch.Tensor, x: torch.Tensor, tap: "Tap | None" = None) -> torch.Tensor:
         params = self.space.unflatten(theta)
