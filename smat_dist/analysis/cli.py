@@ -60,8 +60,8 @@ def _is_sweep(d: Path) -> bool:
 def _log_to_wandb(run_dir: Path, figures: dict) -> None:
     """Add the figures to the run's own wandb run (its id is in the checkpoint), offline unless configured."""
     from smat_dist.config.hydra import load_yaml
-    from smat_dist.dist.checkpoint import find_latest, read_manifest
-    from smat_dist.launch import wandb_run
+    from smat_dist.distributed.checkpoint import find_latest, read_manifest
+    from smat_dist.train import wandb_run
 
     cfg = load_yaml(run_dir / "config.yaml")
     ck = find_latest(run_dir)

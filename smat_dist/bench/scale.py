@@ -69,8 +69,8 @@ class _AllReducedHyper:
 def scale_rank(rank: int, world: int, point: dict) -> dict:
     """One rank of one point: build, warm up one step, time `steps` steps; returns its measurements."""
     from smat_dist.config.schema import MethodConfig
-    from smat_dist.dist.comm import Comm
-    from smat_dist.dist.sharded import build_merger
+    from smat_dist.distributed.comm import Comm
+    from smat_dist.distributed.sharded import build_merger
     from smat_dist.method.optim import PoolOptimizer, hypernet_optimizer
     from smat_dist.method.pool import ExpertPool
     from smat_dist.method.smat import SMAT
@@ -140,7 +140,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
 
 
 def measure_point(point: dict) -> dict:
-    from smat_dist.dist.spawn import run_ranks
+    from smat_dist.bench.spawn import run_ranks
 
     res = run_ranks(scale_rank, point["ranks"], point)
     r0 = res[0]

@@ -67,7 +67,7 @@ def run(cfg) -> dict:
 
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from smat_dist.dist.engine import init_distributed
+        from smat_dist.distributed.engine import init_distributed
 
         rank, world = init_distributed(cfg.dist)
     elif dist.is_initialized():

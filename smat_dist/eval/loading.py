@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from smat_dist.config.schema import Config
-from smat_dist.dist import checkpoint as ckpt
+from smat_dist.distributed import checkpoint as ckpt
 from smat_dist.method.build import LocalSetup, build_local
 from smat_dist.utils.log import get_logger
 

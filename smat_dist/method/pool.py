@@ -4,7 +4,7 @@ A pool object owns entries [lo, hi) of the flat vector: delta (the shared dense 
 mask logits of all M experts as an [n, M] block (row = parameter entry), so the merge of one task is one
 matrix-vector product over the slice: m = z @ w, d = m * delta. Single-process training is the special case
 lo = 0, hi = P. With structured gates (groups.py) the block has one row per gate group instead of per
-entry. The code here is pure torch: collectives live in smat_dist.dist.
+entry. The code here is pure torch: collectives live in smat_dist.distributed.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """One optimiser step over this rank's tasks, the same code for one process, torchrun and submitit.
 
 What differs between those settings is passed in: the merger (local / sharded / gather), the hypernetwork
-optimiser (plain torch, or a DeepSpeed engine behind smat_dist.dist) and `reduce` (sum over ranks).
+optimiser (plain torch, or a DeepSpeed engine behind smat_dist.distributed) and `reduce` (sum over ranks).
 """
 from __future__ import annotations
 

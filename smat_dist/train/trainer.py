@@ -17,10 +17,10 @@ from omegaconf import OmegaConf
 
 from smat_dist.config.schema import Config
 from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
-from smat_dist.dist import checkpoint as ckpt
-from smat_dist.dist.comm import Comm
-from smat_dist.dist.engine import DeepSpeedOptimizer, device, init_distributed
-from smat_dist.dist.sharded import build_merger
+from smat_dist.distributed import checkpoint as ckpt
+from smat_dist.distributed.comm import Comm
+from smat_dist.distributed.engine import DeepSpeedOptimizer, device, init_distributed
+from smat_dist.distributed.sharded import build_merger
 from smat_dist.method.baselines import PMF
 from smat_dist.method.optim import PoolOptimizer, hypernet_optimizer
 from smat_dist.method.pool import ExpertPool
@@ -223,7 +223,7 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
         tasks, cursor, wandb_id = manifest["tasks"], manifest["cursor"], manifest.get("wandb_run_id")
     wb = None
     if rank == 0 and cfg.logging.wandb_mode != "disabled":
-        from smat_dist.launch import wandb_run
+        from smat_dist.train import wandb_run
 
         wb, wandb_id = wandb_run.start(cfg, str(run_dir), wandb_id)
     wandb_id = run.log_comm.broadcast_object(wandb_id)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from smat_dist.config.schema import SparsityConfig
-from smat_dist.dist.comm import Comm
-from smat_dist.dist.sharded import GatherMerger, ShardedMerger
-from smat_dist.dist.spawn import run_ranks
+from smat_dist.distributed.comm import Comm
+from smat_dist.distributed.sharded import GatherMerger, ShardedMerger
+from smat_dist.bench.spawn import run_ranks
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.pool import ExpertPool
 

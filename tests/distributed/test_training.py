@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from smat_dist.dist.spawn import run_ranks
+from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
 from tests.distributed.helpers import tiny_config, train_rank
 

@@ -8,7 +8,7 @@ import torch
 from smat_dist.config.schema import EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig
 from smat_dist.data.fixed_sets import fixed_episodes
-from smat_dist.dist.spawn import run_ranks
+from smat_dist.bench.spawn import run_ranks
 from smat_dist.eval.finetune import LoraRunner, finetune_full, support_loss, task_theta
 from smat_dist.eval.protocol import Domain, Evaluator, evaluate
 from smat_dist.method.build import build_local

@@ -79,7 +79,7 @@ def test_lean_refuses_what_it_cannot_recompute():
         ExpertPool(0, 8, 8, 2, SparsityConfig(lean=True, noise_eps=1e-6))
     with pytest.raises(ValueError, match="lean"):
         ExpertPool(0, 8, 8, 2, SparsityConfig(lean=True, structured=True))
-    from smat_dist.dist.comm import Comm
-    from smat_dist.dist.sharded import build_merger
+    from smat_dist.distributed.comm import Comm
+    from smat_dist.distributed.sharded import build_merger
     with pytest.raises(ValueError, match="lean"):
         build_merger("gather", ExpertPool(0, 8, 8, 2, SparsityConfig(lean=True)), 8, Comm())

@@ -129,8 +129,8 @@ def test_structured_merge_gradients_and_stats_equal_tied_unstructured_masks():
 def test_structured_requires_a_layout_and_gather_path_refuses_it():
     with pytest.raises(ValueError, match="structured"):
         ExpertPool(0, 8, 8, 2, SparsityConfig(structured=True))
-    from smat_dist.dist.comm import Comm
-    from smat_dist.dist.sharded import build_merger
+    from smat_dist.distributed.comm import Comm
+    from smat_dist.distributed.sharded import build_merger
     _, st, _ = _pools()
     with pytest.raises(ValueError, match="dist.pool=gather"):
         build_merger("gather", st, st.hi, Comm())

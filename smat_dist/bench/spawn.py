@@ -1,19 +1,15 @@
-"""Run a function on N local CPU ranks over gloo (tests and benchmarks; launchers use smat_dist.launch)."""
+"""Run a function on N local CPU ranks over gloo: the harness of the benchmarks and the distributed tests
+(users' jobs start through smat_dist.launch)."""
 from __future__ import annotations
 
 import io
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from smat_dist.launch.env import free_port
 
 
 def _entry(rank: int, world: int, port: int, fn, args, queue):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from smat_dist.dist.comm import Comm
+from smat_dist.distributed.comm import Comm
 from smat_dist.method import hard_concrete as hc
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.pool import ExpertPool
