@@ -3,11 +3,68 @@
 Every constant of the method (shared/reference/smat_method.md) lives here with its upstream value as the
 default, so a typo or a wrong type is an error naming the key, and the resolved config saved in each run
 folder records everything that shaped the run.
+
+String choices are `StrEnum`s: OmegaConf refuses a misspelled value naming the choices, and a member still
+compares, hashes, formats and serialises as its plain string (`cfg.dist.pool == "sharded"`). Ranges and
+cross-field rules are checked when a whole `Config` is built (`Config.__post_init__`, smat_dist/config/checks.py),
+each as a one-line ConfigError naming the key and the allowed values.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema; the message (one line) names the key and what is allowed."""
+
+
+# member name == value: OmegaConf parses a YAML / command-line string by member name
+class MethodName(StrEnum):
+    smat = "smat"
+    pmf = "pmf"
+    pretrained = "pretrained"
+
+
+class EpisodeMode(StrEnum):
+    variable = "variable"   # Meta-Dataset's variable ways and shots
+    fixed = "fixed"         # N-way K-shot Q-query
+
+
+class PoolPath(StrEnum):
+    sharded = "sharded"     # merge where the shard lives (per-task bytes independent of M)
+    gather = "gather"       # all-gather every mask (what plain ZeRO-3 does; comparison only)
+
+
+class Backend(StrEnum):
+    gloo = "gloo"
+    nccl = "nccl"
+    mpi = "mpi"
+    ucc = "ucc"
+
+
+class Precision(StrEnum):
+    auto = "auto"           # bf16 on GPU, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class LauncherName(StrEnum):
+    local = "local"
+    slurm = "slurm"
+
+
+class EvalMode(StrEnum):
+    zeroshot = "zeroshot"
+    full = "full"
+    lora = "lora"
 
 
 @dataclass
@@ -54,6 +111,8 @@ class HypernetConfig:
     spectral_norm: bool = True
     t_start: float = 5.0          # temperature T = max(t_min, t_start - tasks / t_decay)
     t_min: float = 0.5
+    # 4000 = upstream's (T reaches t_min after 18k of its 50k tasks). The method configs (configs/method/*.yaml)
+    # tie it to the run instead: ${smat_t_decay:...} makes T reach t_min after the same 36% of train.tasks.
     t_decay: float = 4000.0
     logit_reg: float = 1e-4
     lr: float = 1e-4
@@ -79,7 +138,7 @@ class TeacherConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "smat"            # smat | pmf | pretrained
+    name: MethodName = MethodName.smat
     experts: int = 8
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
     hypernet: HypernetConfig = field(default_factory=HypernetConfig)
@@ -93,14 +152,16 @@ class MethodConfig:
     pmf_lr: float = 5e-4          # P>M>F dense meta-tuning (SGD momentum 0.9)
     pmf_momentum: float = 0.9
     warmup_tasks: int = 400
-    total_tasks: int = 50000      # cosine horizon of the task-counter schedule
+    # cosine horizon of the task-counter schedule; the method configs set it to ${train.tasks} (the run's
+    # length) unless given explicitly; 50000 (upstream's length) for a MethodConfig built in code
+    total_tasks: int = 50000
 
 
 @dataclass
 class DataConfig:
     sources: list[str] = field(default_factory=list)      # training dataset folders (or URLs)
     eval_sources: list[str] = field(default_factory=list)  # OOD domains for testing
-    mode: str = "variable"        # variable (Meta-Dataset) | fixed
+    mode: EpisodeMode = EpisodeMode.variable
     ways: int = 5
     shots: int = 5
     queries: int = 10
@@ -113,16 +174,18 @@ class DataConfig:
 @dataclass
 class DistConfig:
     zero_stage: int = 0           # ZeRO stage for the DeepSpeed-managed (replicated) hypernetwork state
-    pool: str = "sharded"         # sharded (merge where the shard lives) | gather (all-gather every mask; comparison only)
-    backend: Optional[str] = None  # None: nccl on GPU, gloo on CPU
-    precision: str = "auto"       # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
+    pool: PoolPath = PoolPath.sharded
+    backend: Optional[Backend] = None  # None: nccl on GPU, gloo on CPU
+    precision: Precision = Precision.auto
 
 
 @dataclass
 class CheckpointConfig:
     every_tasks: int = 200
-    keep: int = 3
-    resume: Optional[str] = None  # a run folder or checkpoint folder to resume from
+    keep: int = 3                 # complete checkpoints kept (the oldest are deleted)
+    # write each rank's pool shard from a host copy in a writer thread: training blocks only for the copy
+    # (and DeepSpeed's small replicated save); false writes and hashes in the foreground
+    async_save: bool = True
 
 
 @dataclass
@@ -136,13 +199,13 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: str = "offline"   # offline | online | disabled
+    wandb_mode: WandbMode = WandbMode.offline
     project: str = "smat_dist"
 
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"           # local | slurm
+    name: LauncherName = LauncherName.local
     nproc: int = 2                # local ranks (torchrun-style spawn)
     partition: Optional[str] = None
     nodes: int = 1
@@ -164,8 +227,9 @@ class EvalConfig:
     checkpoint: Optional[str] = None      # SMAT run folder or checkpoint folder
     pmf_checkpoint: Optional[str] = None  # P>M>F run folder or checkpoint folder (baseline)
     episodes: int = 600
-    modes: list[str] = field(default_factory=lambda: ["zeroshot"])
-    methods: list[str] = field(default_factory=lambda: ["smat", "pretrained", "pmf"])
+    modes: list[EvalMode] = field(default_factory=lambda: [EvalMode.zeroshot])
+    methods: list[MethodName] = field(
+        default_factory=lambda: [MethodName.smat, MethodName.pretrained, MethodName.pmf])
     finetune_steps: int = 50
     lr_grid: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
     val_episodes: int = 5
@@ -185,4 +249,9 @@ class Config:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: Optional[str] = None
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # a run folder to continue (smat-train resume=RUN_DIR)
+
+    def __post_init__(self) -> None:
+        from smat_dist.config.checks import validate  # ranges and cross-field rules
+
+        validate(self)
