@@ -13,25 +13,53 @@ from smat_dist.config.schema import ModelConfig
 from smat_dist.model.flat import FlatSpace
 from smat_dist.model.weights import load_pretrained
 
+# timm families whose models take img_size / patch_size (a fixed token grid): ViT and its relatives
+VIT_FAMILIES = {"vision_transformer", "eva", "deit", "beit", "vision_transformer_relpos", "cait", "xcit",
+                "vision_transformer_sam", "vision_transformer_hybrid"}
+
+
+def _family(name: str) -> str:
+    try:
+        return timm.models.model_entrypoint(name).__module__.rsplit(".", 1)[-1]
+    except Exception:  # unknown name: timm.create_model below says so
+        return ""
+
 
 def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """A timm feature extractor (no classifier), frozen, in eval mode.
+    """A timm feature extractor (no classifier), frozen, in eval mode, returning one pooled feature per image.
 
     Eval mode is deliberate: BatchNorm in CNN backbones then uses its running statistics, so a task's
     features do not depend on which other images share its batch and the functional forward is pure.
+    The feature is timm's pre-logits output (`num_classes=0`): the class token for ViT / DeiT / DINO /
+    DINOv2 (registers are skipped), SigLIP's attention-pooling head (`global_pool='map'`, its weights are
+    part of the backbone), EVA-02's mean of the patch tokens, and, for DINOv3, the class token as upstream
+    (timm's default for DINOv3 would average the patches: `global_pool='token'` is set unless
+    `model.kwargs.global_pool` says otherwise).
     """
     kwargs = dict(cfg.kwargs)
     kwargs.setdefault("num_classes", 0)
-    is_vit = "vit" in cfg.name or "deit" in cfg.name
+    family = _family(cfg.name)
+    is_vit = family in VIT_FAMILIES or (not family and ("vit" in cfg.name or "deit" in cfg.name))
     if is_vit:
         kwargs.setdefault("img_size", cfg.image_size)
         if cfg.patch_size:
             kwargs.setdefault("patch_size", cfg.patch_size)
         kwargs.setdefault("dynamic_img_size", False)
+    if "dinov3" in cfg.name:
+        kwargs.setdefault("global_pool", "token")
     try:
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
     except Exception as e:
         raise ValueError(f"model.name={cfg.name!r}: timm cannot build it ({e})") from e
+    pe = getattr(model, "patch_embed", None)
+    patch = getattr(pe, "patch_size", None)
+    if is_vit and patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        if cfg.image_size % ph or cfg.image_size % pw:
+            raise ValueError(f"model.image_size={cfg.image_size} is not a multiple of {cfg.name}'s patch size "
+                             f"{ph}: the last {cfg.image_size % ph} pixels of each row would be dropped; use "
+                             f"{cfg.image_size - cfg.image_size % ph} or {cfg.image_size + ph - cfg.image_size % ph}"
+                             f" (or set model.patch_size)")
     if cfg.pretrained:
         load_pretrained(model, cfg.pretrained)
     if cfg.checkpoint_blocks:
@@ -61,16 +89,17 @@ def checkpoint_blocks(model: nn.Module) -> int:
         orig = blk.forward
         state = {"inside": False}
 
-        def fwd(self, x, _orig=orig, _state=state):
+        def fwd(self, x, *args, _orig=orig, _state=state, **kwargs):
+            # extra arguments (EVA / DINOv3 blocks get rope=, attn_mask=) are passed on to the block as given
             if _state["inside"] or not torch.is_grad_enabled():
-                return _orig(x)
+                return _orig(x, *args, **kwargs)
             named = list(self.named_parameters()) + list(self.named_buffers())
             keys = [k for k, _ in named]
 
             def run(inp, *tensors):
                 _state["inside"] = True
                 try:
-                    return torch.func.functional_call(self, dict(zip(keys, tensors)), (inp,))
+                    return torch.func.functional_call(self, dict(zip(keys, tensors)), (inp, *args), kwargs)
                 finally:
                     _state["inside"] = False
 
@@ -147,7 +176,12 @@ class FunctionalBackbone:
         self.theta_pre = self.space.flatten({n: p.detach() for n, p in model.named_parameters()})
         with torch.no_grad():
             dummy = torch.zeros(1, 3, *input_hw(self.model))
-            self.feature_dim = int(self.model(dummy).shape[-1])
+            out = self.model(dummy)
+        if out.ndim != 2:
+            raise ValueError(f"backbone {type(model).__name__} returns features of shape {tuple(out.shape)} per "
+                             f"batch, not one pooled vector per image: set a pooling (model.kwargs.global_pool: "
+                             f"token, avg or map)")
+        self.feature_dim = int(out.shape[-1])
 
     def to(self, device: torch.device) -> "FunctionalBackbone":
         self.model.to(device)
