@@ -12,12 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from smat_dist.utils.log import get_logger, setup_logging
-
 from data_tools.sources import SOURCES
 from data_tools.sources.base import Options, Plan
+from data_tools.sources.md_dag import dag_ontology
 from data_tools.splits import parse_fractions
 from data_tools.writer import ConversionError, DatasetWriter
+from smat_dist.utils.log import get_logger, setup_logging
 
 log = get_logger("data_tools.cli")
 
@@ -72,38 +72,6 @@ def _select(plan: Plan, max_classes: int | None) -> list:
     return out
 
 
-def _dag_ontology(dag: dict, leaf_labels: dict[str, int]) -> dict | None:
-    """The part of the source DAG above the written classes, in the reader's format (docs/data_format.md):
-    ``{"type": "dag", "root": id, "nodes": {internal id: [child ids]}, "words": {id: words}}``; leaves are class
-    names. Nodes with no written class below them are dropped, so after --partial / --max-classes every leaf is
-    still a class of this dataset (the reader refuses a leaf it cannot resolve)."""
-    nodes = dag["nodes"]
-    inner = sorted(n for n in leaf_labels if nodes.get(n, {}).get("children"))
-    if inner:
-        # the reader treats any id with children as internal, so such a class could never be drawn
-        raise ConversionError(f"ImageNet DAG: classes {inner[:5]} have children in the ontology; classes must be "
-                              f"leaves")
-    keep: dict[str, bool] = {}
-    stack = [(dag["root"], False)]  # iterative post-order over the DAG (shared children visited once)
-    while stack:
-        n, done = stack.pop()
-        kids = nodes.get(n, {}).get("children", [])
-        if done:
-            keep[n] = n in leaf_labels or any(keep.get(c, False) for c in kids)
-            continue
-        if n in keep:
-            continue
-        keep[n] = False  # provisional; also stops a (malformed) cycle from looping
-        stack.append((n, True))
-        stack.extend((c, False) for c in kids if c not in keep)
-    if not keep.get(dag["root"]):
-        return None
-    children = {n: sorted(c for c in nodes[n]["children"] if keep.get(c))
-                for n in sorted(keep) if keep[n] and nodes.get(n, {}).get("children")}
-    words = {n: nodes[n]["words"] for n in sorted(keep) if keep[n] and nodes.get(n, {}).get("words")}
-    return {"type": "dag", "root": dag["root"], "nodes": children, "words": words}
-
-
 def _check_classes(plan: Plan, classes: list, full: bool) -> None:
     found = tuple(sum(1 for c in classes if c.split == s) for s in ("train", "val", "test"))
     log.info("%s: %d classes to write (train/val/test %d/%d/%d)", plan.name, len(classes), *found)
@@ -130,7 +98,8 @@ def _check_images(plan: Plan, spec: dict, full: bool) -> list[str]:
 
 def convert(args: argparse.Namespace) -> dict:
     if args.source not in SOURCES:
-        raise ConversionError(f"unknown source {args.source!r}; choose from {', '.join(SOURCES)}, offline:<domain>, offline-all")
+        raise ConversionError(f"unknown source {args.source!r}; choose from {', '.join(SOURCES)}, "
+                              f"offline:<domain>, offline-all")
     if args.input is None:
         raise ConversionError(f"{args.source} needs --input PATH")
     offline_only = [f for f, v in (("--images-per-class", args.images_per_class), ("--image-size", args.image_size))
@@ -151,6 +120,8 @@ def convert(args: argparse.Namespace) -> dict:
                             "seed": args.seed, "partial": args.partial, "min_count": args.min_count,
                             "strict": args.strict, "shard_bytes": args.shard_bytes}, sort_keys=True)
     plan = SOURCES[args.source][0](args.input, opts)
+    for warning in plan.warnings:
+        log.warning(warning)
     classes = _select(plan, args.max_classes)
     full = args.max_classes is None and not args.partial
     _check_classes(plan, classes, full)
@@ -168,9 +139,9 @@ def convert(args: argparse.Namespace) -> dict:
         if supers:
             w.set_ontology({"type": "bilevel", "superclasses": supers})
         elif plan.dag:
-            w.set_ontology(_dag_ontology(plan.dag, labels))  # None when no class was written
+            w.set_ontology(dag_ontology(plan.dag, {c.name: c.split for c in classes}))  # None: none written
     spec = w.spec
-    warnings = _check_images(plan, spec, full)
+    warnings = plan.warnings + _check_images(plan, spec, full)
     return {"name": plan.name, "output": str(args.output), "status": "written", **spec["counts"],
             "skipped": len(spec["skipped"]), "shards": len(spec["shards"]), "warnings": warnings}
 

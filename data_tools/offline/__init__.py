@@ -8,7 +8,7 @@ OOD domains (every class in test): fashion_mnist, digits. See DOMAINS for what e
     convert_all(output_root, cache_dir)              # every domain at its demo-sized defaults
 max_classes / images_per_class: None = the domain's demo-sized default, ALL (0) = everything, N = at most N.
 """
-from .domains import ALL, DOMAINS, DomainInfo, convert, convert_all
-from .fetch import FetchError, fetch
+from .domains import ALL, DOMAINS, DomainInfo, convert, convert_all, fetch
+from .fetch import FetchError
 
 __all__ = ["ALL", "DOMAINS", "DomainInfo", "FetchError", "convert", "convert_all", "fetch"]

@@ -15,7 +15,7 @@ from smat_dist.utils.log import get_logger
 
 from . import glyphs, iconify, pictures
 from .common import DomainPlan, assign_splits
-from .fetch import fetch, packages_for, require
+from .fetch import fetch_packages, packages_for, require
 
 log = get_logger("data_tools.offline")
 
@@ -46,6 +46,16 @@ DOMAINS: dict[str, DomainInfo] = {d.name: d for d in (
     DomainInfo("fashion_mnist", "ood", pictures.fashion_mnist, None, 200, "Fashion-MNIST product photos, 10 classes"),
     DomainInfo("digits", "ood", pictures.digits, None, None, "scikit-learn 8x8 handwritten digits, 10 classes"),
 )}
+
+
+def fetch(domains, cache_dir) -> None:
+    """Fetch and unpack every package the given domains need into ``cache_dir`` (idempotent: packages already
+    there are skipped); an unknown domain name is refused before anything is fetched."""
+    domains = list(domains)
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown offline domain(s) {unknown}; known: {sorted(DOMAINS)}")
+    fetch_packages(domains, cache_dir)
 
 
 def _converter_id(domain, max_classes, images_per_class, image_size, seed) -> str:

@@ -89,7 +89,8 @@ def _run(cmd: list[str], cwd: Path, what: str) -> str:
         raise FetchError(f"cannot fetch {what}: `{' '.join(cmd)}` timed out after {e.timeout} s") from e
     if r.returncode != 0:
         tail = (r.stderr or r.stdout).strip().splitlines()[-6:]
-        raise FetchError(f"cannot fetch {what}: `{' '.join(cmd)}` failed (exit {r.returncode}):\n  " + "\n  ".join(tail))
+        raise FetchError(f"cannot fetch {what}: `{' '.join(cmd)}` failed (exit {r.returncode}):\n  "
+                         + "\n  ".join(tail))
     return r.stdout
 
 
@@ -127,7 +128,8 @@ def _fetch_npm(cache: Path, pkgs: list[Package]) -> None:
              "npm package(s) " + ", ".join(specs))
     except FetchError:
         for p in pkgs:
-            _run(["npm", "pack", "--silent", "--pack-destination", str(tgz_dir), p.spec], cache, f"npm package {p.spec!r}")
+            _run(["npm", "pack", "--silent", "--pack-destination", str(tgz_dir), p.spec], cache,
+                 f"npm package {p.spec!r}")
     for p in pkgs:
         # npm names the tarball <scope>-<name>-<version>.tgz
         tgz = tgz_dir / f"{p.name.lstrip('@').replace('/', '-')}-{p.version}.tgz"
@@ -152,14 +154,11 @@ def _fetch_npm(cache: Path, pkgs: list[Package]) -> None:
         _marker(cache, p).write_text(f"{p.spec}\n")
 
 
-def fetch(domains, cache_dir) -> None:
-    """Fetch and unpack every package the given domains need into ``cache_dir``; skip those already there."""
-    from .domains import DOMAINS  # domain names are validated against the registry
-
+def fetch_packages(domains, cache_dir) -> None:
+    """Fetch and unpack every package packages.txt lists for the given domains into ``cache_dir``; skip those
+    already there. The domain names are not checked here (this module does not know the domain registry, which
+    imports it): ``data_tools.offline.fetch`` (domains.fetch) checks them first."""
     domains = list(domains)
-    unknown = [d for d in domains if d not in DOMAINS]
-    if unknown:
-        raise ValueError(f"unknown offline domain(s) {unknown}; known: {sorted(DOMAINS)}")
     # Absolute: apt-get download and npm pack run in sub-folders, so a relative cache path would point
     # somewhere else for the next command.
     cache = Path(cache_dir).resolve()

@@ -33,7 +33,8 @@ class Plan:
     expected_classes: tuple[int, int, int] | None = None   # (train, val, test) classes when known
     expected_images: int | None = None
     expected_per_class: dict[str, int] | None = None       # class name -> images, when the source says
-    dag: dict | None = None                                # {"nodes": {id: {"words", "children"}}, "root": id}
+    dag: dict | None = None   # per split: {"splits": {split: {"root": id, "nodes": {id: {"words", "children"}}}}}
+    warnings: list[str] = field(default_factory=list)      # found while planning; reported with the result
 
 
 @dataclass

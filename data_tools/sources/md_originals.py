@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import ImageOps
 
-from data_tools.sources.base import (ClassPlan, Options, Plan, file_items, files_in, pil_item, require, subdirs)
+from data_tools.sources.base import ClassPlan, Options, Plan, file_items, files_in, pil_item, require, subdirs
 from data_tools.sources.md_common import md_split
-from data_tools.sources.md_records import dag_from_subgraphs
+from data_tools.sources.md_spec import load_md_spec
 from data_tools.splits import MD_COUNTS
 from data_tools.writer import ConversionError
 
@@ -35,7 +35,10 @@ def plan_omniglot(inp: Path, opts: Options) -> Plan:
     bg_alpha = subdirs(bg)
     train = [a for a in bg_alpha if a not in OMNIGLOT_VALID]
     valid = [a for a in OMNIGLOT_VALID if a in bg_alpha]
-    invert = lambda im: ImageOps.invert(im.convert("L"))  # MD: white background, black strokes
+
+    def invert(im):
+        return ImageOps.invert(im.convert("L"))  # MD: white background, black strokes
+
     classes = []
     for split, root, alphabets in (("train", bg, train), ("val", bg, valid), ("test", ev, subdirs(ev))):
         for a in alphabets:
@@ -195,28 +198,31 @@ def plan_mscoco(inp: Path, opts: Options) -> Plan:
 
 
 def plan_ilsvrc_2012(inp: Path, opts: Options) -> Plan:
-    """ImageNet train folder of synsets, split by MD's DAG subgraphs (712/158/130).
+    """ImageNet train folder of synsets, split by a Meta-Dataset hierarchical spec (--md-spec).
 
-    The split comes from MD's published ilsvrc_2012_dataset_spec.json (--md-spec), which holds each split's
-    WordNet subgraph; its leaves are the classes and the union of subgraphs is recorded as the DAG ontology.
+    The spec (MD's published dataset_specs/ilsvrc_2012_dataset_spec.json: 712/158/130 classes, or
+    ilsvrc_2012_v2_dataset_spec.json: all 1000 in train) holds each split's WordNet subgraph; its leaves are the
+    classes, labelled as MD does, and each split's subgraph is recorded as that split's DAG ontology.
     """
     if opts.md_spec is None:
         raise ConversionError("ilsvrc_2012 needs --md-spec PATH: Meta-Dataset's ilsvrc_2012_dataset_spec.json "
                               "(dataset_conversion/dataset_specs/), which defines the 712/158/130 DAG split")
-    try:
-        spec = json.loads(Path(opts.md_spec).read_text())
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read --md-spec {opts.md_spec}: {e}") from e
-    if "split_subgraphs" not in spec:
-        raise ConversionError(f"--md-spec {opts.md_spec} has no split_subgraphs (not the ILSVRC spec)")
-    leaves, dag = dag_from_subgraphs(spec["split_subgraphs"])
+    md = load_md_spec(Path(opts.md_spec), need_names=False)
+    if md.kind != "HierarchicalDatasetSpecification":
+        raise ConversionError(f"--md-spec {opts.md_spec} is a {md.kind}, not the ILSVRC "
+                              f"HierarchicalDatasetSpecification (no split_subgraphs)")
     present = set(subdirs(inp))
     classes = []
-    for split in ("train", "val", "test"):
-        for wn in leaves[split]:
-            if wn not in present:
-                if opts.extra.get("partial"):
-                    continue
-                raise ConversionError(f"ilsvrc_2012: missing synset folder {inp / wn} (class of split {split})")
-            classes.append(ClassPlan(wn, split, file_items(files_in(inp / wn))))
-    return Plan("ilsvrc_2012", classes, expected_classes=MD_COUNTS["ilsvrc_2012"]["classes"], dag=dag)
+    for c in md.classes:
+        if c.name not in present:
+            if opts.extra.get("partial"):
+                continue
+            raise ConversionError(f"ilsvrc_2012: missing synset folder {inp / c.name} (class of split {c.split})")
+        classes.append(ClassPlan(c.name, c.split, file_items(files_in(inp / c.name))))
+    warnings = list(md.warnings)
+    unlisted = sorted(present - {c.name for c in md.classes})
+    if unlisted:
+        warnings.append(f"ilsvrc_2012: {len(unlisted)} folders of {inp} are not classes of --md-spec "
+                        f"{opts.md_spec} and are not converted: {', '.join(unlisted[:8])}"
+                        f"{', ...' if len(unlisted) > 8 else ''}")
+    return Plan(md.name or "ilsvrc_2012", classes, expected_classes=md.counts(), dag=md.dag, warnings=warnings)

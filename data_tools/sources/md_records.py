@@ -1,7 +1,8 @@
 """Meta-Dataset's converted forms: the official TFRecords folder and P>M>F's per-class h5 files.
 
-Both sit next to MD's ``dataset_spec.json``, which assigns labels contiguously train, valid, test and
-gives class names (and, for Omniglot, alphabets; for ILSVRC, the per-split WordNet subgraphs).
+Both sit next to MD's ``dataset_spec.json`` (any of its three spec classes, read by md_spec.py), which assigns
+labels contiguously train, valid, test and gives class names (and, for Omniglot, alphabets; for ILSVRC, the
+per-split WordNet subgraphs, kept per split as the DAG ontology).
 P>M>F (scripts/convert_tfrecord_to_h5.py) writes ``<label>.h5`` beside each ``<label>.tfrecords``: groups
 "0".."n-1", each holding ``image`` (decoded uint8 HxWxC, resized to 224 when larger), ``label`` and ``id``.
 TFRecords are read without TensorFlow: framing and CRCs are checked here, the tf.train.Example is parsed
@@ -9,7 +10,6 @@ with the protobuf class that ships with the ``tfrecord`` package.
 """
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -17,9 +17,8 @@ from typing import Iterator
 import crc32c
 
 from data_tools.sources.base import ClassPlan, Options, Plan, require
+from data_tools.sources.md_spec import load_md_spec
 from data_tools.writer import ConversionError
-
-_SPLIT_KEYS = (("TRAIN", "train"), ("VALID", "val"), ("TEST", "test"))
 
 
 def _masked_crc(data: bytes) -> int:
@@ -62,61 +61,6 @@ def parse_example(record: bytes, path: Path) -> tuple[bytes, int]:
     return feat["image"].bytes_list.value[0], int(feat["label"].int64_list.value[0])
 
 
-def read_md_spec(path: Path) -> dict:
-    """Normalise MD's three spec kinds into {name, labels: [(label, class name, split, superclass)], ...}."""
-    try:
-        spec = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read Meta-Dataset spec {path}: {e}") from e
-    names = {int(k): str(v) for k, v in spec.get("class_names", {}).items()}
-    per_class = {int(k): int(v) for k, v in spec.get("images_per_class", {}).items()}
-    labels, dag = [], None
-    if "classes_per_split" in spec:
-        lab = 0
-        for md_key, split in _SPLIT_KEYS:
-            for _ in range(int(spec["classes_per_split"].get(md_key, 0))):
-                labels.append((lab, names.get(lab, str(lab)), split, None))
-                lab += 1
-    elif "superclasses_per_split" in spec:  # bilevel (Omniglot): superclasses contiguous, classes contiguous
-        sc_names = {int(k): v for k, v in spec["superclass_names"].items()}
-        per_sc = {int(k): int(v) for k, v in spec["classes_per_superclass"].items()}
-        sc, lab = 0, 0
-        for md_key, split in _SPLIT_KEYS:
-            for _ in range(int(spec["superclasses_per_split"].get(md_key, 0))):
-                for _ in range(per_sc[sc]):
-                    labels.append((lab, names.get(lab, str(lab)), split, sc_names[sc]))
-                    lab += 1
-                sc += 1
-    elif "split_subgraphs" in spec:  # ILSVRC: leaves of each split's subgraph, sorted by WordNet id
-        leaves, dag = dag_from_subgraphs(spec["split_subgraphs"])
-        lab = 0
-        for _, split in _SPLIT_KEYS:
-            for wn in leaves[split]:
-                labels.append((lab, wn, split, None))
-                lab += 1
-    else:
-        raise ConversionError(f"{path}: not a Meta-Dataset dataset spec (no classes_per_split, "
-                              f"superclasses_per_split or split_subgraphs)")
-    return {"name": spec.get("name"), "labels": labels, "per_class": per_class, "dag": dag,
-            "file_pattern": spec.get("file_pattern", "{}.tfrecords")}
-
-
-def dag_from_subgraphs(split_subgraphs: dict) -> tuple[dict[str, list[str]], dict]:
-    """Leaves per split and the union DAG {"nodes": {wn: {"words", "children"}}, "root"} of MD's subgraphs."""
-    leaves, nodes = {}, {}
-    for md_key, split in _SPLIT_KEYS:
-        graph = split_subgraphs.get(md_key, [])
-        leaves[split] = sorted(n["wn_id"] for n in graph if not n["children_ids"])
-        for n in graph:
-            node = nodes.setdefault(n["wn_id"], {"words": n.get("words", ""), "children": []})
-            node["children"] = sorted(set(node["children"]) | set(n["children_ids"]))
-    has_parent = {c for n in nodes.values() for c in n["children"]}
-    roots = sorted(set(nodes) - has_parent)
-    if len(roots) != 1:
-        raise ConversionError(f"ImageNet DAG has {len(roots)} roots ({roots[:3]}), expected 1")
-    return leaves, {"nodes": nodes, "root": roots[0]}
-
-
 def _records_items(path: Path, label: int):
     def gen():
         for i, rec in enumerate(read_tfrecord(path)):
@@ -150,22 +94,42 @@ def _h5_items(path: Path):
 
 def _plan(inp: Path, opts: Options, kind: str) -> Plan:
     spec_path = require(inp / "dataset_spec.json", "Meta-Dataset dataset_spec.json")
-    md = read_md_spec(spec_path)
-    pattern = md["file_pattern"]
+    md = load_md_spec(spec_path)
+    pattern = md.file_pattern
     if kind == "h5":
         pattern = pattern.replace("tfrecords", "h5")
     classes = []
-    for label, cname, split, sc in md["labels"]:
-        path = inp / pattern.format(label)
+    for c in md.classes:
+        path = inp / pattern.format(c.label)
         if not path.exists():
-            raise ConversionError(f"missing class file for label {label} ({cname!r}): expected {path}")
-        items = _records_items(path, label) if kind == "tfrecords" else _h5_items(path)
-        classes.append(ClassPlan(cname, split, items, superclass=sc))
-    counts = tuple(sum(1 for c in classes if c.split == s) for s in ("train", "val", "test"))
-    per_class = {md["labels"][i][1]: n for i, n in md["per_class"].items() if i < len(md["labels"])}
-    return Plan(md["name"] or inp.name, classes, expected_classes=counts,
+            raise ConversionError(f"missing class file for label {c.label} ({c.name!r}): expected {path}")
+        items = _records_items(path, c.label) if kind == "tfrecords" else _h5_items(path)
+        classes.append(ClassPlan(c.name, c.split, items, superclass=c.superclass))
+    per_class = {md.classes[lab].name: n for lab, n in md.per_class.items()}
+    warnings = md.warnings + _unlisted_files(inp, pattern, len(md.classes), spec_path, md.kind)
+    return Plan(md.name or inp.name, classes, expected_classes=md.counts(),
                 expected_images=sum(per_class.values()) or None, expected_per_class=per_class or None,
-                dag=md["dag"])
+                dag=md.dag, warnings=warnings)
+
+
+def _unlisted_files(inp: Path, pattern: str, n: int, spec_path: Path, kind: str) -> list[str]:
+    """A warning naming the class files of the folder that the spec does not list (they are not converted)."""
+    head, tail = pattern.split("{}")
+    extra = []
+    for f in sorted(inp.iterdir()):
+        name = f.name
+        if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+            ident = name[len(head):len(name) - len(tail)]
+            if not (ident.isdigit() and int(ident) < n and str(int(ident)) == ident):
+                extra.append(name)
+    if not extra:
+        return []
+    extra.sort(key=lambda s: (len(s), s))
+    what = "classes_per_split" if kind == "DatasetSpecification" else (
+        "superclasses_per_split / classes_per_superclass" if kind == "BiLevelDatasetSpecification"
+        else "the split_subgraphs leaves")
+    return [f"{spec_path}: {len(extra)} class files in {inp} are not listed by its {what} ({n} classes) and are "
+            f"not converted: {', '.join(extra[:8])}{', ...' if len(extra) > 8 else ''}"]
 
 
 def plan_md_tfrecords(inp: Path, opts: Options) -> Plan:

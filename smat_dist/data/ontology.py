@@ -4,11 +4,14 @@ Bilevel (Omniglot): ``{"type": "bilevel", "superclasses": {"Alphabet": [label, .
 first picks one superclass (alphabet) of the split uniformly, then its ways and classes within it.
 
 DAG (ImageNet): ``{"type": "dag", "root": ID, "nodes": {ID: [child ID, ...], ...}, "words": {ID: text}}`` (``words``
-optional, informative only). An id that is not a key of ``nodes`` (or whose child list is empty) is a leaf and must
-be a class of the dataset, named by the class ``name`` (smat-convert writes the WordNet id, e.g. ``n01440764``)
-or, when no class has that name, by its label as a decimal string. As in Meta-Dataset,
-the internal nodes of the split's subgraph that span between ``min_ways`` and 392 of the split's leaves are
-eligible; an episode picks one uniformly and uses its spanned leaves (sub-sampled to ``max_ways_upper_bound``).
+optional, informative only), one graph for every split; or, as smat-convert writes Meta-Dataset's ImageNet,
+``{"type": "dag", "splits": {split: {"root": ID, "nodes": {...}}}, "words": {...}}``, each split's own subgraph (MD
+roots its validation and test subgraphs at their own synsets), a split's episodes using only its subgraph.
+An id that is not a key of ``nodes`` (or whose child list is empty) is a leaf and must be a class of the dataset,
+named by the class ``name`` (smat-convert writes the WordNet id, e.g. ``n01440764``) or, when no class has that
+name, by its label as a decimal string. As in Meta-Dataset, the internal nodes of the split's subgraph that span
+between ``min_ways`` and 392 of the split's leaves are eligible; an episode picks one uniformly and uses its
+spanned leaves (sub-sampled to ``max_ways_upper_bound``).
 """
 from __future__ import annotations
 
@@ -64,12 +67,23 @@ def _leaf_label(spec: DatasetSpec, node: str, by_name: dict[str, int]) -> int:
     raise SpecError(f"{spec.spec_path}: ontology leaf {node!r} is neither a class name nor a class label")
 
 
-def dag_for_split(spec: DatasetSpec, split: str, min_ways: int) -> DagOntology:
+def split_graph(spec: DatasetSpec, split: str) -> tuple[str, dict[str, list[str]], str]:
+    """(root, internal node -> children, key for errors) of the DAG the split's episodes are drawn from."""
     onto = spec.ontology
-    children: dict[str, list[str]] = {k: list(v) for k, v in onto["nodes"].items()}
-    root = onto["root"]
+    if "splits" not in onto:
+        return onto["root"], onto["nodes"], "ontology"
+    graph = onto["splits"].get(split)
+    if graph is None:
+        raise SpecError(f"{spec.spec_path}: key ontology.splits has no subgraph for split {split!r} "
+                        f"(has {sorted(onto['splits'])})")
+    return graph["root"], graph["nodes"], f"ontology.splits.{split!r}"
+
+
+def dag_for_split(spec: DatasetSpec, split: str, min_ways: int) -> DagOntology:
+    root, nodes, key = split_graph(spec, split)
+    children: dict[str, list[str]] = {k: list(v) for k, v in nodes.items()}
     if root not in children:
-        raise SpecError(f"{spec.spec_path}: ontology root {root!r} is not a key of ontology.nodes")
+        raise SpecError(f"{spec.spec_path}: {key} root {root!r} is not a key of {key}.nodes")
     by_name = {c.name: c.label for c in spec.classes.values()}
     in_split = set(spec.split_labels(split))
     # Post-order traversal with memoisation: the leaves each node spans (a DAG: shared children are reused).
@@ -89,7 +103,7 @@ def dag_for_split(spec: DatasetSpec, split: str, min_ways: int) -> DagOntology:
             span[node] = frozenset().union(*(span[k] for k in kids))
             continue
         if node in on_path:
-            raise SpecError(f"{spec.spec_path}: ontology has a cycle through {node!r}")
+            raise SpecError(f"{spec.spec_path}: {key} has a cycle through {node!r}")
         on_path.add(node)
         stack.append((node, True))
         stack.extend((k, False) for k in kids if k not in span)

@@ -103,20 +103,36 @@ def _need(d: dict, key: str, typ, where: str, path: str) -> Any:
     return v
 
 
-def _check_dag(ontology: dict, path: str) -> None:
-    """Shape of a DAG ontology (docs/data_format.md); which leaves resolve to classes is checked per split."""
-    nodes = _need(ontology, "nodes", dict, "ontology.", path)
-    root = _need(ontology, "root", str, "ontology.", path)
+def _check_graph(graph: dict, where: str, path: str) -> None:
+    nodes = _need(graph, "nodes", dict, where, path)
+    root = _need(graph, "root", str, where, path)
     for node, kids in nodes.items():
         if isinstance(kids, dict):
             # {"words", "children", "label"} per node: the layout of smat-convert before the format was fixed
-            raise SpecError(f"{path}: key ontology.nodes.{node!r} must be a list of child ids, got an object; "
+            raise SpecError(f"{path}: key {where}nodes.{node!r} must be a list of child ids, got an object; "
                             f"this spec was written by an older smat-convert, re-run the conversion")
         if not isinstance(kids, list) or not all(isinstance(k, str) for k in kids):
-            raise SpecError(f"{path}: key ontology.nodes.{node!r} must be a list of child ids (strings), "
+            raise SpecError(f"{path}: key {where}nodes.{node!r} must be a list of child ids (strings), "
                             f"got {kids!r:.80}")
     if root not in nodes:
-        raise SpecError(f"{path}: key ontology.root {root!r} is not a key of ontology.nodes")
+        raise SpecError(f"{path}: key {where}root {root!r} is not a key of {where}nodes")
+
+
+def _check_dag(ontology: dict, path: str, splits: dict) -> None:
+    """Shape of a DAG ontology (docs/data_format.md): one graph for every split (``root``, ``nodes``) or one per
+    split (``splits``: {split: {root, nodes}}, Meta-Dataset's per-split subgraphs); which leaves resolve to classes
+    is checked per split."""
+    if "splits" in ontology:
+        per_split = _need(ontology, "splits", dict, "ontology.", path)
+        for split, graph in per_split.items():
+            if split not in splits:
+                raise SpecError(f"{path}: key ontology.splits.{split!r} names a split the dataset does not have "
+                                f"(has {sorted(splits)})")
+            if not isinstance(graph, dict):
+                raise SpecError(f"{path}: key ontology.splits.{split!r} must be an object with 'root' and 'nodes'")
+            _check_graph(graph, f"ontology.splits.{split!r}.", path)
+    else:
+        _check_graph(ontology, "ontology.", path)
     words = ontology.get("words", {})
     if not isinstance(words, dict) or not all(isinstance(w, str) for w in words.values()):
         raise SpecError(f"{path}: key ontology.words must map node ids to strings")
@@ -182,7 +198,7 @@ def parse_spec(raw: dict, location: str) -> DatasetSpec:
                 if bad:
                     raise SpecError(f"{path}: key ontology.superclasses.{k!r} lists unknown labels {bad[:5]}")
         else:
-            _check_dag(ontology, path)
+            _check_dag(ontology, path, splits)
     return DatasetSpec(name=name, location=location, converter=str(raw.get("converter", "")), version=version,
                        splits=splits, classes=classes, shards=shards, ontology=ontology,
                        counts=raw.get("counts", {}), skipped=raw.get("skipped", []))

@@ -57,9 +57,13 @@ def converted(tmp_path_factory) -> Path:
 
 def test_written_ontology_is_the_documented_dag_format(converted):
     onto = json.loads((converted / "spec.json").read_text())["ontology"]
-    assert onto["type"] == "dag" and onto["root"] == "n0"
-    assert onto["nodes"] == {"n0": ["n1", "n2", "n7", "n8"], "n1": ["t1", "t2", "t3"],
-                             "n2": ["t3", "t4", "t5", "t6"], "n7": ["v1", "v2", "v3"], "n8": ["e1", "e2", "e3"]}
+    assert onto["type"] == "dag"
+    # each split keeps its own subgraph (here all three are rooted at n0, as in a hand-made spec)
+    assert onto["splits"] == {
+        "train": {"root": "n0", "nodes": {"n0": ["n1", "n2"], "n1": ["t1", "t2", "t3"],
+                                          "n2": ["t3", "t4", "t5", "t6"]}},
+        "val": {"root": "n0", "nodes": {"n0": ["n7"], "n7": ["v1", "v2", "v3"]}},
+        "test": {"root": "n0", "nodes": {"n0": ["n8"], "n8": ["e1", "e2", "e3"]}}}
     assert onto["words"]["n2"] == "words of n2" and onto["words"]["t3"] == "words of t3"
     spec = load_spec(str(converted))  # the reader validates it
     assert {c.name for c in spec.classes.values()} == {leaf for g in (TRAIN, VALID, TEST)
@@ -97,16 +101,19 @@ def test_max_classes_prunes_the_dag_to_written_classes(tmp_path):
                  "--partial", "--max-classes", "2"]) == 0
     onto = json.loads((out / "spec.json").read_text())["ontology"]
     # train keeps t1, t2 (sorted order): n2 has no written class left and disappears
-    assert onto["nodes"] == {"n0": ["n1", "n7", "n8"], "n1": ["t1", "t2"], "n7": ["v1", "v2"], "n8": ["e1", "e2"]}
+    assert onto["splits"] == {"train": {"root": "n0", "nodes": {"n0": ["n1"], "n1": ["t1", "t2"]}},
+                              "val": {"root": "n0", "nodes": {"n0": ["n7"], "n7": ["v1", "v2"]}},
+                              "test": {"root": "n0", "nodes": {"n0": ["n8"], "n8": ["e1", "e2"]}}}
     stream = EpisodeStream([str(out)], "train", EpisodeConfig(image_size=16, min_ways=2), seed=0)
     assert {frozenset(stream.describe(i).class_names) for i in range(5)} == {frozenset({"t1", "t2"})}
 
 
 def test_old_converter_layout_is_refused_with_a_clear_error(converted, tmp_path):
     raw = json.loads((converted / "spec.json").read_text())
-    raw["ontology"]["nodes"]["n1"] = {"words": "x", "children": ["t1"], "label": None}
+    raw["ontology"]["splits"]["train"]["nodes"]["n1"] = {"words": "x", "children": ["t1"], "label": None}
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "spec.json").write_text(json.dumps(raw))
-    with pytest.raises(SpecError, match=r"spec.json: key ontology.nodes.'n1' must be a list of child ids.*older"):
+    with pytest.raises(SpecError,
+                       match=r"spec.json: key ontology.splits.'train'.nodes.'n1' must be a list of child ids.*older"):
         load_spec(str(bad))

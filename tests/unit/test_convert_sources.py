@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -140,9 +139,12 @@ def test_ilsvrc_dag_split_and_ontology(tmp_path, capsys):
     assert [(c["name"], c["split"]) for c in spec["classes"]] == [("n01", "train"), ("n02", "train"),
                                                                   ("n03", "val"), ("n04", "test")]
     onto = spec["ontology"]
-    assert onto["type"] == "dag" and onto["root"] == "n0"
-    # the reader's format (docs/data_format.md): internal node -> child ids, leaves are class names
-    assert onto["nodes"] == {"n0": ["n1", "n2", "n3"], "n1": ["n01", "n02"], "n2": ["n03"], "n3": ["n04"]}
+    assert onto["type"] == "dag"
+    # the reader's format (docs/data_format.md): each split's own subgraph, internal node -> child ids, leaves
+    # are class names
+    assert onto["splits"] == {"train": {"root": "n0", "nodes": {"n0": ["n1"], "n1": ["n01", "n02"]}},
+                              "val": {"root": "n0", "nodes": {"n0": ["n2"], "n2": ["n03"]}},
+                              "test": {"root": "n0", "nodes": {"n0": ["n3"], "n3": ["n04"]}}}
     assert onto["words"]["n02"] == "n02"
 
 
@@ -192,9 +194,11 @@ def test_cli_help_lists_sources_and_offline_unknown_domain(tmp_path):
     assert r.returncode == 0
     for s in ("md_tfrecords", "pmf_h5", "ilsvrc_2012", "quickdraw", "imagefolder", "offline-all"):
         assert s in r.stdout
-    r = subprocess.run([sys.executable, "-m", "data_tools.cli", "offline:no_such_domain", "--output", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 2 and "smat-convert: error:" in r.stderr and ("no_such_domain" in r.stderr or "offline" in r.stderr)
+    r = subprocess.run([sys.executable, "-m", "data_tools.cli", "offline:no_such_domain", "--output",
+                        str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT,
+                       env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "smat-convert: error:" in r.stderr
+    assert "no_such_domain" in r.stderr or "offline" in r.stderr
 
 
 def test_offline_only_flags_are_refused_for_other_sources(tmp_path, capsys):

@@ -1,0 +1,131 @@
+"""Import layering, read from the source (every import statement, module-level or inside a function).
+
+- no import cycle between data_tools modules (data_tools.offline.fetch and .domains used to import each other);
+- data_tools may use smat_dist (smat_dist.data, smat_dist.utils), but nothing it reaches there imports data_tools
+  back, and smat_dist.data never imports data_tools.
+A package's own ``__init__`` is not counted as imported by its submodules (Python runs it first, but that is not
+a dependency the submodule states).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("data_tools", "smat_dist")
+
+
+def module_files() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = f
+    return out
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    is_pkg = path.name == "__init__.py"
+    here = name if is_pkg else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = here.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            # `from pkg import sub` imports the submodule when there is one, else a name of pkg
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # `import a.b.c` of a module we do not have: its closest known parent
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    files = module_files()
+    known = set(files)
+    return {name: imports_of(name, path, known) for name, path in files.items()}
+
+
+def cycles(g: dict[str, set[str]], nodes: set[str]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), restricted to ``nodes``."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on, stack, out = set(), [], []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(g[v] & nodes):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(nodes):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def reach(g: dict[str, set[str]], start: set[str]) -> set[str]:
+    seen, todo = set(), list(start)
+    while todo:
+        v = todo.pop()
+        if v not in seen:
+            seen.add(v)
+            todo.extend(g.get(v, ()))
+    return seen
+
+
+def test_the_scanner_sees_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "p"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from .a import x\n")
+    (pkg / "a.py").write_text("def f():\n    from .b import y\n")
+    (pkg / "b.py").write_text("from p import a\n")
+    known = {"p", "p.a", "p.b"}
+    assert imports_of("p.a", pkg / "a.py", known) == {"p.b"}
+    assert imports_of("p.b", pkg / "b.py", known) == {"p.a"}
+    assert cycles({"p": {"p.a"}, "p.a": {"p.b"}, "p.b": {"p.a"}}, known) == [["p.a", "p.b"]]
+
+
+def test_no_import_cycle_inside_data_tools():
+    g = graph()
+    data_tools = {m for m in g if m.split(".")[0] == "data_tools"}
+    assert "data_tools.offline.domains" in g["data_tools.offline"] and g["data_tools.offline.domains"]
+    assert cycles(g, data_tools) == []
+
+
+def test_smat_dist_modules_used_by_data_tools_do_not_import_data_tools():
+    g = graph()
+    used = {t for m, ts in g.items() if m.startswith("data_tools") for t in ts if t.startswith("smat_dist")}
+    assert used, "data_tools uses smat_dist's logging at least"
+    back = sorted(m for m in reach(g, used) if m.startswith("data_tools"))
+    assert back == [], f"smat_dist modules that data_tools imports lead back to {back}"
+    data_layer = {m for m in g if m.startswith("smat_dist.data")}
+    assert sorted(m for m in reach(g, data_layer) if m.startswith("data_tools")) == []
