@@ -18,8 +18,9 @@ GROUPS = {g: sorted(p.stem for p in (Path(config_dir()) / g).glob("*.yaml"))
 
 
 def test_groups_present():
+    dinov2 = [f"dinov2_{s}{r}" for s in ("small", "base", "large", "giant") for r in ("", "_reg")]
     assert GROUPS["model"] == sorted(["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant",
-                                      "efficientnet_lite0", "user_checkpoint"])
+                                      "efficientnet_lite0", "user_checkpoint", *dinov2])
     assert GROUPS["data"] == ["imagefolder", "metadataset", "offline"]
     assert GROUPS["method"] == ["pmf", "pretrained", "smat", "smat_structured", "smat_top_teacher"]
     assert GROUPS["dist"] == ["zero0", "zero1", "zero2", "zero3"]
@@ -111,5 +112,6 @@ def test_stop_flag_only_records_the_signal():
 
 
 def test_last_error_line():
-    tb = "Traceback (most recent call last):\n  File \"x\", line 1\n    raise ValueError('bad shard 3')\nValueError: bad shard 3\n"
+    tb = ("Traceback (most recent call last):\n  File \"x\", line 1\n    raise ValueError('bad shard 3')\n"
+          "ValueError: bad shard 3\n")
     assert last_error_line(tb) == "ValueError: bad shard 3"

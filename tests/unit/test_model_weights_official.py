@@ -4,6 +4,8 @@ timm's filters, position embeddings resampled from the native grid; each then ru
 meta-test episode. Fixtures: tests/unit/official_weights.py (written from the producers' code)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -314,3 +316,23 @@ def test_block_checkpointing_passes_rope_to_eva_blocks():
         fb(theta, x).square().sum().backward()
         grads.append(theta.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-5) and float(grads[0].abs().sum()) > 0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs" / "model").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_model_configs_build_at_their_own_patch_size(path):
+    """Every model config names a timm model that builds at its image size (one block, to stay fast); the
+    ViT-L/G and DINOv2 configs keep the model's own patch size, so real weights load without re-patching."""
+    import yaml
+
+    c = yaml.safe_load(path.read_text())
+    if path.stem in ("vit_large", "vit_giant", "user_checkpoint") or path.stem.startswith("dinov2"):
+        assert c["patch_size"] is None, c  # build_backbone refuses an image size off the patch grid
+    cfg = ModelConfig(name=c["name"], image_size=c["image_size"], patch_size=c["patch_size"],
+                      pretrained=c["pretrained"] if str(c["pretrained"]).startswith("package:") else None,
+                      kwargs={"depth": 1} if "efficientnet" not in c["name"] else {})
+    bb = build_backbone(cfg)
+    if path.stem.startswith("dinov2"):
+        assert bb.patch_embed.patch_size == (14, 14) and bb.patch_embed.grid_size == (16, 16)
+        regs = 4 if path.stem.endswith("_reg") else 0
+        assert ("reg4" in c["name"]) == bool(regs) and bb.num_reg_tokens == regs
