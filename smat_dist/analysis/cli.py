@@ -33,17 +33,35 @@ def _episodes_by_domain(cfg, split: str, n: int) -> dict:
 
 
 def analyze_run(run_dir: Path, out: Path, split: str, episodes: int) -> dict:
+    """The mask analyses of a run; on several ranks (torchrun, or --nproc) each holds one slice of the pool
+    and the statistics are summed over ranks, so no process holds the whole pool."""
     from smat_dist.analysis.figures import analyze_pool
     from smat_dist.config.hydra import load_yaml
+    from smat_dist.distributed.comm import Comm
     from smat_dist.eval.loading import load_method
 
     cfg = load_yaml(run_dir / "config.yaml")
-    setup = load_method(str(run_dir))
+    comm = Comm()
+    setup = load_method(str(run_dir), comm=comm)
     eps = _episodes_by_domain(cfg, split, episodes) if episodes > 0 else None
     if eps is not None and len(eps) < 2:
         log.warning("only %d domain(s) in data.sources + data.eval_sources: no dendrogram", len(eps))
         eps = None
-    return analyze_pool(setup, out, eps)
+    return analyze_pool(setup, out, eps, plot=comm.rank == 0)
+
+
+def _analyze_rank(rank: int, world: int, run_dir: Path, out: Path, split: str, episodes: int) -> dict:
+    return analyze_run(run_dir, out, split, episodes)
+
+
+def _init_from_env() -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group before loading the sliced pool."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if __import__("torch").cuda.is_available() else "gloo")
 
 
 def analyze_sweep(sweep_dir: Path, out: Path, method: str, mode: str) -> dict:
@@ -85,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test", help="split of the expert-selection episodes")
     ap.add_argument("--method", default="smat", help="sweep: which method's results to plot")
     ap.add_argument("--mode", default="zeroshot", help="sweep: which eval mode's results to plot")
+    ap.add_argument("--nproc", type=int, default=1,
+                    help="local CPU ranks that each hold 1/N of the pool (for pools larger than one process)")
     args = ap.parse_args(argv)
     setup_logging()
     d: Path = args.run_dir
@@ -96,7 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         if _is_sweep(d):
             res.update(analyze_sweep(d, out, args.method, args.mode))
         if (d / "config.yaml").is_file():
-            r = analyze_run(d, out, args.split, args.episodes)
+            if args.nproc < 1:
+                raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+            if args.nproc > 1:
+                from smat_dist.bench.spawn import run_ranks
+
+                r = run_ranks(_analyze_rank, args.nproc, d, out, args.split, args.episodes)[0]
+            else:
+                _init_from_env()
+                r = analyze_run(d, out, args.split, args.episodes)
             res = {**r, "figures": {**res.get("figures", {}), **r["figures"]}, **({"sweep": res["sweep"]} if "sweep" in res else {})}
         if not res:
             raise FileNotFoundError(f"{d}: neither a run folder (config.yaml + checkpoints) nor a sweep folder "

@@ -5,7 +5,7 @@
 - overlap: pairwise IoU of the experts' non-zero sets;
 - trade-off: ID vs OOD average accuracy of the runs of a sweep, by target sparsity and number of experts.
 Masks are computed one parameter tensor at a time, so an [n, M] mask of the whole pool is never held.
-Everything takes the pool / method objects, so it works on any LocalSetup however it was loaded.
+The statistics are per slice and summed over ranks, so no process holds the whole pool (smat-analyze --nproc).
 """
 from __future__ import annotations
 
@@ -37,40 +37,51 @@ def _chunks(space, pool):
             yield info, hc.gate(la, train=False) > 0
 
 
-def capacity(space, pool) -> dict:
+def _sum(t: torch.Tensor, reduce) -> torch.Tensor:
+    return t if reduce is None else reduce(t)
+
+
+def capacity(space, pool, reduce=None) -> dict:
     """Non-zero fraction of the eval-mode masks: overall per expert, by layer kind and by depth (means over
-    experts, plus per expert)."""
-    by_kind: dict[str, list] = {}
-    by_depth: dict[int, list] = {}
-    total = np.zeros(pool.experts)
-    n = 0
+    experts, plus per expert). `pool` may be one rank's slice: the counts are summed with `reduce` (a sum
+    over ranks), so no process holds the whole pool."""
+    kinds = sorted({str(i.kind) for i in space.infos})
+    depths = sorted({i.depth for i in space.infos})
+    m = pool.experts
+    # rows: one per kind, one per depth, then the total; columns: per-expert counts, then the entry count
+    acc = torch.zeros(len(kinds) + len(depths) + 1, m + 1, dtype=torch.float64)
     for info, nz in _chunks(space, pool):
-        cnt = nz.sum(0).double().numpy()
-        for d, key in ((by_kind, info.kind), (by_depth, info.depth)):
-            acc = d.setdefault(key, [np.zeros(pool.experts), 0])
-            acc[0] += cnt
-            acc[1] += nz.shape[0]
-        total += cnt
-        n += nz.shape[0]
-    if n == 0:
+        row = torch.cat([nz.sum(0).double(), torch.tensor([float(nz.shape[0])], dtype=torch.float64)])
+        acc[kinds.index(str(info.kind))] += row
+        acc[len(kinds) + depths.index(info.depth)] += row
+        acc[-1] += row
+    acc = _sum(acc, reduce).numpy()
+    if acc[-1, m] == 0:
         raise ValueError("the pool covers no backbone parameter: nothing to analyse")
 
-    def frac(d):
-        return {str(k): {"mean": float(v[0].mean() / v[1]), "per_expert": (v[0] / v[1]).tolist(), "numel": int(v[1])}
-                for k, v in sorted(d.items(), key=lambda kv: kv[0])}
+    def frac(keys, offset):
+        out = {}
+        for j, k in enumerate(keys):
+            cnt, n = acc[offset + j, :m], acc[offset + j, m]
+            if n > 0:
+                out[str(k)] = {"mean": float(cnt.mean() / n), "per_expert": (cnt / n).tolist(), "numel": int(n)}
+        return out
 
-    return {"overall": (total / n).tolist(), "by_kind": frac(by_kind), "by_depth": frac(by_depth)}
+    return {"overall": (acc[-1, :m] / acc[-1, m]).tolist(), "by_kind": frac(kinds, 0),
+            "by_depth": frac(depths, len(kinds))}
 
 
-def mask_overlap(space, pool) -> np.ndarray:
-    """[M, M] intersection-over-union of the experts' non-zero sets (diagonal 1; 0 when both are empty)."""
+def mask_overlap(space, pool, reduce=None) -> np.ndarray:
+    """[M, M] intersection-over-union of the experts' non-zero sets (diagonal 1; 0 when both are empty);
+    from one rank's slice, the counts are summed with `reduce`."""
     m = pool.experts
-    inter = torch.zeros(m, m, dtype=torch.float64)
-    count = torch.zeros(m, dtype=torch.float64)
+    acc = torch.zeros(m + 1, m, dtype=torch.float64)    # intersections, then per-expert counts
     for _, nz in _chunks(space, pool):
         f = nz.double()
-        inter += f.t() @ f
-        count += f.sum(0)
+        acc[:m] += f.t() @ f
+        acc[m] += f.sum(0)
+    acc = _sum(acc, reduce)
+    inter, count = acc[:m], acc[m]
     union = count[:, None] + count[None, :] - inter
     iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
     iou.fill_diagonal_(1.0)
@@ -204,18 +215,24 @@ def plot_tradeoff(points: list[dict], path) -> str:
     return _save(fig, path)
 
 
-def analyze_pool(setup, out_dir, episodes_by_domain: dict | None = None) -> dict:
-    """Capacity, overlap and (given episodes per domain) expert-selection figures + analysis.json numbers."""
+def analyze_pool(setup, out_dir, episodes_by_domain: dict | None = None, plot: bool = True) -> dict:
+    """Capacity, overlap and (given episodes per domain) expert-selection figures + analysis.json numbers.
+
+    On several ranks every rank passes its own slice (setup.pool) and the statistics are summed over ranks;
+    `plot=False` on all but one rank."""
     if setup.pool is None:
         raise ValueError("the mask analyses need a SMAT model with an expert pool")
     out = Path(out_dir)
-    cap = capacity(setup.fb.space, setup.pool)
-    iou = mask_overlap(setup.fb.space, setup.pool)
-    res = {"capacity": cap, "overlap": iou.tolist(),
-           "figures": {"capacity": plot_capacity(cap, out / "capacity.png"),
-                       "overlap": plot_overlap(iou, out / "mask_overlap.png")}}
+    store, reduce = setup.pool.store, (setup.pool.reduce if setup.pool.world > 1 else None)
+    cap = capacity(setup.fb.space, store, reduce)
+    iou = mask_overlap(setup.fb.space, store, reduce)
+    res = {"capacity": cap, "overlap": iou.tolist(), "figures": {}}
+    if plot:
+        res["figures"] = {"capacity": plot_capacity(cap, out / "capacity.png"),
+                          "overlap": plot_overlap(iou, out / "mask_overlap.png")}
     if episodes_by_domain:
         w = selection_by_domain(setup, episodes_by_domain)
         res["selection"] = {k: v.tolist() for k, v in w.items()}
-        res["figures"]["dendrogram"] = plot_dendrogram(w, out / "expert_dendrogram.png")
+        if plot:
+            res["figures"]["dendrogram"] = plot_dendrogram(w, out / "expert_dendrogram.png")
     return res

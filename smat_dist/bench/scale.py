@@ -70,12 +70,11 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
     """One rank of one point: build, warm up one step, time `steps` steps; returns its measurements."""
     from smat_dist.config.schema import MethodConfig
     from smat_dist.distributed.comm import Comm
-    from smat_dist.distributed.sharded import build_merger
-    from smat_dist.method.optim import PoolOptimizer, hypernet_optimizer
-    from smat_dist.method.pool import ExpertPool
+    from smat_dist.distributed.build import build_pool
+    from smat_dist.method.optim import TorchHyperOptimizer, hypernet_optimizer
     from smat_dist.method.smat import SMAT
     from smat_dist.model.backbone import FunctionalBackbone, build_backbone
-    from smat_dist.train.step import TorchHyperOptimizer, smat_step
+    from smat_dist.train.step import smat_step
 
     if point.get("threads"):
         torch.set_num_threads(int(point["threads"]))
@@ -101,10 +100,9 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
         base = int(torch.cuda.memory_allocated())
     else:
         base = _rss()
-    pool = ExpertPool.for_space(fb.space, rank, world, M, cfg.sparsity, seed).to(dev)
     comm, rep_comm, ctl_comm = Comm(), Comm(), Comm()
-    merger = build_merger(point["path"], pool, fb.space.padded, comm)
-    pool_opt = PoolOptimizer(pool, cfg)
+    sparse = build_pool(fb, cfg, seed, comm, ctl_comm, merge=point["path"])
+    pool = sparse.store
     params = list(method.hypernet.parameters())
     hyper = _AllReducedHyper(TorchHyperOptimizer(hypernet_optimizer(params, cfg), cfg.hypernet.clip), params, rep_comm)
     amp = autocast_for(dev, point.get("precision", "auto"))
@@ -117,8 +115,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with amp:
-            smat_step(method, merger, pool, pool_opt, hyper, eps, (s * world + rank) * k, s * world * k, world,
-                      ctl_comm.all_reduce)
+            smat_step(method, sparse, hyper, eps, (s * world + rank) * k, s * world * k)
         if cuda:
             torch.cuda.synchronize()
         comm.barrier()

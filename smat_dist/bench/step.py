@@ -6,8 +6,8 @@ assumed: `PassCounter` wraps FunctionalBackbone.__call__ (forwards, and the imag
 each forward's output to count the backward traversals of a backbone graph, grouped by the autograd engine
 call that made them (SMAT's outer backward is one engine call that traverses two backbone graphs).
 
-The breakdown is a copy of smat_step + SMAT.task with a timer around each phase; a unit test checks that the
-copy produces the same loss and the same updated pool as the real step, so it cannot drift from the method.
+The breakdown times the real step: smat_step, SMAT.task and the pool component mark their phases with named
+spans (smat_dist/utils/spans.py), which a breakdown round routes through a device-synchronising timer.
 Episodes are synthetic random tensors (the point is backbone and merge cost, not data).
 """
 from __future__ import annotations
@@ -18,17 +18,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.data.episodes import Episode
-from smat_dist.method.build import LocalSetup, build_local
-from smat_dist.method.optim import lr_factor
-from smat_dist.method.protonet import cosine_logits, prototypes
-from smat_dist.method.smat import reverse_kl
+from smat_dist.distributed.build import MethodSetup, build_local
 from smat_dist.model.backbone import FunctionalBackbone, block_units
 from smat_dist.train.step import dense_step, smat_step
+from smat_dist.utils.device import autocast_for, pick_device  # noqa: F401 (the benches' pickers)
 from smat_dist.utils.log import get_logger
+from smat_dist.utils.spans import recording
 
 log = get_logger(__name__)
 
@@ -37,26 +35,9 @@ DEFAULT_MODELS = ("vit_tiny_patch16_224", "efficientnet_lite0")
 
 # ---------------------------------------------------------------- device, timing, episodes
 
-def pick_device(name: str | None = None) -> torch.device:
-    if name and name != "auto":
-        return torch.device(name)
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def autocast_for(dev: torch.device, precision: str):
-    """bf16 autocast on GPU by default (`auto`), fp32 on CPU; `bf16`/`fp32` force it."""
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(dev.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"--precision {precision!r}: expected auto, fp32 or bf16")
-    return contextlib.nullcontext()
 
 
 def model_config(name: str, image_size: int, patch_size: int | None | str = "auto", depth: int | None = None
@@ -85,7 +66,7 @@ def synthetic_episode(ways: int = 10, shots: int = 5, queries: int = 10, image_s
                    class_names=[f"c{i}" for i in range(ways)])
 
 
-def to_device(setup: LocalSetup, dev: torch.device) -> LocalSetup:
+def to_device(setup: MethodSetup, dev: torch.device) -> MethodSetup:
     """Module.to keeps each Parameter object, so the optimisers built on CPU stay attached."""
     setup.fb.to(dev)
     setup.method.to(dev)
@@ -190,83 +171,6 @@ def count_passes():
         torch.autograd._engine_run_backward = orig_engine
 
 
-# ---------------------------------------------------------------- the timed copy of one SMAT step
-
-def smat_step_breakdown(setup: LocalSetup, episodes, first_index: int, tasks_seen: int, timer: Timer) -> dict:
-    """smat_step + SMAT.task (single process) with a timer around each phase; same math, same order."""
-    method, merger, pool, pool_opt, hyper = setup.method, setup.merger, setup.pool, setup.pool_opt, setup.hyper_opt
-    cfg, fb = method.cfg, method.fb
-    factor = lr_factor(tasks_seen, cfg)
-    k = len(episodes)
-    with timer("masks"):
-        z = merger.begin_step(train=True)
-    w_sum = torch.zeros(cfg.experts, device=pool.log_alpha.device)
-    losses = []
-    for j, ep in enumerate(episodes):
-        xs, ys, xq, yq, ways = ep.support, ep.support_labels, ep.query, ep.query_labels, int(ep.ways)
-        with timer("frozen_pass"):
-            with torch.no_grad():
-                f_pre = fb(fb.theta_pre, torch.cat([xs, xq]))
-            fs_pre, fq_pre = f_pre[: len(xs)], f_pre[len(xs):]
-            p_pre = prototypes(fs_pre, ys, ways)
-        with timer("hypernet"):
-            w, a = method(p_pre, True, first_index + j)
-        with timer("merge"):
-            theta = fb.theta_pre + merger.merge(w)
-        with timer("support_pass"):
-            fs = fb(theta, xs)
-            protos = prototypes(fs, ys, ways)
-        theta1, p1 = theta, protos
-        for step in range(cfg.inner_steps):
-            if step > 0:
-                with timer("support_pass"):
-                    fs = fb(theta1, xs)
-            with timer("inner_grad"):
-                head = p1.detach().requires_grad_(True)
-                ce_s = F.cross_entropy(cosine_logits(fs, head, cfg.logit_scale), ys)
-                g_theta, g_head = torch.autograd.grad(ce_s, [theta1, head], retain_graph=True)
-                theta1 = theta1 - cfg.inner_lr * g_theta
-                p1 = p1 - cfg.inner_lr * g_head
-        tc = cfg.teacher
-        teacher = method.teacher
-        tap = teacher.tap() if tc.enabled else None
-        with timer("query_pass"):
-            fq = fb(theta1, xq, tap=tap)
-            logits = cosine_logits(fq, p1, cfg.logit_scale)
-            ce_q = F.cross_entropy(logits, yq)
-        loss = ce_q
-        if tc.enabled:
-            with timer("teacher_grad"):
-                grads = teacher.gradient(ce_q, theta1, p1, tap)
-            with timer("teacher_eval"):
-                t_logits = teacher.logits(grads, theta1, p1, xq, tap)
-            del grads, tap
-            with timer("loss_terms"):
-                t2 = tc.temperature ** 2
-                kd_dense = reverse_kl(logits, t_logits, tc.temperature)
-                kd = 0.5 * t2 * kd_dense if tc.pretrained_teacher else t2 * kd_dense
-                if tc.pretrained_teacher:
-                    kd = kd + 0.5 * t2 * reverse_kl(logits, cosine_logits(fq_pre, p_pre, cfg.logit_scale),
-                                                    tc.temperature)
-                loss = (1 - tc.lam) * ce_q + tc.lam * kd
-        loss = loss + method.hypernet.regulariser(a)
-        with timer("outer_backward"):
-            hyper.backward(loss, k)
-        w_sum += w.detach()
-        losses.append(float(loss.detach()))
-    with timer("pool_terms"):
-        _, coef = method.pool_terms(pool, z, w_sum, k, lambda t: t, factor, local=merger.stats)
-    with timer("mask_backward"):
-        merger.end_step(coef)
-    with timer("optimisers"):
-        pool_opt.step(factor, lambda t: t)
-        hyper.step(factor)
-        hyper.with_full_params(method.hypernet.power_iteration_)
-        with torch.no_grad():
-            method.hypernet.tasks_seen += k
-    return {"losses": losses}
-
-
 # ---------------------------------------------------------------- the benchmark
 
 def _per_task(v, k: int):
@@ -299,7 +203,6 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     smat = to_device(build_local(mc, smat_cfg(), seed), dev)
     # P>M>F and the frozen forward share SMAT's backbone object (same weights, same theta_pre).
     pmf = to_device(build_local(mc, MethodConfig(name="pmf"), seed, fb=smat.fb), dev)
-    copy = to_device(build_local(mc, smat_cfg(), seed, fb=smat.fb), dev)
     top = None
     if teacher_top_fraction is not None:
         top = to_device(build_local(mc, smat_cfg(teacher_top_fraction), seed, fb=smat.fb), dev)
@@ -311,15 +214,13 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     passes = {}
 
     def run_smat(i):
-        return smat_step(smat.method, smat.merger, smat.pool, smat.pool_opt, smat.hyper_opt, eps, i, i, 1,
-                         lambda t: t)
+        return smat_step(smat.method, smat.pool, smat.hyper, eps, i, i)
 
     def run_top(i):
-        return smat_step(top.method, top.merger, top.pool, top.pool_opt, top.hyper_opt, eps, i, i, 1,
-                         lambda t: t)
+        return smat_step(top.method, top.pool, top.hyper, eps, i, i)
 
     def run_pmf(i):
-        return dense_step(pmf.method, pmf.hyper_opt, eps, i, i)
+        return dense_step(pmf.method, pmf.hyper, eps)
 
     def run_frozen(i):
         with torch.no_grad():
@@ -336,7 +237,8 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
                 fn(0)
             passes[key] = c
         run_frozen(0)
-        smat_step_breakdown(copy, eps, 0, 0, Timer(dev))
+        with recording(Timer(dev)):
+            run_smat(0)
         for r in range(1, repeats + 1):
             for key, fn in contenders[:2] + [("frozen", run_frozen)] + contenders[2:]:
                 sync(dev)
@@ -344,7 +246,8 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
                 fn(r)
                 sync(dev)
                 times[key].append((time.perf_counter() - t0) / tasks_per_step)
-            smat_step_breakdown(copy, eps, r, r, timer)
+            with recording(timer):
+                run_smat(r)
     k = tasks_per_step
     s, p, f = (_median(times[key]) for key in ("smat", "pmf", "frozen"))
     ps, pp = passes["smat"], passes["pmf"]

@@ -1,58 +1,89 @@
-"""Sharded, atomic, versioned checkpoints holding all state, loadable at another world size.
+"""Sharded, atomic, versioned checkpoints of Stateful parts, written and read at O(pool / ranks) per rank.
 
-Layout of one checkpoint `CKPT = run_dir/checkpoints/step-<tasks>/`:
-  pool-rank<r>.pt   this rank's slice [lo, hi) of delta and mask logits, its optimiser state, RNG states
-  replicated.pt     full state of the replicated module (hypernetwork, multipliers, task counter, or P>M>F weights)
-  ds/               DeepSpeed's own checkpoint of the replicated module and its (possibly ZeRO-partitioned) optimiser
-  config.yaml       the resolved config of the run (a checkpoint folder is self-contained for evaluation)
-  manifest.json     written last: format version, tasks, data cursor, world size, config hash, backbone signature,
-                    experts, method, wandb run id, and the sha256 of every file
-Everything is written into `step-<tasks>.tmp/`, then renamed; `latest` names the newest complete one and is
-replaced atomically, so a crash during a write leaves the previous checkpoint as `latest`. Every file loads
-with torch.load(weights_only=True).
+A checkpoint is a dict of named parts, each of which saves and loads itself; the checkpointer owns the
+folder, atomicity, the manifest, checksums, keep-last-K, asynchronous writing and re-slicing. Three kinds:
+  sharded  (the expert pool: `sharded_tensors`, `row_index`, `replicated_state`, `load_replicated`)
+           -> `<name>-rank<r>.safetensors`, one per rank, read back by byte range (shard_file.py);
+  engine   (DeepSpeed: `save_to(folder)`, `load_from(folder, universal)`, `own_files(folder, rank)`)
+           -> whatever the engine writes, collectively;
+  state    (`state_dict` / `load_state_dict`; `per_rank = True` for one file per rank) -> `<name>.pt`.
+
+Layout of `CKPT = root/step-<tasks>/`: the parts' files, config.yaml, and manifest.json (written last:
+format version, tasks, world size, the run's identity, each file's size and block digests, each shard's row
+range). Everything is written into `step-<tasks>.tmp/`, renamed when complete; `latest` names the newest
+complete checkpoint and is replaced atomically, so a crash or kill -9 at any moment leaves the previous
+`latest` complete and loadable. Every rank hashes the files it writes while writing them; a loading rank
+verifies only the bytes it reads. `.pt` files load with torch.load(weights_only=True); shard files hold no
+pickle at all.
+
+Asynchronous saving (`async_save=True`): the caller blocks for the collective engine save and a host copy of
+its pool slice; a writer thread writes and hashes the shard, then drops a `done-rank<r>.json` receipt. Rank 0's
+writer waits for every rank's receipt, then writes the manifest and renames: no collective runs off the main
+thread. At most one save is in flight; `wait()` (called before the next save and at the end of a run, so
+a USR2/SIGTERM stop waits for it too) returns when this rank's part is durable.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import shutil
+import threading
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from smat_dist.distributed.shard_file import ShardError, ShardReader, hash_file, write_shard
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _kind(part) -> str:
+    if hasattr(part, "sharded_tensors"):
+        return "sharded"
+    if hasattr(part, "save_to"):
+        return "engine"
+    return "state"
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": repr(random.getstate()),
-            "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}}
+def _fsync_write(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    import ast
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    random.setstate(ast.literal_eval(s["python"]))
-    np.random.set_state(("MT19937", s["numpy"]["key"].numpy().astype(np.uint32), s["numpy"]["pos"], 0, 0.0))
+
+def _index_record(index, t: torch.Tensor) -> dict:
+    if index[0] == "range":
+        lo, hi, numel = index[1:]
+        return {"index": "range", "lo": lo, "hi": min(hi, numel)}
+    ids = index[1]
+    return {"index": "ids", "first": int(ids[0]) if ids.numel() else 0,
+            "last": int(ids[-1]) if ids.numel() else -1, "rows": int(ids.numel())}
+
+
+def _host_copy(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type != "cpu":
+        return t.to("cpu", copy=True)
+    return t.clone() if copy else t
 
 
 def find_latest(path: str | os.PathLike) -> Path | None:
@@ -70,71 +101,15 @@ def find_latest(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def save(root: str | os.PathLike, comm, *, tasks: int, meta: dict, pool=None, pool_opt=None,
-         replicated: dict | None = None, ds_opt=None, keep: int = 3, texts: dict[str, str] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
-    root = Path(root)
-    name = f"step-{tasks:09d}"
-    tmp, final = root / f"{name}.tmp", root / name
-    if comm.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    comm.barrier()
-    if pool is not None:
-        torch.save({"lo": pool.lo, "hi": pool.hi, "numel": pool.numel, "experts": pool.experts,
-                    "delta": pool.delta.detach().cpu(), "log_alpha": pool.log_alpha.detach().cpu(),
-                    "group_ids": None if pool.group_ids is None else pool.group_ids.cpu(),
-                    "optimizer": pool_opt.state_dict() if pool_opt is not None else {},
-                    "rng": _rng_state()}, tmp / f"pool-rank{comm.rank:05d}.pt")
-    else:
-        torch.save({"rng": _rng_state()}, tmp / f"rng-rank{comm.rank:05d}.pt")
-    if ds_opt is not None:
-        ds_opt.save(str(tmp / "ds"), tag="state")
-    if comm.rank == 0 and replicated is not None:
-        torch.save(replicated, tmp / "replicated.pt")
-    if comm.rank == 0:
-        for fname, text in (texts or {}).items():
-            (tmp / fname).write_text(text)
-    comm.barrier()
-    if comm.rank == 0:
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = dict(meta, version=FORMAT_VERSION, tasks=tasks, world_size=comm.world,
-                        files={str(p.relative_to(tmp)): _sha256(p) for p in files})
-        with open(tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        with open(root / "latest.tmp", "w") as f:
-            f.write(name)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(root / "latest.tmp", root / "latest")
-        ckpts = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in ckpts[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint %s written (%d files)", final, len(files))
-    comm.barrier()
-    return final
-
-
-def read_manifest(ck: Path, verify: bool = True) -> dict:
-    mf = ck / "manifest.json"
+def read_manifest(ck: Path) -> dict:
+    mf = Path(ck) / "manifest.json"
     try:
         manifest = json.loads(mf.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {mf}: {e}") from e
     if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{mf}: format version {manifest.get('version')}, this code reads {FORMAT_VERSION}")
-    if verify:
-        for rel, digest in manifest["files"].items():
-            p = ck / rel
-            if not p.is_file():
-                raise CheckpointError(f"checkpoint {ck} is missing {rel}")
-            if _sha256(p) != digest:
-                raise CheckpointError(f"checkpoint file {p} is corrupt (sha256 mismatch)")
+        raise CheckpointError(f"{mf}: format version {manifest.get('version')}, this code reads {FORMAT_VERSION} "
+                              "(checkpoints of version 1 predate the sharded format: retrain or use that release)")
     return manifest
 
 
@@ -146,73 +121,345 @@ def check_compatible(manifest: dict, expect: dict, ck: Path) -> None:
                                   f"this run has {key}={expect[key]!r}")
 
 
-def load_pool_slice(ck: Path, manifest: dict, lo: int, hi: int, numel: int, clamp: float,
-                    group_ids: torch.Tensor | None = None) -> dict:
-    """Re-slice the saved pool (any world size) to [lo, hi): delta, log_alpha and delta's momentum.
+def verify_file(ck: Path, rel: str, manifest: dict, counter: dict | None = None) -> Path:
+    """Check one whole (small) file against its manifest digest; names it if missing or corrupt."""
+    p = ck / rel
+    rec = manifest["files"].get(rel)
+    if rec is None:
+        raise CheckpointError(f"checkpoint {ck}: {rel} is not in its manifest")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {ck} is missing {rel}")
+    got = hash_file(p, rec["block"])
+    if counter is not None:
+        counter["hashed"] = counter.get("hashed", 0) + got["size"]
+    if got["sha256"] != rec["sha256"]:
+        raise CheckpointError(f"checkpoint file {p} is corrupt (sha256 mismatch)")
+    return p
 
-    Structured pools (`group_ids`: the global gate-group ids of the new slice's rows) take each row from
-    any saved shard that holds that group (shards touching the same group hold identical rows)."""
-    files = sorted(ck.glob("pool-rank*.pt"))
-    if len(files) != manifest["world_size"]:
-        raise CheckpointError(f"checkpoint {ck} has {len(files)} pool shards for world size {manifest['world_size']}")
-    parts, every = [], []
-    for f in files:
-        sd = torch.load(f, map_location="cpu", weights_only=True)
-        saved_structured = sd.get("group_ids") is not None
-        if saved_structured != (group_ids is not None):
-            raise CheckpointError(
-                f"checkpoint {ck} ({f.name}) has {'structured' if saved_structured else 'unstructured'} masks, "
-                f"this run has method.sparsity.structured={group_ids is not None}")
-        every.append(sd)
-        if sd["lo"] >= hi or sd["hi"] <= lo:
-            continue
-        parts.append(sd)
-    parts.sort(key=lambda s: s["lo"])
-    n = hi - lo
-    experts = every[0]["log_alpha"].shape[1] if every else manifest["experts"]
-    delta = torch.zeros(n)
-    rows = n if group_ids is None else group_ids.numel()
-    log_alpha = torch.full((rows, experts), -clamp)
-    momentum = torch.zeros(n)
-    have_mom = False
-    for sd in parts:
-        a, b = max(lo, sd["lo"]), min(hi, sd["hi"], numel)  # padding beyond numel keeps its init values
+
+class Checkpointer:
+    """Saves and loads a dict of parts under `root` (collective: every rank calls save / load / wait)."""
+
+    def __init__(self, root: str | os.PathLike, comm, keep: int = 3, async_save: bool = False,
+                 receipt_timeout_s: float = 3600.0):
+        self.root, self.comm, self.keep, self.async_save = Path(root), comm, keep, async_save
+        self.receipt_timeout_s = receipt_timeout_s
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_saved: Path | None = None
+        self.stats: dict = {}
+
+    # ---------------------------------------------------------------- saving
+    def save(self, tasks: int, parts: dict, meta: dict, texts: dict[str, str] | None = None) -> Path:
+        """Write a checkpoint of `parts` at `tasks`; returns its final folder (complete once `wait()` returns,
+        or at return in sync mode)."""
+        self.wait()
+        comm, rank = self.comm, self.comm.rank
+        name = f"step-{tasks:09d}"
+        tmp, final = self.root / f"{name}.tmp", self.root / name
+        t0 = time.perf_counter()
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        comm.barrier()
+        jobs: list = []           # (relative path, writer) run by the writer
+        own: list[str] = []       # files an engine wrote for this rank, hashed by the writer
+        shards: dict = {}
+        kinds = {}
+        for pname, part in parts.items():
+            kind = kinds[pname] = _kind(part)
+            if kind == "engine":
+                part.save_to(tmp)                                   # collective, in the foreground
+                own += [str(p.relative_to(tmp)) for p in part.own_files(tmp, rank, reading=False)]
+            elif kind == "sharded":
+                tensors = part.sharded_tensors()
+                rep = part.replicated_state()
+                data, recs = {}, {}
+                for k, v in rep.items():
+                    if isinstance(v, torch.Tensor):
+                        data[f"_replicated.{k}"] = _host_copy(v, True)
+                for tname, t in tensors.items():
+                    index = part.row_index(tname)
+                    rows = t
+                    if index[0] == "range":
+                        rows = t[: max(0, min(index[2], index[3]) - index[1])]   # padding is not saved
+                    else:
+                        data[f"{tname}.ids"] = _host_copy(index[1], True)
+                    data[tname] = _host_copy(rows, self.async_save)
+                    recs[tname] = _index_record(index, t)
+                metadata = {"part": pname, "rank": str(rank), "world": str(comm.world),
+                            "replicated": json.dumps({k: v for k, v in rep.items() if not isinstance(v, torch.Tensor)}),
+                            "tensors": json.dumps(recs)}
+                rel = f"{pname}-rank{rank:05d}.safetensors"
+                jobs.append((rel, lambda p, d=data, m=metadata: write_shard(p, d, m)))
+                shards[pname] = {"file": rel, "rank": rank, "tensors": recs}
+            else:
+                per_rank = bool(getattr(part, "per_rank", False))
+                if per_rank or rank == 0:
+                    sd = part.state_dict()
+                    rel = f"{pname}-rank{rank:05d}.pt" if per_rank else f"{pname}.pt"
+                    jobs.append((rel, lambda p, s=sd: _save_pt(p, s)))
+        if rank == 0:
+            for fname, text in (texts or {}).items():
+                jobs.append((fname, lambda p, t=text: _save_text(p, t)))
+        receipt = {"rank": rank, "shards": shards}
+        header = {"version": FORMAT_VERSION, "tasks": tasks, "world_size": comm.world, "parts": kinds, **meta}
+        self.stats = {"block_s": None, "hashed": 0, "written": 0}
+
+        def work():
+            try:
+                files = {}
+                for rel, fn in jobs:
+                    rec = fn(tmp / rel)
+                    files[rel] = rec
+                    self.stats["written"] += rec["size"]
+                    self.stats["hashed"] += rec["size"]
+                for rel in own:
+                    rec = hash_file(tmp / rel)
+                    files[rel] = rec
+                    self.stats["hashed"] += rec["size"]
+                receipt["files"] = files
+                _fsync_write(tmp / f"done-rank{rank:05d}.json", json.dumps(receipt))
+                if rank == 0:
+                    self._finalize(tmp, final, name, header)
+            except BaseException as e:  # surfaced by wait() on the main thread
+                self._error = e
+
+        if self.async_save:
+            self.stats["block_s"] = time.perf_counter() - t0
+            self._thread = threading.Thread(target=work, name=f"ckpt-{name}", daemon=True)
+            self._thread.start()
+        else:
+            work()
+            self._raise()
+            comm.barrier()
+            self.stats["block_s"] = time.perf_counter() - t0
+        self.stats["total_s_started"] = t0
+        self.last_saved = final
+        return final
+
+    def _finalize(self, tmp: Path, final: Path, name: str, header: dict) -> None:
+        """Rank 0's writer: every rank's receipt, then the manifest, the rename, `latest`, the purge."""
+        world = header["world_size"]
+        deadline = time.monotonic() + self.receipt_timeout_s
+        receipts = {}
+        while len(receipts) < world:
+            for r in range(world):
+                p = tmp / f"done-rank{r:05d}.json"
+                if r not in receipts and p.is_file():
+                    receipts[r] = json.loads(p.read_text())
+            if len(receipts) < world:
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(world)) - set(receipts))
+                    raise CheckpointError(f"{tmp}: ranks {missing} did not finish writing within "
+                                          f"{self.receipt_timeout_s:.0f} s; {tmp.name} stays incomplete")
+                time.sleep(0.01)
+        files, shards = {}, {}
+        for r in range(world):
+            files.update(receipts[r]["files"])
+            for pname, entry in receipts[r]["shards"].items():
+                shards.setdefault(pname, []).append(entry)
+        for r in range(world):
+            (tmp / f"done-rank{r:05d}.json").unlink()
+        manifest = dict(header, files=files, shards=shards)
+        _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_write(self.root / "latest.tmp", name)
+        os.replace(self.root / "latest.tmp", self.root / "latest")
+        _fsync_dir(self.root)
+        ckpts = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in ckpts[:-self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s written (%d files, %d ranks)", final, len(files), world)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise CheckpointError(f"writing checkpoint under {self.root} failed on rank {self.comm.rank}: "
+                                  f"{e}") from e
+
+    def wait(self) -> Path | None:
+        """Block until this rank's save in flight is durable (rank 0: until it is `latest`)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self._raise()
+        return self.last_saved
+
+    def close(self) -> None:
+        self.wait()
+        self.comm.barrier()
+
+    # ---------------------------------------------------------------- loading
+    def load(self, ck: Path, parts: dict, expect: dict | None = None, universal: Path | None = None) -> dict:
+        """Load `parts` from checkpoint folder `ck` (written at any world size); returns the manifest.
+
+        Every rank reads only what its parts need and verifies only those bytes; a missing or corrupt file is
+        reported by the rank that read it, and every rank raises the same error (no rank is left waiting)."""
+        ck = Path(ck)
+        manifest = read_manifest(ck)
+        check_compatible(manifest, expect or {}, ck)
+        counter = {"hashed": 0}
+        self.stats = counter
+
+        def agree(fn):
+            err = None
+            try:
+                fn()
+            except (CheckpointError, ShardError, OSError, KeyError, RuntimeError) as e:
+                err = f"rank {self.comm.rank}: {e}"
+            errs = [e for e in self.comm.all_gather_object(err) if e]
+            if errs:
+                raise CheckpointError("; ".join(errs))
+
+        def local_parts():
+            for pname, part in parts.items():
+                kind = _kind(part)
+                if kind == "sharded":
+                    load_sharded(ck, manifest, pname, part, counter)
+                elif kind == "state":
+                    per_rank = bool(getattr(part, "per_rank", False))
+                    rel = f"{pname}-rank{self.comm.rank:05d}.pt" if per_rank else f"{pname}.pt"
+                    if rel not in manifest["files"]:
+                        if per_rank:   # another world size: this rank had no predecessor
+                            continue
+                        raise CheckpointError(f"checkpoint {ck} has no {rel} (part {pname!r})")
+                    p = verify_file(ck, rel, manifest, counter)
+                    part.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+                else:
+                    for p in part.own_files(ck, self.comm.rank, reading=True, universal=universal is not None):
+                        verify_file(ck, str(p.relative_to(ck)), manifest, counter)
+
+        agree(local_parts)
+        for pname, part in parts.items():
+            if _kind(part) == "engine":
+                agree(lambda part=part: part.load_from(ck, universal))
+        log.info("loaded %s from %s (%d tasks, written by %d ranks; %d bytes verified)", sorted(parts), ck,
+                 manifest["tasks"], manifest["world_size"], counter["hashed"])
+        return manifest
+
+
+def _save_pt(path: Path, sd) -> dict:
+    torch.save(sd, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return hash_file(path)
+
+
+def _save_text(path: Path, text: str) -> dict:
+    _fsync_write(path, text)
+    return hash_file(path)
+
+
+def load_sharded(ck: Path, manifest: dict, pname: str, part, counter: dict) -> None:
+    """Re-slice a sharded part to this rank's rows, reading only the overlapping byte ranges."""
+    entries = manifest.get("shards", {}).get(pname)
+    if not entries:
+        raise CheckpointError(f"checkpoint {ck} holds no shards of part {pname!r}")
+    saved = entries[0]["tensors"]
+    dest = part.sharded_tensors(loading=frozenset(saved))
+    readers: dict[str, ShardReader] = {}
+
+    def reader(entry) -> ShardReader:
+        rel = entry["file"]
+        if rel not in readers:
+            if rel not in manifest["files"]:
+                raise CheckpointError(f"checkpoint {ck}: shard {rel} is not in its manifest")
+            if not (ck / rel).is_file():
+                raise CheckpointError(f"checkpoint {ck} is missing {rel}")
+            readers[rel] = ShardReader(ck / rel, manifest["files"][rel])
+        return readers[rel]
+
+    try:
+        for tname, out in dest.items():
+            if tname not in saved:
+                continue
+            index = part.row_index(tname)
+            kind = saved[tname]["index"]
+            if (kind == "ids") != (index[0] == "ids"):
+                raise CheckpointError(
+                    f"checkpoint {ck} has {'structured' if kind == 'ids' else 'unstructured'} masks, this run has "
+                    f"method.sparsity.structured={index[0] == 'ids'}")
+            if index[0] == "range":
+                _read_range(ck, entries, tname, index, out, reader)
+            else:
+                _read_ids(ck, entries, tname, index, out, reader)
+        first = None
+        lo_hi = part.row_index("delta")
+        for e in entries:   # replicated state: from a shard this rank opens anyway, else the first one
+            rec = e["tensors"].get("delta", {})
+            if rec.get("lo", 0) < lo_hi[2] and rec.get("hi", 0) > lo_hi[1]:
+                first = e
+                break
+        r = reader(first or entries[0])
+        rep: dict = json.loads(r.metadata.get("replicated", "{}"))
+        for name in r.header:
+            if name.startswith("_replicated."):
+                rep[name[len("_replicated."):]] = r.read(name)
+        part.load_replicated(rep)
+    finally:
+        for r in readers.values():
+            counter["hashed"] += r.hashed
+            r.close()
+
+
+def _check_row_shape(ck, r: ShardReader, tname: str, out: torch.Tensor) -> None:
+    shape = r.shape(tname)
+    if list(shape[1:]) != list(out.shape[1:]):
+        raise CheckpointError(f"checkpoint {ck}: {tname} rows have shape {shape[1:]} in {r.path.name}, this run "
+                              f"has {list(out.shape[1:])} (a different number of experts?)")
+
+
+def _read_range(ck, entries, tname, index, out, reader) -> None:
+    lo, hi, numel = index[1:]
+    want_hi = min(hi, numel)
+    covered = 0
+    for e in entries:
+        rec = e["tensors"][tname]
+        a, b = max(lo, rec["lo"]), min(want_hi, rec["hi"])
         if a >= b:
             continue
-        src = slice(a - sd["lo"], b - sd["lo"])
-        delta[a - lo:b - lo] = sd["delta"][src]
-        if group_ids is None:
-            log_alpha[a - lo:b - lo] = sd["log_alpha"][src]
-        st = sd["optimizer"].get("state", {})
-        if 0 in st and st[0].get("momentum_buffer") is not None:
-            momentum[a - lo:b - lo] = st[0]["momentum_buffer"][src]
-            have_mom = True
-    if group_ids is not None:
-        found = torch.zeros(rows, dtype=torch.bool)
-        for sd in every:
-            ids = sd["group_ids"]
-            if ids.numel() == 0:
-                continue
-            pos = torch.searchsorted(ids, group_ids).clamp_max(ids.numel() - 1)
-            hit = (ids[pos] == group_ids) & ~found
-            log_alpha[hit] = sd["log_alpha"][pos[hit]]
-            found |= hit
-        pad = group_ids.max() if rows else None
-        missing = (~found) & (group_ids != pad) if hi > numel else ~found
-        if bool(missing.any()):
-            raise CheckpointError(f"checkpoint {ck} holds no mask row for gate group "
-                                  f"{int(group_ids[missing][0])} (a different backbone layout?)")
-    return {"delta": delta, "log_alpha": log_alpha, "momentum": momentum if have_mom else None,
-            "same_layout": len(parts) == 1 and parts[0]["lo"] == lo and parts[0]["hi"] == hi,
-            "optimizer": parts[0]["optimizer"] if len(parts) == 1 else None,
-            "rng": parts[0].get("rng") if len(parts) == 1 else None}
+        r = reader(e)
+        _check_row_shape(ck, r, tname, out)
+        r.read_rows_into(tname, a - rec["lo"], b - rec["lo"], out[a - lo:b - lo])
+        covered += b - a
+    if covered != max(0, want_hi - lo):
+        raise CheckpointError(f"checkpoint {ck}: the shards of {tname} cover {covered} of entries [{lo}, {want_hi}) "
+                              "(a different backbone layout?)")
 
 
-def restore_rng(ck: Path, rank: int) -> None:
-    for name in (f"pool-rank{rank:05d}.pt", f"rng-rank{rank:05d}.pt"):
-        p = ck / name
-        if p.is_file():
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-            if "rng" in sd:
-                _set_rng_state(sd["rng"])
-            return
+def _read_ids(ck, entries, tname, index, out, reader) -> None:
+    ids, total = index[1], index[2]
+    want = ids < total                       # padding groups keep their initial rows
+    found = torch.zeros(ids.numel(), dtype=torch.bool)
+    if ids.numel() == 0:
+        return
+    lo_id, hi_id = int(ids[0]), int(ids[want].max()) if bool(want.any()) else -1
+    for e in entries:
+        rec = e["tensors"][tname]
+        if rec["rows"] == 0 or rec["last"] < lo_id or rec["first"] > hi_id:
+            continue
+        r = reader(e)
+        _check_row_shape(ck, r, tname, out)
+        src_ids = r.read(f"{tname}.ids")
+        pos = torch.searchsorted(src_ids, ids).clamp_max(src_ids.numel() - 1)
+        hit = (src_ids[pos] == ids) & ~found & want
+        dst = torch.nonzero(hit).flatten()
+        if dst.numel() == 0:
+            continue
+        src = pos[dst]
+        # contiguous runs in both source and destination rows: one read each
+        brk = torch.nonzero((dst[1:] != dst[:-1] + 1) | (src[1:] != src[:-1] + 1)).flatten() + 1
+        starts = [0] + brk.tolist()
+        ends = brk.tolist() + [dst.numel()]
+        for s, t in zip(starts, ends):
+            d0, s0, n = int(dst[s]), int(src[s]), t - s
+            r.read_rows_into(tname, s0, s0 + n, out[d0:d0 + n])
+        found |= hit
+    missing = want & ~found
+    if bool(missing.any()):
+        raise CheckpointError(f"checkpoint {ck} holds no mask row for gate group {int(ids[missing][0])} "
+                              "(a different backbone layout?)")

@@ -12,9 +12,10 @@ import torch.distributed as dist
 
 
 class Comm:
-    def __init__(self, group=None):
+    def __init__(self, group=None, local: bool = False):
+        """local=True: this process alone (world 1), even inside an initialised process group."""
         self.group = group
-        self.on = dist.is_available() and dist.is_initialized()
+        self.on = not local and dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size(group) if self.on else 1
         self.rank = dist.get_rank(group) if self.on else 0
         self.sent_bytes = 0
@@ -74,3 +75,10 @@ class Comm:
         box = [obj]
         dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
+
+    def all_gather_object(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out

@@ -47,7 +47,9 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int]:
 
 
 def device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from smat_dist.utils.device import pick_device
+
+    return pick_device()
 
 
 class DeepSpeedOptimizer:
@@ -117,3 +119,80 @@ class DeepSpeedOptimizer:
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:  # DeepSpeed returns None instead of raising on a missing tag
             raise FileNotFoundError(f"DeepSpeed checkpoint {folder}/{tag} could not be loaded")
+
+
+class DeepSpeedPart:
+    """The replicated module and its DeepSpeed engine as one checkpoint part (checkpoint.py's "engine" kind).
+
+    Writes DeepSpeed's own checkpoint under ds/ (collective; ZeRO-partitioned optimiser state per rank) and,
+    from rank 0, the module's full state as replicated.pt, which evaluation loads without DeepSpeed."""
+
+    def __init__(self, opt: DeepSpeedOptimizer, rank: int):
+        self.opt, self.rank = opt, rank
+
+    def save_to(self, folder) -> None:
+        from pathlib import Path
+
+        folder = Path(folder)
+        self.opt.save(str(folder / "ds"), tag="state")
+        state = self.opt.module_state()          # collective under ZeRO-3 (gathers the parameters)
+        if self.rank == 0:
+            torch.save(state, folder / "replicated.pt")
+
+    def own_files(self, folder, rank: int, reading: bool = False, universal: bool = False) -> list:
+        """Files this rank wrote (to hash them), or, reading, the files its load reads (to verify them)."""
+        from pathlib import Path
+
+        folder = Path(folder)
+        files = sorted(p for p in (folder / "ds").rglob("*") if p.is_file())
+        mine = [p for p in files if f"zero_pp_rank_{rank}_" in p.name]
+        shared = [p for p in files if "zero_pp_rank_" not in p.name]
+        rep = [folder / "replicated.pt"] if (folder / "replicated.pt").exists() else []
+        if reading:
+            return rep if universal else mine + shared
+        return mine + shared + rep if rank == 0 else mine
+
+    def load_from(self, folder, universal=None) -> None:
+        from pathlib import Path
+
+        folder = Path(folder)
+        if universal is None:
+            self.opt.load(str(folder / "ds"), tag="state")
+            return
+        self.opt.load(str(universal), tag="state")
+        # The universal format carries parameters and optimiser state, not buffers (task counter, spectral-norm
+        # vectors): take those from the full replicated state.
+        state = torch.load(folder / "replicated.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, buf in self.opt.engine.module.named_buffers():
+                if name in state:
+                    buf.copy_(state[name].to(buf))
+
+
+def universal_checkpoint(ck, out, comm) -> "object":
+    """DeepSpeed's universal checkpoint of `ck`'s ZeRO-partitioned state, for a resume at another world size:
+    made once by rank 0 into `out` (outside `ck`, whose files are checksummed), after verifying the files
+    the conversion reads."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from smat_dist.distributed.checkpoint import CheckpointError, read_manifest, verify_file
+
+    ck, out = Path(ck), Path(out)
+    if comm.rank == 0 and not (out / "done").exists():
+        manifest = read_manifest(ck)
+        for rel in manifest["files"]:
+            if rel.startswith("ds/"):
+                verify_file(ck, rel, manifest)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ck / "ds" / "state"),
+               "--output_folder", str(out / "state"), "--inject_missing_state"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise CheckpointError(f"converting {ck}/ds to a universal checkpoint failed: {res.stderr[-800:]}")
+        (out / "done").touch()
+        log.info("universal checkpoint of %s written to %s", ck, out)
+    comm.barrier()
+    return out

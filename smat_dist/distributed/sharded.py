@@ -61,9 +61,9 @@ class ShardedMerger(LocalMerger):
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         return _ShardedMerge.apply(w, self.pool.delta, self)
 
-    def end_step(self, penalty_coef: torch.Tensor | None = None) -> None:
+    def end_step(self, penalty_coef: torch.Tensor | None = None) -> torch.Tensor | None:
         train = self._active and self._train
-        super().end_step(penalty_coef)
+        sq = super().end_step(penalty_coef)
         pool = self.pool
         if train and pool.structured and pool.layout.num_shared:
             # Gate groups cut by a shard boundary: every rank touching one holds its row and has added the
@@ -74,6 +74,7 @@ class ShardedMerger(LocalMerger):
             buf[pool.shared_pos] = grad[pool.shared_rows]
             buf = self.comm.all_reduce(buf)
             grad[pool.shared_rows] = buf[pool.shared_pos]
+        return sq
 
 
 class _GatherMerge(torch.autograd.Function):

@@ -31,7 +31,8 @@ AUG_PROB = 0.9          # P>M>F / SMAT: DiffAugment applied to the support batch
 TRANSLATE_RATIO = 0.125  # DiffAugment's translation: up to 1/8 of the image side
 LORA_DROPOUT = 0.1
 LORA_LR_MULT = 10.0      # LoRA runs at 10x the searched learning rate (upstream)
-LORA_TARGETS = r".*\.attn\.(qkv|proj)"  # timm ViT attention: fused qkv and the output projection
+# timm ViT attention: fused qkv (ViT, DINO/v2/v3, SigLIP) or q/k/v (EVA-02 B/L) and the output projection
+LORA_TARGETS = r".*\.attn\.(qkv|q_proj|k_proj|v_proj|proj)"
 
 
 # ---------------------------------------------------------------- augmentation (DiffAugment colour+translation)
@@ -79,7 +80,7 @@ def method_kind(method: nn.Module) -> str:
 
 @torch.no_grad()
 def task_theta(setup, ep) -> torch.Tensor:
-    """theta_i of the task (detached). For SMAT the caller has run `setup.merger.begin_step(train=False)`."""
+    """theta_i of the task (detached). For SMAT the caller has run `setup.pool.begin_step(train=False)`."""
     fb, method = setup.fb, setup.method
     kind = method_kind(method)
     if kind == "pretrained":
@@ -88,7 +89,7 @@ def task_theta(setup, ep) -> torch.Tensor:
         return fb.theta_pre + method.delta.detach()
     f_pre = fb(fb.theta_pre, ep.support)
     w, _ = method(prototypes(f_pre, ep.support_labels, int(ep.ways)), False)
-    return fb.theta_pre + setup.merger.merge(w).detach()
+    return fb.theta_pre + setup.pool.merge(w).detach()
 
 
 # ---------------------------------------------------------------- the shared loss and prediction
@@ -137,12 +138,30 @@ def finetune_full(fb, theta0: torch.Tensor, ep, lr: float, steps: int, scale: fl
 
 # ---------------------------------------------------------------- LoRA through peft
 
+def lora_targets(model: nn.Module) -> tuple[list[str], str]:
+    """The layers LoRA adapts, and their kind: a ViT's attention Linear layers (qkv/proj), else, for a CNN,
+    every dense nn.Conv2d (peft's Conv2d LoRA: A a conv with the layer's kernel and stride into r channels, B a
+    1x1 conv back). Grouped / depthwise convs are left out: peft's Conv2d LoRA builds a dense A over all input
+    channels, not a low-rank update of a per-group kernel; and Conv2d subclasses with their own padding
+    (timm's Conv2dSame, TF-'same' models) are left out because A would not pad as the layer does."""
+    attn = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(LORA_TARGETS, n)]
+    if attn:
+        return attn, "attention"
+    convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d and m.groups == 1]
+    if convs:
+        return convs, "conv"
+    raise ValueError(f"eval mode 'lora' needs a timm ViT with attention qkv/proj Linear layers or a CNN with "
+                     f"dense Conv2d layers; backbone {type(model).__name__} has neither")
+
+
 class LoraRunner:
-    """A private copy of the backbone with LoRA adapters on its attention qkv/proj layers.
+    """A private copy of the backbone with LoRA adapters on its attention qkv/proj layers (ViTs) or on its
+    dense Conv2d layers (CNNs, see `lora_targets`).
 
     Per task the copy's base weights are overwritten with theta_i and the adapters are re-initialised (A:
     kaiming-uniform as peft, B: zero, so the adapted model starts exactly at theta_i); nothing carries over
-    between tasks, and the caller's backbone is never touched.
+    between tasks, and the caller's backbone is never touched. BatchNorm stays in eval mode (running
+    statistics) as in the rest of the method.
     """
 
     def __init__(self, fb, rank: int = 8, alpha: int = 32, dropout: float = LORA_DROPOUT):
@@ -150,18 +169,16 @@ class LoraRunner:
 
         self.fb = fb
         base = copy.deepcopy(fb.model)
-        targets = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)
-                   and re.fullmatch(LORA_TARGETS, n)]
-        if not targets:
-            raise ValueError(f"eval mode 'lora' needs a timm ViT with attention qkv/proj Linear layers; backbone "
-                             f"{type(fb.model).__name__} has none matching {LORA_TARGETS!r}")
+        targets, self.kind = lora_targets(base)
         self._base_params = dict(base.named_parameters())  # the same Parameter objects survive the peft wrap
-        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                         target_modules=LORA_TARGETS if self.kind == "attention" else targets)
         self.model = get_peft_model(base, cfg)
         self.model.eval()
         self.lora_params = [p for n, p in self.model.named_parameters() if "lora_" in n]
         self._dropouts = [m for n, m in self.model.named_modules() if n.endswith("lora_dropout")]
-        log.info("LoRA on %d layers (%d trainable parameters)", len(targets), sum(p.numel() for p in self.lora_params))
+        log.info("LoRA on %d %s layers (%d trainable parameters)", len(targets), self.kind,
+                 sum(p.numel() for p in self.lora_params))
 
     @torch.no_grad()
     def _reset(self, theta: torch.Tensor) -> None:

@@ -1,7 +1,8 @@
-"""Load a trained method from a checkpoint into a single-process LocalSetup (evaluation, analysis).
+"""Load a trained method from a checkpoint for evaluation and analysis, on one rank or on N.
 
-The pool is re-sliced from however many ranks wrote it into one slice covering the whole flat vector,
-so a model trained on any world size evaluates on any other.
+The same load path as training (Checkpointer.load over the same parts): on N ranks each rank re-slices only
+its own share of the pool (O(pool / N) memory and reads) and merges through the sharded merger; in one
+process the slice is the whole pool. A model trained on any world size evaluates on any other.
 """
 from __future__ import annotations
 
@@ -10,11 +11,28 @@ from pathlib import Path
 import torch
 
 from smat_dist.config.schema import Config
-from smat_dist.distributed import checkpoint as ckpt
-from smat_dist.method.build import LocalSetup, build_local
+from smat_dist.distributed.build import MethodSetup, build
+from smat_dist.distributed.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
+from smat_dist.distributed.comm import Comm
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
+
+
+class ModuleState:
+    """The replicated module's full state (replicated.pt, written by the training engine's rank 0)."""
+
+    def __init__(self, module: torch.nn.Module, what: str):
+        self.module, self.what = module, what
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        missing, unexpected = self.module.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"replicated.pt does not match method {self.what}: missing {missing}, "
+                                  f"unexpected {unexpected}")
 
 
 def load_config(ck: Path) -> Config:
@@ -23,28 +41,25 @@ def load_config(ck: Path) -> Config:
     for p in (ck / "config.yaml", ck.parent.parent / "config.yaml"):
         if p.is_file():
             return load_yaml(p)
-    raise ckpt.CheckpointError(f"no config.yaml in {ck} or its run folder")
+    raise CheckpointError(f"no config.yaml in {ck} or its run folder")
 
 
-def load_method(path: str, fb=None) -> LocalSetup:
-    ck = ckpt.find_latest(path)
+def load_method(path: str, fb=None, comm: Comm | None = None) -> MethodSetup:
+    """The method of the newest complete checkpoint under `path`; with a multi-rank `comm`, this rank's
+    slice of its pool (every rank of comm must call it)."""
+    ck = find_latest(path)
     if ck is None:
-        raise ckpt.CheckpointError(f"{path}: no complete checkpoint (no 'latest' file or manifest.json)")
-    manifest = ckpt.read_manifest(ck)
+        raise CheckpointError(f"{path}: no complete checkpoint (no 'latest' file or manifest.json)")
+    manifest = read_manifest(ck)
     cfg = load_config(ck)
-    setup = build_local(cfg.model, cfg.method, seed=cfg.train.seed, fb=fb)
-    ckpt.check_compatible(manifest, {"method": cfg.method.name, "backbone": cfg.model.name,
-                                     "backbone_signature": setup.fb.space.signature()}, ck)
-    state = torch.load(ck / "replicated.pt", map_location="cpu", weights_only=True)
-    missing, unexpected = setup.method.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ckpt.CheckpointError(f"{ck}/replicated.pt does not match method {cfg.method.name}: missing {missing}, "
-                                   f"unexpected {unexpected}")
+    comm = comm or Comm()
+    setup = build(cfg.model, cfg.method, seed=cfg.train.seed, comm=comm, hyper=None, fb=fb,
+                  merge="sharded" if comm.world > 1 else "local")
+    parts = {"replicated": ModuleState(setup.method, cfg.method.name)}
     if setup.pool is not None:
-        sl = ckpt.load_pool_slice(ck, manifest, 0, setup.pool.hi, setup.pool.numel, cfg.method.sparsity.clamp,
-                                  group_ids=setup.pool.group_ids)
-        with torch.no_grad():
-            setup.pool.delta.copy_(sl["delta"])
-            setup.pool.log_alpha.copy_(sl["log_alpha"])
-    log.info("loaded %s model from %s (%d tasks)", cfg.method.name, ck, manifest["tasks"])
+        parts["pool"] = setup.pool
+    Checkpointer(ck.parent, comm).load(ck, parts, expect={
+        "method": cfg.method.name, "backbone": cfg.model.name, "backbone_signature": setup.fb.space.signature()})
+    log.info("loaded %s model from %s (%d tasks; pool slice %s of %d ranks)", cfg.method.name, ck, manifest["tasks"],
+             "-" if setup.pool is None else f"[{setup.pool.store.lo}, {setup.pool.store.hi})", comm.world)
     return setup

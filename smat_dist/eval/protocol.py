@@ -90,12 +90,12 @@ class Evaluator:
 
     def __enter__(self):
         if self.kind == "smat":
-            self.setup.merger.begin_step(train=False)
+            self.setup.pool.begin_step(train=False)
         return self
 
     def __exit__(self, *exc):
         if self.kind == "smat":
-            self.setup.merger.end_step()
+            self.setup.pool.end_eval()
         return False
 
     def lora(self) -> LoraRunner:
@@ -105,7 +105,7 @@ class Evaluator:
 
     def logits(self, ep, mode: str, lr: float | None, seed: int) -> torch.Tensor:
         if mode == "zeroshot":
-            return self.setup.method.predict(ep, self.setup.merger)
+            return self.setup.method.predict(ep, self.setup.pool)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             theta = task_theta(self.setup, ep)
@@ -147,12 +147,23 @@ def _run_episodes(episodes, split: str, domain: str, jobs, workers: int) -> list
     rank, world = _world()
     local: dict[int, dict] = {}
     t0 = time.time()
+    ep = None
     for ep in episodes.loader(workers=workers, rank=rank, world=world):
         seed = task_seed(domain, split, ep.index)
         local[ep.index] = {key: ev.accuracy(ep, mode, lr, seed) for key, (ev, mode, lr) in jobs.items()}
         done = len(local)
-        if done == 1 or done % 50 == 0:
-            log.info("%s/%s: %d episodes on this rank (%.1f s)", domain, split, done, time.time() - t0)
+        if done == 1 or done % 50 == 0 or done == len(range(rank, len(episodes), world)):
+            from smat_dist.utils.progress import rate_eta
+            mine, el = len(range(rank, len(episodes), world)), time.time() - t0
+            log.info("%s/%s: %d/%d episodes on this rank (%.1f s, %s)", domain, split, done, mine, el,
+                     rate_eta(done, mine, el, "episodes"))
+    # A sharded pool's merge is a collective: every rank runs as many episodes as the busiest one, repeating
+    # one whose result is dropped (rank r holds indices r, r+R, ..., so counts differ by at most one).
+    for _ in range(len(local), -(-len(episodes) // world)):
+        if ep is None:
+            ep = episodes[0]
+        for ev, mode, lr in jobs.values():
+            ev.accuracy(ep, mode, lr, task_seed(domain, split, ep.index))
     return gather_indexed(local, len(episodes))
 
 

@@ -31,7 +31,7 @@ class PMF(nn.Module):
     def logits(self, fq, protos):
         return cosine_logits(fq, protos, 1.0) * self.scale + self.bias
 
-    def task(self, ep, merger=None, task_index: int = 0, train: bool = True) -> TaskResult:
+    def task(self, ep, pool=None, task_index: int = 0, train: bool = True) -> TaskResult:
         xs, ys, xq, yq, ways = _episode_tensors(ep)
         f = self(torch.cat([xs, xq]))
         logits = self.logits(f[len(xs):], prototypes(f[: len(xs)], ys, ways))
@@ -41,7 +41,7 @@ class PMF(nn.Module):
             "episode/ways": float(ways), "episode/support": float(len(xs)), "episode/query": float(len(xq))})
 
     @torch.no_grad()
-    def predict(self, ep, merger=None) -> torch.Tensor:
+    def predict(self, ep, pool=None) -> torch.Tensor:
         xs, ys, xq, _, ways = _episode_tensors(ep)
         f = self(torch.cat([xs, xq]))
         return self.logits(f[len(xs):], prototypes(f[: len(xs)], ys, ways))
@@ -55,7 +55,7 @@ class Pretrained(nn.Module):
         self.fb, self.cfg = backbone, cfg
 
     @torch.no_grad()
-    def predict(self, ep, merger=None) -> torch.Tensor:
+    def predict(self, ep, pool=None) -> torch.Tensor:
         xs, ys, xq, _, ways = _episode_tensors(ep)
         f = self.fb(self.fb.theta_pre, torch.cat([xs, xq]))
         return cosine_logits(f[len(xs):], prototypes(f[: len(xs)], ys, ways), self.cfg.logit_scale)

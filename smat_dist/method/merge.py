@@ -116,12 +116,15 @@ class LocalMerger:
             return U, W
         return U @ W
 
-    def end_step(self, penalty_coef: torch.Tensor | None = None) -> None:
+    def end_step(self, penalty_coef: torch.Tensor | None = None) -> torch.Tensor | None:
         """Apply the step's accumulated mask gradient (and the sparsity penalty's) to the mask logits; a lean
-        pool defers it to the optimiser step, which recomputes it chunk by chunk."""
+        pool defers it to the optimiser step, which recomputes it chunk by chunk. Returns the squared norm of
+        this slice's logit gradient when the pass computed it (None: the optimiser computes it)."""
+        sq = None
         if self._active and self._train:
             if self.lean:
-                self.pool.defer_mask_grad_(self.mask_grad(), penalty_coef)
+                sq = self.pool.defer_mask_grad_(self.mask_grad(), penalty_coef)
             else:
-                self.pool.apply_mask_grad_(self._z, self.mask_grad(), penalty_coef, train=True)
+                sq = self.pool.apply_mask_grad_(self._z, self.mask_grad(), penalty_coef, train=True)
         self._z, self._factors, self._active = None, [], False
+        return sq

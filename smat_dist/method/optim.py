@@ -7,6 +7,7 @@ The pool optimiser only ever touches this rank's slice, so its state is local an
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
@@ -32,15 +33,16 @@ class PoolOptimizer:
              "name": "log_alpha", "base_lr": sp.mask_lr},
         ])
 
-    def step(self, factor: float, reduce=None) -> dict[str, float]:
-        """`reduce` sums a tensor over ranks (the clip norm is global over the whole pool)."""
+    def step(self, factor: float, reduce=None, grad_sq: torch.Tensor | None = None) -> dict[str, float]:
+        """`reduce` sums a tensor over ranks (the clip norm is global over the whole pool); `grad_sq` is this
+        slice's squared gradient norm when the gate backward already computed it."""
         pool = self.pool
         g = pool.log_alpha.grad
         deferred = pool.has_deferred
         out = {}
         scale = 1.0
         if g is not None or deferred:
-            sq = pool.grad_sq   # left by the fused gate backward (same pass as the gradient)
+            sq = grad_sq
             if sq is None:
                 owned = pool.owned
                 if owned is None:
@@ -49,7 +51,6 @@ class PoolOptimizer:
                              for a in range(0, g.shape[0], 1 << 15))
                 else:  # a structured gate shared by several ranks counts once (on the lowest of them)
                     sq = (g.square().sum(1, dtype=torch.float64) * owned).sum()
-            pool.grad_sq = None
             sq = torch.as_tensor(sq, dtype=torch.float64, device=pool.log_alpha.device).reshape(1)
             sq = reduce(sq) if reduce is not None else sq
             norm = float(sq.sqrt())
@@ -78,3 +79,39 @@ def hypernet_optimizer(params, cfg: MethodConfig) -> torch.optim.Optimizer:
     h = cfg.hypernet
     return torch.optim.AdamW([{"params": list(params), "lr": h.lr, "weight_decay": h.weight_decay,
                                "name": "hypernet", "base_lr": h.lr}])
+
+
+class HyperOptimizer(Protocol):
+    def backward(self, loss: torch.Tensor, tasks_per_step: int) -> None: ...
+    def step(self, factor: float) -> dict[str, float]: ...
+    def with_full_params(self, fn) -> None: ...  # run fn with every replicated parameter whole (ZeRO-3 gathers)
+
+
+class TorchHyperOptimizer:
+    """Single-process optimiser for the replicated trainables (hypernetwork, or P>M>F's dense weights)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, clip: float | None):
+        self.opt, self.clip = optimizer, clip
+
+    def backward(self, loss: torch.Tensor, tasks_per_step: int) -> None:
+        (loss / tasks_per_step).backward()
+
+    def step(self, factor: float) -> dict[str, float]:
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        out = {}
+        if self.clip:
+            out["grad_norm/hypernet"] = float(torch.nn.utils.clip_grad_norm_(params, self.clip))
+        for g in self.opt.param_groups:
+            g["lr"] = g.get("base_lr", g["lr"]) * factor
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return out
+
+    def with_full_params(self, fn) -> None:
+        fn()
+
+    def state_dict(self):
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd):
+        self.opt.load_state_dict(sd)

@@ -79,7 +79,6 @@ class ExpertPool(FusedPoolPasses, nn.Module):
             self.register_buffer("shared_rows", layout.shared_rows, persistent=False)
             self.register_buffer("shared_pos", layout.shared_pos, persistent=False)
         self.n_valid = int(self.valid.sum())
-        self.grad_sq: torch.Tensor | None = None     # squared norm left by the fused gate backward
         self._deferred = None                          # a lean pool's gradient, applied by step_deferred_
         with torch.no_grad():
             self.log_alpha[~self.valid] = -cfg.clamp

@@ -154,14 +154,14 @@ class FusedPoolPasses:
 
     @torch.no_grad()
     def apply_mask_grad_(self, z: torch.Tensor, g_z, penalty_coef: torch.Tensor | None,
-                         train: bool = True) -> None:
+                         train: bool = True) -> torch.Tensor | None:
         """log_alpha.grad += the masks' gradient pushed through the gate + the penalty's, chunk by chunk
-        (`_grad_chunk`; a factored g_z is never materialised, each chunk is formed in cache). Also leaves the
-        squared norm of the result over this slice's rows in `grad_sq` (unstructured pools; the optimiser's
-        clip then needs no extra pass)."""
+        (`_grad_chunk`; a factored g_z is never materialised, each chunk is formed in cache). Returns the
+        squared norm of the result over this slice's rows (unstructured pools; None for structured ones, whose
+        shared rows are summed over ranks afterwards), so the optimiser's clip needs no extra pass."""
         la = self.log_alpha
         if g_z is None and penalty_coef is None:
-            return
+            return None
         grad = la.grad
         fresh = grad is None
         if fresh:
@@ -181,7 +181,7 @@ class FusedPoolPasses:
             flat = gr.view(-1)
             sq += torch.dot(flat, flat)   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
         la.grad = grad
-        self.grad_sq = None if self.sizes is not None else sq
+        return None if self.sizes is not None else sq
 
     # ---- The lean pool (method.sparsity.lean): only the logits are kept. The masks and their gradient are
     # recomputed chunk by chunk where needed, so the [rows, M] state is 1 array instead of 3. ----
@@ -196,13 +196,13 @@ class FusedPoolPasses:
             yield a, b, self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3)
 
     @torch.no_grad()
-    def defer_mask_grad_(self, g_z, penalty_coef: torch.Tensor | None) -> None:
-        """Lean end of step: keep the factored gradient for `step_deferred_`, leave its squared norm in grad_sq."""
+    def defer_mask_grad_(self, g_z, penalty_coef: torch.Tensor | None) -> torch.Tensor:
+        """Lean end of step: keep the factored gradient for `step_deferred_`; returns its squared norm."""
         self._deferred = (g_z, penalty_coef)
         sq = torch.zeros((), dtype=torch.float64, device=self.log_alpha.device)
         for _, _, g in self._deferred_chunks():
             sq += torch.dot(g.view(-1), g.view(-1))
-        self.grad_sq = sq
+        return sq
 
     @torch.no_grad()
     def deferred_grad(self) -> torch.Tensor:

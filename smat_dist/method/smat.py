@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from smat_dist.config.schema import MethodConfig
-from smat_dist.method.controller import LagrangeController
 from smat_dist.method.hypernet import HyperNetwork, task_seed
 from smat_dist.method.protonet import accuracy, cosine_logits, prototypes
 from smat_dist.method.teacher import DenseTeacher
 from smat_dist.model.backbone import FunctionalBackbone
+from smat_dist.utils.spans import span
 
 
 @dataclass
@@ -46,7 +46,7 @@ def _episode_tensors(ep):
 
 
 class SMAT(nn.Module):
-    """The trainable, replicated part of SMAT (hypernetwork + multipliers); the pool is passed in as a merger."""
+    """The trainable, replicated part of SMAT (the hypernetwork); the expert pool is passed in (sparse_pool.py)."""
 
     def __init__(self, backbone: FunctionalBackbone, cfg: MethodConfig, seed: int = 0):
         super().__init__()
@@ -54,7 +54,6 @@ class SMAT(nn.Module):
         self.cfg = cfg
         self.seed = seed
         self.hypernet = HyperNetwork(backbone.feature_dim, cfg.experts, cfg.hypernet)
-        self.controller = LagrangeController(cfg.experts, cfg.sparsity.target, cfg.sparsity.lambda_lr)
         self.teacher = DenseTeacher(backbone, cfg.teacher, cfg.logit_scale)
 
     def forward(self, protos: torch.Tensor, train: bool, task_index: int = 0):
@@ -62,27 +61,33 @@ class SMAT(nn.Module):
         # (DeepSpeed ZeRO-3 parameter gathering) see it.
         return self.hypernet(protos, train=train, task_seed=task_seed(self.seed, task_index))
 
-    def task(self, ep, merger, task_index: int, train: bool = True) -> TaskResult:
+    def task(self, ep, pool, task_index: int, train: bool = True) -> TaskResult:
+        """One task; `pool` is anything with merge(w) -> merged delta (a SparsePool between begin/end)."""
         cfg, fb = self.cfg, self.fb
         xs, ys, xq, yq, ways = _episode_tensors(ep)
         theta_pre = fb.theta_pre
-        with torch.no_grad():
+        with span("frozen_pass"), torch.no_grad():
             f_pre = fb(theta_pre, torch.cat([xs, xq]))
         fs_pre, fq_pre = f_pre[: len(xs)], f_pre[len(xs):]
         p_pre = prototypes(fs_pre, ys, ways)
-        w, a = self(p_pre, train, task_index)
-        theta = theta_pre + merger.merge(w)
-        fs = fb(theta, xs)
-        protos = prototypes(fs, ys, ways)
+        with span("hypernet"):
+            w, a = self(p_pre, train, task_index)
+        with span("merge"):
+            theta = theta_pre + pool.merge(w)
+        with span("support_pass"):
+            fs = fb(theta, xs)
+            protos = prototypes(fs, ys, ways)
         m: dict[str, float] = {}
         theta1, p1 = theta, protos
         if train:
             for step in range(cfg.inner_steps):
                 if step > 0:
-                    fs = fb(theta1, xs)
-                head = p1.detach().requires_grad_(True)
-                ce_s = F.cross_entropy(cosine_logits(fs, head, cfg.logit_scale), ys)
-                g_theta, g_head = torch.autograd.grad(ce_s, [theta1, head], retain_graph=True)
+                    with span("support_pass"):
+                        fs = fb(theta1, xs)
+                with span("inner_grad"):
+                    head = p1.detach().requires_grad_(True)
+                    ce_s = F.cross_entropy(cosine_logits(fs, head, cfg.logit_scale), ys)
+                    g_theta, g_head = torch.autograd.grad(ce_s, [theta1, head], retain_graph=True)
                 # First order: the step's gradient is a constant; the prototypes keep their own gradient path.
                 theta1 = theta1 - cfg.inner_lr * g_theta
                 p1 = p1 - cfg.inner_lr * g_head
@@ -90,15 +95,19 @@ class SMAT(nn.Module):
         tc = cfg.teacher
         teach = train and tc.enabled
         tap = self.teacher.tap() if teach else None
-        fq = fb(theta1, xq, tap=tap)
-        logits = cosine_logits(fq, p1, cfg.logit_scale)
-        ce_q = F.cross_entropy(logits, yq)
+        with span("query_pass"):
+            fq = fb(theta1, xq, tap=tap)
+            logits = cosine_logits(fq, p1, cfg.logit_scale)
+            ce_q = F.cross_entropy(logits, yq)
         loss = ce_q
         m["loss/query_ce"] = ce_q.item()
         m["acc/query"] = accuracy(logits, yq)
         if teach:
-            t_logits = self.teacher.logits(self.teacher.gradient(ce_q, theta1, p1, tap), theta1, p1, xq, tap)
-            del tap
+            with span("teacher_grad"):
+                t_grads = self.teacher.gradient(ce_q, theta1, p1, tap)
+            with span("teacher_eval"):
+                t_logits = self.teacher.logits(t_grads, theta1, p1, xq, tap)
+            del tap, t_grads
             t2 = tc.temperature ** 2
             kd_dense = reverse_kl(logits, t_logits, tc.temperature)
             kd = 0.5 * t2 * kd_dense if tc.pretrained_teacher else t2 * kd_dense
@@ -121,41 +130,11 @@ class SMAT(nn.Module):
         return TaskResult(loss=loss, w=w.detach(), metrics=m)
 
     @torch.no_grad()
-    def predict(self, ep, merger) -> torch.Tensor:
+    def predict(self, ep, pool) -> torch.Tensor:
         """Zero-shot query logits: eval-mode merge (deterministic gates and weights), clean support prototypes."""
         xs, ys, xq, _, ways = _episode_tensors(ep)
         f_pre = self.fb(self.fb.theta_pre, xs)
         w, _ = self(prototypes(f_pre, ys, ways), False)
-        theta = self.fb.theta_pre + merger.merge(w)
+        theta = self.fb.theta_pre + pool.merge(w)
         protos = prototypes(self.fb(theta, xs), ys, ways)
         return cosine_logits(self.fb(theta, xq), protos, self.cfg.logit_scale)
-
-    def pool_terms(self, pool, z: torch.Tensor, w_sum: torch.Tensor, n_tasks: int, reduce, lr_factor: float,
-                   update: bool = True, local: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
-        """The step's sparsity terms; one all-reduce of 4M+1 numbers (`reduce` sums across ranks).
-
-        Returns the metrics and the per-expert coefficient of the penalty's gradient on the mask logits,
-        coef_m = lambda_m * w_m / numel (dL_sp/dlog_alpha = coef_m * dP(z != 0)/dlog_alpha), which the merger
-        applies with the task gradient in one pass."""
-        M, numel = self.cfg.experts, pool.numel
-        if local is None:  # the merger's begin_step counts them in its mask pass
-            local = pool.stats(z.detach())
-        stats = reduce(torch.cat([local, w_sum.double(),
-                                  torch.tensor([float(n_tasks)], dtype=torch.float64, device=local.device)]))
-        sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
-        w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
-        ctl = self.controller
-        ctl.reset_satisfied(sparsity)
-        coef = (ctl.multipliers * w_mean / numel).float()
-        lag = ctl.lagrangian(sparsity, w_mean)
-        penalty = float(ctl.penalty(density, w_mean))
-        if update:
-            ctl.update(sparsity, w_mean, lr_factor)
-        out = {"loss/sparsity_penalty": penalty, "loss/lagrangian": lag}
-        for i in range(M):
-            out[f"sparsity/expert{i}"] = float(sparsity[i])
-            out[f"sparsity_eval/expert{i}"] = float(eval_sparsity[i])
-            out[f"density_l0/expert{i}"] = float(density[i])
-            out[f"lambda/expert{i}"] = float(ctl.multipliers[i])
-            out[f"w_mean/expert{i}"] = float(w_mean[i])
-        return out, coef

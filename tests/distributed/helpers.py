@@ -45,15 +45,29 @@ def train_rank(rank: int, world: int, cfg: Config, run_dir: str, stop_after: int
 
     out = trainer.train(cfg, run_dir, should_stop=should_stop)
     ck = Path(out["checkpoint"])
-    pool = {}
-    pf = ck / f"pool-rank{rank:05d}.pt"
-    if pf.exists():
-        sd = torch.load(pf, weights_only=True)
-        pool = {"lo": sd["lo"], "hi": sd["hi"], "delta": sd["delta"], "log_alpha": sd["log_alpha"],
-                "group_ids": sd.get("group_ids")}
+    pf = ck / f"pool-rank{rank:05d}.safetensors"
+    pool = read_pool_shard(pf) if pf.exists() else {}
     losses = []
     mf = Path(run_dir) / "metrics.jsonl"
     if rank == 0 and mf.exists():
         losses = [json.loads(line) for line in mf.read_text().splitlines()]
     rep = torch.load(ck / "replicated.pt", weights_only=True) if rank == 0 else {}
+    if rank == 0 and pool:
+        rep["pool.multipliers"] = pool["multipliers"]
     return {"out": out, "pool": pool, "replicated": rep, "metrics": losses}
+
+
+def read_pool_shard(path) -> dict:
+    """A saved pool shard as tensors: its entry range [lo, hi), delta, log_alpha, group ids, multipliers."""
+    import json
+
+    from smat_dist.distributed.shard_file import ShardReader
+
+    with ShardReader(path, None) as r:
+        rec = json.loads(r.metadata["tensors"])
+        out = {"lo": rec["delta"]["lo"], "hi": rec["delta"]["hi"], "delta": r.read("delta"),
+               "log_alpha": r.read("log_alpha"), "multipliers": r.read("_replicated.multipliers"),
+               "group_ids": r.read("log_alpha.ids") if "log_alpha.ids" in r.header else None}
+        if "delta_momentum" in r.header:
+            out["delta_momentum"] = r.read("delta_momentum")
+    return out

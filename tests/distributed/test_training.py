@@ -10,7 +10,7 @@ import torch
 
 from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import tiny_config, train_rank
+from tests.distributed.helpers import read_pool_shard, tiny_config, train_rank
 
 pytestmark = pytest.mark.dist
 TASKS = 6
@@ -138,12 +138,12 @@ def _nan_rank(rank, world, cfg, run_dir):
     real = step_mod.smat_step
     calls = {"n": 0}
 
-    def poisoned(method, merger, pool, *a, **k):
+    def poisoned(method, pool, *a, **k):
         calls["n"] += 1
         if calls["n"] == 2:  # poison the shared delta on the second step
             with torch.no_grad():
-                pool.delta[0] = float("nan")
-        return real(method, merger, pool, *a, **k)
+                pool.store.delta[0] = float("nan")
+        return real(method, pool, *a, **k)
 
     trainer.smat_step = poisoned
     try:
@@ -159,7 +159,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     assert "non-finite loss at task 2" in msgs[0]
     latest = (tmp_path / "checkpoints" / "latest").read_text().strip()
     assert latest == "step-000000002"
-    sd = torch.load(tmp_path / "checkpoints" / latest / "pool-rank00000.pt", weights_only=True)
+    sd = read_pool_shard(tmp_path / "checkpoints" / latest / "pool-rank00000.safetensors")
     assert torch.isfinite(sd["delta"]).all()
 
 

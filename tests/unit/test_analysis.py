@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from smat_dist.analysis import figures
 from smat_dist.analysis.cli import main as analyze_main
@@ -17,7 +16,7 @@ from smat_dist.data.fixed_sets import fixed_episodes
 from smat_dist.eval.protocol import Domain, evaluate
 from smat_dist.eval.report import write_results
 from smat_dist.method import hard_concrete as hc
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.train.step import smat_step
 from tests.data_fixture import make_dataset
 
@@ -43,7 +42,7 @@ def trained(data, experts: int, target: float, steps: int = 3):
     stream = EpisodeStream(data, "train", EP_CFG, seed=0, train_aug=True)
     for step in range(steps):
         eps = [stream.episode(2 * step + j) for j in range(2)]
-        smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, eps, 2 * step, 2 * step, 1, lambda t: t)
+        smat_step(s.method, s.pool, s.hyper, eps, 2 * step, 2 * step)
     return s
 
 
@@ -60,7 +59,7 @@ def test_mask_figures_from_a_real_run(run, data, tmp_path):
                           "dendrogram": "expert_dendrogram.png"}[key]
         assert res["figures"][key] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the numbers behind the figures agree with the eval-mode masks computed directly
-    z = run.pool.masks(train=False)[: run.fb.space.numel] > 0
+    z = run.pool.store.masks(train=False)[: run.fb.space.numel] > 0
     assert res["capacity"]["overall"] == pytest.approx(z.double().mean(0).tolist())
     assert 0 < min(res["capacity"]["overall"]) and max(res["capacity"]["overall"]) < 1  # a trained, partly sparse pool
     kinds = {i.kind for i in run.fb.space.infos}
@@ -81,8 +80,8 @@ def test_mask_figures_from_a_real_run(run, data, tmp_path):
 
 def test_masks_use_the_eval_gate(run):
     # eval gate (beta = 1): an entry is non-zero iff log_alpha > -2.398
-    la = run.pool.log_alpha.detach()[: run.fb.space.numel]
-    cap = figures.capacity(run.fb.space, run.pool)
+    la = run.pool.store.log_alpha.detach()[: run.fb.space.numel]
+    cap = figures.capacity(run.fb.space, run.pool.store)
     expect = (la > -hc.threshold(train=False)).double().mean(0)
     assert cap["overall"] == pytest.approx(expect.tolist(), abs=1e-6)
 

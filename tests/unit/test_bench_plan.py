@@ -9,7 +9,7 @@ from smat_dist.bench.cli import main
 from smat_dist.bench.plan import backbone_shape, hypernet_params, parse_kv, plan, sent_bytes_per_task
 from smat_dist.config.schema import HypernetConfig, MethodConfig, ModelConfig
 from smat_dist.method.hypernet import HyperNetwork
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 
 TINY = ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 2})
 
@@ -21,7 +21,7 @@ def test_meta_count_equals_real_model():
     assert hypernet_params(shape["feature_dim"], 5) == sum(p.numel() for p in setup.method.hypernet.parameters())
     assert hypernet_params(64, 3) == sum(p.numel() for p in HyperNetwork(64, 3, HypernetConfig()).parameters())
     p = plan(TINY.name, experts=5, ranks=1, image_size=32, patch_size=8, kwargs={"depth": 2})
-    pool = setup.pool
+    pool = setup.pool.store
     assert p["memory_bytes"]["pool_params"] == 4 * (pool.delta.numel() + pool.log_alpha.numel())
 
 

@@ -1,13 +1,14 @@
-"""The step bench: its timed copy of a SMAT step is the real step, passes are counted, and a row has every field."""
+"""The step bench: its breakdown times the real SMAT step, passes are counted, and a row has every field."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from smat_dist.bench.step import Timer, bench_model, count_passes, smat_step_breakdown, synthetic_episode
+from smat_dist.bench.step import Timer, bench_model, count_passes, synthetic_episode
 from smat_dist.config.schema import MethodConfig, ModelConfig
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.train.step import dense_step, smat_step
+from smat_dist.utils.spans import recording
 
 TINY = ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 2})
 
@@ -16,20 +17,24 @@ def _eps():
     return [synthetic_episode(3, 2, 2, 32, seed=1, index=i) for i in range(2)]
 
 
-def test_breakdown_copy_is_the_real_step():
-    """Same losses, same updated pool and hypernetwork as smat_step: the breakdown cannot drift from the method."""
+def test_breakdown_times_the_real_step():
+    """The breakdown's spans sit in the real step: recording them changes nothing, and every phase is timed."""
     real = build_local(TINY, MethodConfig(name="smat", experts=3), seed=0)
-    copy = build_local(TINY, MethodConfig(name="smat", experts=3), seed=0)
-    out = smat_step(real.method, real.merger, real.pool, real.pool_opt, real.hyper_opt, _eps(), 5, 5, 1, lambda t: t)
+    timed = build_local(TINY, MethodConfig(name="smat", experts=3), seed=0)
+    out = smat_step(real.method, real.pool, real.hyper, _eps(), 5, 5)
     timer = Timer(torch.device("cpu"))
-    res = smat_step_breakdown(copy, _eps(), 5, 5, timer)
-    assert abs(out["loss/task"] - sum(res["losses"]) / 2) < 1e-6
-    torch.testing.assert_close(copy.pool.delta, real.pool.delta, rtol=0, atol=1e-6)
-    torch.testing.assert_close(copy.pool.log_alpha, real.pool.log_alpha, rtol=0, atol=1e-6)
-    for a, b in zip(copy.method.parameters(), real.method.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert {"frozen_pass", "merge", "support_pass", "inner_grad", "query_pass", "teacher_grad", "teacher_eval",
-            "outer_backward", "mask_backward", "pool_terms", "optimisers"} <= set(timer.s)
+    with recording(timer):
+        res = smat_step(timed.method, timed.pool, timed.hyper, _eps(), 5, 5)
+    assert res == out
+    torch.testing.assert_close(timed.pool.store.delta, real.pool.store.delta, rtol=0, atol=0)
+    torch.testing.assert_close(timed.pool.store.log_alpha, real.pool.store.log_alpha, rtol=0, atol=0)
+    assert {"masks", "frozen_pass", "hypernet", "merge", "support_pass", "inner_grad", "query_pass", "teacher_grad",
+            "teacher_eval", "outer_backward", "mask_backward", "pool_terms", "optimisers"} <= set(timer.s)
+    assert all(v > 0 for v in timer.s.values())
+    # outside a recording the spans are no-ops: the timer sees nothing more
+    seen = dict(timer.s)
+    smat_step(real.method, real.pool, real.hyper, _eps(), 7, 7)
+    assert timer.s == seen
 
 
 def test_passes_are_counted_not_assumed():
@@ -37,12 +42,12 @@ def test_passes_are_counted_not_assumed():
     pmf = build_local(TINY, MethodConfig(name="pmf"), seed=0, fb=smat.fb)
     ep = _eps()[:1]
     with count_passes() as c:
-        smat_step(smat.method, smat.merger, smat.pool, smat.pool_opt, smat.hyper_opt, ep, 0, 0, 1, lambda t: t)
+        smat_step(smat.method, smat.pool, smat.hyper, ep, 0, 0)
     # frozen S+Q, student S, student Q, teacher Q; inner, teacher and outer backward (outer traverses S and Q)
     assert (c.forwards, c.backward_calls, c.backward_traversals) == (4, 3, 4)
     assert (c.forward_images, c.backward_images) == (12 + 6 + 6 + 6, 6 + 6 + 6 + 6)
     with count_passes() as c:
-        dense_step(pmf.method, pmf.hyper_opt, ep, 0, 0)
+        dense_step(pmf.method, pmf.hyper, ep, 0, 0)
     assert (c.forwards, c.backward_calls, c.backward_traversals, c.forward_images) == (1, 1, 1, 12)
     # the top teacher (half of 2 blocks): its backward stops at the tapped block and its evaluation runs the
     # top block only, so the teacher's passes count half the images
@@ -50,7 +55,7 @@ def test_passes_are_counted_not_assumed():
     cfg.teacher.top_fraction = 0.5
     top = build_local(TINY, cfg, seed=0, fb=smat.fb)
     with count_passes() as c:
-        smat_step(top.method, top.merger, top.pool, top.pool_opt, top.hyper_opt, ep, 0, 0, 1, lambda t: t)
+        smat_step(top.method, top.pool, top.hyper, ep, 0, 0)
     assert (c.forwards, c.backward_calls, c.backward_traversals) == (4, 3, 4)
     assert (c.forward_images, c.backward_images) == (12 + 6 + 6 + 3, 6 + 3 + 6 + 6)
     # the patch is undone

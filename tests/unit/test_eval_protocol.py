@@ -7,23 +7,32 @@ import torch
 
 from smat_dist.config.schema import EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig
-from smat_dist.data.fixed_sets import fixed_episodes
 from smat_dist.bench.spawn import run_ranks
 from smat_dist.eval.finetune import LoraRunner, finetune_full, support_loss, task_theta
 from smat_dist.eval.protocol import Domain, Evaluator, evaluate
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from tests.data_fixture import make_dataset
 
 MODEL = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8, kwargs={"depth": 2})
 EP_CFG = EpisodeConfig(mode="fixed", ways=3, shots=3, queries=3, image_size=32)
 
 
-def make_setups(seed: int = 0):
-    """SMAT (with a non-zero dense delta so the merge matters) and the pre-trained baseline on one backbone."""
-    smat = build_local(MODEL, MethodConfig(experts=4), seed=seed)
+def make_setups(seed: int = 0, sharded: bool = False):
+    """SMAT (with a non-zero dense delta so the merge matters) and the pre-trained baseline on one backbone;
+    sharded: this rank holds only its slice of the pool and merges through the sharded merger."""
+    if sharded:
+        from smat_dist.distributed.build import build
+        from smat_dist.distributed.comm import Comm
+
+        smat = build(MODEL, MethodConfig(experts=4), seed=seed, comm=Comm(), merge="sharded", hyper=None)
+    else:
+        smat = build_local(MODEL, MethodConfig(experts=4), seed=seed)
+    store = smat.pool.store
     g = torch.Generator().manual_seed(123)
+    full = torch.randn(store.numel, generator=g) * 0.05      # the same delta whatever the slicing
     with torch.no_grad():
-        smat.pool.delta.copy_(torch.randn(smat.pool.delta.shape, generator=g) * 0.05)
+        hi = min(store.hi, store.numel)
+        store.delta[: hi - store.lo].copy_(full[store.lo:hi])
     pre = build_local(MODEL, MethodConfig(name="pretrained"), seed=seed, fb=smat.fb)
     return {"smat": smat, "pretrained": pre}
 
@@ -69,7 +78,7 @@ def test_finetuning_fits_support_better_than_zeroshot(setups):
     ep = pattern_episode()
     with Evaluator(s, EvalConfig()):
         theta = task_theta(s, ep)
-        zs = s.method.predict(ep, s.merger)
+        zs = s.method.predict(ep, s.pool)
     embed0 = lambda x: s.fb(theta, x)  # noqa: E731
     # the zero-shot prediction is exactly the task model at theta with support prototypes
     from smat_dist.eval.finetune import _predict
@@ -108,9 +117,12 @@ CFG = EvalConfig(episodes=5, modes=["zeroshot", "full", "lora"], finetune_steps=
                  val_episodes=2)
 
 
-def _eval_on_ranks(rank, world, domains):
+def _eval_on_ranks(rank, world, domains, sharded=False):
     torch.set_num_threads(1)
-    res, per = evaluate(make_setups(), domains, CFG, EP_CFG)
+    setups = make_setups(sharded=sharded)
+    res, per = evaluate(setups, domains, CFG, EP_CFG)
+    if sharded:
+        res["pool_entries_here"] = setups["smat"].pool.store.log_alpha.shape[0]
     return res, per
 
 
@@ -149,6 +161,20 @@ def test_identical_across_reruns_and_world_sizes(data, single):
     assert two[0][1] == two[1][1] == single[1]
     assert two[0][0]["results"] == two[1][0]["results"] == single[0]["results"]
     assert two[0][0]["meta"]["world_size"] == 2
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_pool_evaluation_equals_one_rank(data, single, world):
+    """Each rank holds 1/world of the pool and merges through the sharded merger: same per-episode accuracies
+    in every mode (zero-shot, full fine-tuning, LoRA), 5 episodes per domain split unevenly over the ranks."""
+    res = run_ranks(_eval_on_ranks, world, data, True)
+    for r, per in res:
+        assert per == single[1]
+        assert r["results"] == single[0]["results"]
+    rows = [r["pool_entries_here"] for r, _ in res]
+    total = make_setups()["smat"].pool.store.log_alpha.shape[0]
+    assert max(rows) <= -(-total // world) + world     # each rank holds its slice only
 
 
 def test_bad_config_is_named(data, setups):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.method.protonet import cosine_logits, prototypes
 from smat_dist.train.step import NonFiniteLoss, dense_step
 from tests.unit.threads import one_thread  # noqa: F401  (autouse)
@@ -40,7 +40,7 @@ def test_pmf_dense_step_decreases_loss(episodes):
     s = build_local(VIT, cfg, seed=0)
     before = _ce(s.method, episodes)
     for step in range(15):
-        out = dense_step(s.method, s.hyper_opt, [episodes[(2 * step) % 4], episodes[(2 * step + 1) % 4]],
+        out = dense_step(s.method, s.hyper, [episodes[(2 * step) % 4], episodes[(2 * step + 1) % 4]],
                          2 * step, 2 * step)
         assert set(out) >= {"loss/query_ce", "acc/query", "lr_factor"}
     after = _ce(s.method, episodes)
@@ -59,7 +59,7 @@ def test_pmf_at_init_is_the_pretrained_protonet(episodes):
 
 def test_pretrained_predict_is_deterministic_and_a_cosine_protonet(episodes):
     s = build_local(VIT, MethodConfig(name="pretrained"), seed=0)
-    assert s.pool is None and s.hyper_opt is None
+    assert s.pool is None and s.hyper is None
     ep = episodes[0]
     a, b = s.method.predict(ep), s.method.predict(ep)
     assert torch.equal(a, b)
@@ -77,7 +77,7 @@ def test_pmf_nan_raises(episodes):
     with torch.no_grad():
         s.method.delta[0] = float("nan")
     with pytest.raises(NonFiniteLoss, match="task 9"):
-        dense_step(s.method, s.hyper_opt, [episodes[0]], 9, 9)
+        dense_step(s.method, s.hyper, [episodes[0]], 9, 9)
 
 
 def test_unknown_method_is_refused():

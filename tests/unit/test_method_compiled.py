@@ -7,7 +7,7 @@ import torch
 
 import smat_dist.method.pool_passes as passes
 from smat_dist.config.schema import MethodConfig, SparsityConfig
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.pool import ExpertPool
 from smat_dist.train.step import smat_step
@@ -45,8 +45,8 @@ def test_fused_passes_equal_eager(tasks, small_chunks):
             w = torch.softmax(torch.randn(m, generator=torch.Generator().manual_seed(10 + t)), 0)
             (mg.merge(w) * tgt).square().sum().backward()
         stats = mg.stats.clone()
-        mg.end_step(torch.tensor([1.0, -0.5, 0.0, 2.0]))
-        res.append((stats, p.log_alpha.grad.clone(), p.grad_sq.clone(), p.log_alpha.detach().clone()))
+        sq = mg.end_step(torch.tensor([1.0, -0.5, 0.0, 2.0]))
+        res.append((stats, p.log_alpha.grad.clone(), sq.clone(), p.log_alpha.detach().clone()))
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert res[1][1].abs().sum() > 0
@@ -59,8 +59,7 @@ def test_training_with_fused_passes_matches(episodes):  # noqa: F811
         cfg = MethodConfig(experts=4, warmup_tasks=0, total_tasks=100)
         cfg.sparsity.compile = compiled
         s = build_local(VIT, cfg, seed=0)
-        outs.append([smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, [episodes[i]], i, i, 1,
-                               lambda t: t) for i in range(2)] + [s.pool.log_alpha.detach().clone()])
+        outs.append([smat_step(s.method, s.pool, s.hyper, [episodes[i]], i, i) for i in range(2)] + [s.pool.store.log_alpha.detach().clone()])
     for x, y in zip(outs[0][:2], outs[1][:2]):
         for k in ("loss/task", "sparsity/expert0", "density_l0/expert2", "grad_norm/log_alpha"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k

@@ -8,7 +8,7 @@ import torch
 
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.method.controller import LagrangeController
 from smat_dist.train.step import smat_step
 from tests.data_fixture import make_dataset
@@ -85,10 +85,10 @@ def _run_to_target(episodes, lambda_lr: float, tasks: int, target: float = 0.9, 
     try:
         t0, hist, lam_seen = time.time(), [], torch.zeros(4, dtype=torch.float64)
         for step in range(tasks):
-            out = smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt,
-                            [episodes[step % len(episodes)]], step, step, 1, lambda t: t)
+            out = smat_step(s.method, s.pool, s.hyper,
+                            [episodes[step % len(episodes)]], step, step)
             hist.append([out[f"sparsity/expert{m}"] for m in range(4)])
-            lam_seen = torch.maximum(lam_seen, s.method.controller.multipliers)
+            lam_seen = torch.maximum(lam_seen, s.pool.controller.multipliers)
     finally:
         torch.set_num_threads(threads)
     final = torch.tensor(hist[-50:])

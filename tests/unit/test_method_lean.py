@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smat_dist.config.schema import MethodConfig, SparsityConfig
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.pool import ExpertPool
 from smat_dist.train.step import smat_step
@@ -28,21 +28,20 @@ def test_lean_pool_trains_like_the_stored_pool(episodes):  # noqa: F811
     for lean in (False, True):
         s = _setup(lean)
         with torch.no_grad():
-            s.pool.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
-        outs = [smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, [episodes[i], episodes[i + 1]],
-                          2 * i, 2 * i, 1, lambda t: t) for i in range(3)]
+            s.pool.store.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
+        outs = [smat_step(s.method, s.pool, s.hyper, [episodes[i], episodes[i + 1]], 2 * i, 2 * i) for i in range(3)]
         runs[lean] = (s, outs)
     (a, oa), (b, ob) = runs[False], runs[True]
     for x, y in zip(oa, ob):
         for k in ("loss/task", "loss/query_ce", "sparsity/expert0", "density_l0/expert1", "grad_norm/log_alpha"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
-    torch.testing.assert_close(a.pool.delta, b.pool.delta, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a.pool.store.delta, b.pool.store.delta, rtol=1e-5, atol=1e-7)
     # mask lr 1e6: rounding-order differences of the chunked products show at ~1e-3 in the logits
-    torch.testing.assert_close(a.pool.log_alpha, b.pool.log_alpha, rtol=0, atol=1e-2)
-    assert (a.pool.log_alpha - _setup(False).pool.log_alpha).abs().max() > 0.1   # the logits did move
+    torch.testing.assert_close(a.pool.store.log_alpha, b.pool.store.log_alpha, rtol=0, atol=1e-2)
+    assert (a.pool.store.log_alpha - _setup(False).pool.store.log_alpha).abs().max() > 0.1   # the logits did move
     # nothing of size [rows, M] besides the logits: no z buffer, no gradient buffer, no .grad
     assert getattr(b.pool, "_z_buf", None) is None and getattr(b.pool, "_grad_buf", None) is None
-    assert b.pool.log_alpha.grad is None
+    assert b.pool.store.log_alpha.grad is None
 
 
 def test_lean_merge_and_deferred_gradient_equal_the_stored_ones():

@@ -10,7 +10,7 @@ import torch
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.data.episodes import Episode, EpisodeConfig, EpisodeStream
 from smat_dist.method import hard_concrete as hc
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.train.step import NonFiniteLoss, smat_step
 from tests.data_fixture import make_dataset
 from tests.unit.threads import one_thread  # noqa: F401  (autouse)
@@ -65,7 +65,7 @@ def _capture_grads(opt: torch.optim.Optimizer, store: dict) -> None:
 
 
 def _step(s, eps, first=0):
-    return smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, eps, first, first, 1, _ident)
+    return smat_step(s.method, s.pool, s.hyper, eps, first, first)
 
 
 def test_gradients_reach_delta_masks_and_hypernetwork(episodes):
@@ -73,14 +73,14 @@ def test_gradients_reach_delta_masks_and_hypernetwork(episodes):
     cfg.hypernet.logit_reg = 0.0  # so any hypernetwork gradient comes through the merged weights
     s = build_local(SMALL_VIT, cfg, seed=0)
     with torch.no_grad():
-        s.pool.delta.normal_(0, 1e-2)  # log_alpha and the hypernetwork only see the task once delta != 0
+        s.pool.store.delta.normal_(0, 1e-2)  # log_alpha and the hypernetwork only see the task once delta != 0
     pool_g, hyper_g = {}, {}
-    _capture_grads(s.pool_opt.opt, pool_g)
-    _capture_grads(s.hyper_opt.opt, hyper_g)
-    assert float(s.method.controller.multipliers.abs().sum()) == 0.0  # no sparsity gradient in this step
+    _capture_grads(s.pool.optimizer.opt, pool_g)
+    _capture_grads(s.hyper.opt, hyper_g)
+    assert float(s.pool.controller.multipliers.abs().sum()) == 0.0  # no sparsity gradient in this step
     with torch.no_grad():
-        s.pool.log_alpha.mul_(4.0)  # spread the logits so that some lie beyond the train threshold
-    la = s.pool.log_alpha.detach().clamp(-cfg.sparsity.clamp, cfg.sparsity.clamp).clone()
+        s.pool.store.log_alpha.mul_(4.0)  # spread the logits so that some lie beyond the train threshold
+    la = s.pool.store.log_alpha.detach().clamp(-cfg.sparsity.clamp, cfg.sparsity.clamp).clone()
     _step(s, episodes[:2])
     assert pool_g["delta.0"].abs().sum() > 0
     g_la = pool_g["log_alpha.0"]
@@ -107,22 +107,22 @@ def test_sparsity_penalty_gradient_alone_matches_hand_formula(episodes):
     cfg.hypernet.logit_reg = 0.0
     s = build_local(SMALL_VIT, cfg, seed=0)
     pool_g, hyper_g = {}, {}
-    _capture_grads(s.pool_opt.opt, pool_g)
-    _capture_grads(s.hyper_opt.opt, hyper_g)
+    _capture_grads(s.pool.optimizer.opt, pool_g)
+    _capture_grads(s.hyper.opt, hyper_g)
     out = _step(s, episodes[:1])
     assert float(pool_g["log_alpha.0"].abs().sum()) == 0.0  # lambda 0 and delta 0: nothing moves the masks
     assert all(g is None or float(g.abs().sum()) == 0.0 for g in hyper_g.values())  # w has no effect yet
     assert pool_g["delta.0"].abs().sum() > 0
     # now with multipliers, delta still 0
     with torch.no_grad():
-        s.pool.delta.zero_()
+        s.pool.store.delta.zero_()
     lam = torch.tensor([1.0, 0.5, 2.0, 0.0], dtype=torch.float64)
-    s.method.controller.multipliers.copy_(lam)
-    la0 = s.pool.log_alpha.detach().clone().clamp(-cfg.sparsity.clamp, cfg.sparsity.clamp)
+    s.pool.controller.multipliers.copy_(lam)
+    la0 = s.pool.store.log_alpha.detach().clone().clamp(-cfg.sparsity.clamp, cfg.sparsity.clamp)
     out = _step(s, episodes[1:2], first=1)
     w = torch.tensor([out[f"w_mean/expert{m}"] for m in range(4)], dtype=torch.float64)
     p = torch.sigmoid(la0.double() + hc.L0_SHIFT)
-    expect = (p * (1 - p) * (lam * w) / s.pool.numel).float()
+    expect = (p * (1 - p) * (lam * w) / s.pool.store.numel).float()
     assert out["grad_norm/log_alpha"] < cfg.sparsity.mask_clip  # not clipped, so comparable as is
     assert torch.allclose(pool_g["log_alpha.0"], expect, rtol=1e-4, atol=1e-12)
     assert float(pool_g["log_alpha.0"][:, 3].abs().sum()) == 0.0  # lambda_3 == 0
@@ -137,15 +137,18 @@ def test_trainable_count(episodes):
     # tokens 4d, keys Md, LN 2x2d, qkv 3d^2 (no bias), proj d^2+d, fc1 2d^2+2d, fc2 2d^2+d
     hyper = 4 * d + M * d + 4 * d + 3 * d * d + d * d + d + 2 * d * d + 2 * d + 2 * d * d + d
     assert sum(p.numel() for p in s.method.hypernet.parameters()) == hyper
-    trainable = sum(p.numel() for p in list(s.pool.parameters()) + list(s.method.parameters()) if p.requires_grad)
+    trainable = sum(p.numel() for p in list(s.pool.store.parameters()) + list(s.method.parameters())
+                    if p.requires_grad)
     assert trainable == (M + 1) * numel + hyper
-    assert "controller.multipliers" in s.method.state_dict()  # a buffer: saved, not a gradient-trained parameter
+    # the multipliers belong to the pool component: saved with it, not gradient-trained
+    assert "multipliers" in s.pool.state_dict()["replicated"]
+    assert not any(p is s.pool.controller.multipliers for p in s.method.parameters())
 
 
 def _state(s) -> dict:
     buf = io.BytesIO()
-    torch.save({"method": s.method.state_dict(), "pool": s.pool.state_dict(), "pool_opt": s.pool_opt.state_dict(),
-                "hyper_opt": s.hyper_opt.state_dict()}, buf)
+    torch.save({"method": s.method.state_dict(), "pool": s.pool.state_dict(), "pool_opt": s.pool.optimizer.state_dict(),
+                "hyper_opt": s.hyper.state_dict()}, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
 
@@ -182,19 +185,19 @@ def test_state_dict_round_trip_restores_everything(episodes):
         _step(a, episodes[2 * i:2 * i + 2], first=2 * i)
     sd = _state(a)
     m = sd["method"]
-    for key in ("hypernet.tokens", "hypernet.keys", "hypernet.tasks_seen", "controller.multipliers"):
+    for key in ("hypernet.tokens", "hypernet.keys", "hypernet.tasks_seen"):
         assert key in m, key
     assert int(m["hypernet.tasks_seen"]) == 6
-    assert float(m["controller.multipliers"].abs().sum()) > 0
-    assert set(sd["pool"]) == {"delta", "log_alpha"}
+    assert float(sd["pool"]["replicated"]["multipliers"].abs().sum()) > 0
+    assert set(sd["pool"]["tensors"]) == {"delta", "log_alpha", "delta_momentum"}
     assert sd["pool_opt"]["state"] and sd["hyper_opt"]["state"]  # momentum / Adam moments exist
     # A fresh setup (the run seed is configuration, not state: it keys the per-task noise)
     b = build_local(SMALL_VIT, cfg, seed=0)
     assert _same(_state(b), sd)  # the check can see differences
     b.method.load_state_dict(sd["method"])
     b.pool.load_state_dict(sd["pool"])
-    b.pool_opt.load_state_dict(sd["pool_opt"])
-    b.hyper_opt.load_state_dict(sd["hyper_opt"])
+    b.pool.optimizer.load_state_dict(sd["pool_opt"])
+    b.hyper.load_state_dict(sd["hyper_opt"])
     assert _same(_state(b), sd) == []
     assert b.method.hypernet.temperature() == a.method.hypernet.temperature() < cfg.hypernet.t_start
     # and training continues identically from the restored state
@@ -209,21 +212,21 @@ def test_state_dict_round_trip_restores_everything(episodes):
 def test_same_task_same_w_for_permuted_labels(episodes):
     s = build_local(SMALL_VIT, _cfg(), seed=0)
     with torch.no_grad():
-        s.pool.delta.normal_(0, 1e-2)
+        s.pool.store.delta.normal_(0, 1e-2)
     ep = episodes[0]
     perm = torch.tensor([2, 0, 3, 1])
     pe = _permuted(ep, perm)
-    s.merger.begin_step(train=False)
-    w_eval = s.method.task(ep, s.merger, 5, train=False).w
-    assert torch.allclose(w_eval, s.method.task(pe, s.merger, 5, train=False).w, atol=1e-6)
-    logits, logits_p = s.method.predict(ep, s.merger), s.method.predict(pe, s.merger)
+    s.pool.begin_step(train=False)
+    w_eval = s.method.task(ep, s.pool, 5, train=False).w
+    assert torch.allclose(w_eval, s.method.task(pe, s.pool, 5, train=False).w, atol=1e-6)
+    logits, logits_p = s.method.predict(ep, s.pool), s.method.predict(pe, s.pool)
     assert torch.allclose(logits, logits_p[:, perm], atol=1e-5)  # class j's logit is now in column perm[j]
-    s.merger.end_step()
-    s.merger.begin_step(train=True)
-    w_a = s.method.task(ep, s.merger, 11, train=True).w
-    w_b = s.method.task(pe, s.merger, 11, train=True).w
-    w_c = s.method.task(ep, s.merger, 12, train=True).w
-    s.merger.end_step()
+    s.pool.end_eval()
+    s.pool.begin_step(train=True)
+    w_a = s.method.task(ep, s.pool, 11, train=True).w
+    w_b = s.method.task(pe, s.pool, 11, train=True).w
+    w_c = s.method.task(ep, s.pool, 12, train=True).w
+    s.pool.end_eval()
     assert torch.allclose(w_a, w_b, atol=1e-6)
     assert not torch.allclose(w_a, w_c, atol=1e-4)  # another task index draws other relaxed-Bernoulli noise
     assert float(w_a.sum()) == pytest.approx(1.0, abs=1e-5) and bool((w_a >= 0).all())
@@ -232,19 +235,19 @@ def test_same_task_same_w_for_permuted_labels(episodes):
 def test_nan_loss_raises_naming_the_task(episodes):
     s = build_local(SMALL_VIT, _cfg(), seed=0)
     with torch.no_grad():
-        s.pool.delta[0] = float("nan")
+        s.pool.store.delta[0] = float("nan")
     ep = episodes[3]
     with pytest.raises(NonFiniteLoss) as e:
-        smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, [ep], 41, 41, 1, _ident)
+        smat_step(s.method, s.pool, s.hyper, [ep], 41, 41)
     msg = str(e.value)
     assert "task 41" in msg and ep.source in msg and f"episode {ep.index}" in msg
 
 
 def _query_ce(s, eps) -> float:
-    s.merger.begin_step(train=False)
+    s.pool.begin_step(train=False)
     with torch.no_grad():
-        ce = sum(s.method.task(ep, s.merger, 0, train=False).metrics["loss/query_ce"] for ep in eps) / len(eps)
-    s.merger.end_step()
+        ce = sum(s.method.task(ep, s.pool, 0, train=False).metrics["loss/query_ce"] for ep in eps) / len(eps)
+    s.pool.end_eval()
     return ce
 
 
@@ -263,4 +266,4 @@ def test_vit_and_cnn_train(episodes, model, delta_lr, steps):
                                       "loss/hyper_reg", "loss/sparsity_penalty", "loss/lagrangian"))
     after = _query_ce(s, eps)
     assert after < 0.9 * before, (before, after)
-    assert float(s.pool.delta.detach().abs().sum()) > 0
+    assert float(s.pool.store.delta.detach().abs().sum()) > 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smat_dist.config.schema import MethodConfig, ModelConfig
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.method.teacher import TeacherWeights, block_layout, park, teacher_features
 from smat_dist.model.backbone import FunctionalBackbone, block_units, build_backbone
 from smat_dist.train.step import smat_step
@@ -134,7 +134,7 @@ def _train(mc: ModelConfig, blockwise: bool, episodes):
     cfg.teacher.blockwise = blockwise
     s = build_local(mc, cfg, seed=0)
     with torch.no_grad():
-        s.pool.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
+        s.pool.store.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
     before = _state(s.fb)
     grads: dict[str, torch.Tensor] = {}
 
@@ -144,10 +144,10 @@ def _train(mc: ModelConfig, blockwise: bool, episodes):
                 if p.grad is not None:
                     grads[f"{grp.get('name', 'group')}.{i}"] = p.grad.detach().clone()
 
-    s.pool_opt.opt.register_step_pre_hook(hook)
-    s.hyper_opt.opt.register_step_pre_hook(hook)
+    s.pool.optimizer.opt.register_step_pre_hook(hook)
+    s.hyper.opt.register_step_pre_hook(hook)
     torch.manual_seed(123)
-    out = smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, episodes[:2], 0, 0, 1, lambda t: t)
+    out = smat_step(s.method, s.pool, s.hyper, episodes[:2], 0, 0)
     after = _state(s.fb)
     assert all(torch.equal(before[k], after[k]) for k in before)   # the frozen backbone is untouched
     return out, grads

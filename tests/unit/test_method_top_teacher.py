@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from smat_dist.config.schema import MethodConfig, ModelConfig, TeacherConfig
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.method.protonet import cosine_logits
 from smat_dist.method.teacher import DenseTeacher, top_layout
 from smat_dist.model.backbone import FunctionalBackbone, block_units, build_backbone
@@ -108,10 +108,9 @@ def test_smat_trains_with_the_top_teacher(episodes):
         cfg.teacher.top_fraction = top
         s = build_local(VIT, cfg, seed=0)
         with torch.no_grad():
-            s.pool.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
+            s.pool.store.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
         torch.manual_seed(123)
-        outs = [smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, episodes[i:i + 1], i, i, 1,
-                          lambda t: t) for i in range(3)]
+        outs = [smat_step(s.method, s.pool, s.hyper, episodes[i:i + 1], i, i) for i in range(3)]
         return outs, s
 
     whole, _ = run(1.0)

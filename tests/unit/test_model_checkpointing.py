@@ -5,7 +5,7 @@ import torch
 
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.bench.step import synthetic_episode
-from smat_dist.method.build import build_local
+from smat_dist.distributed.build import build_local
 from smat_dist.train.step import dense_step, smat_step
 
 
@@ -16,11 +16,11 @@ def _train(method: str, checkpoint: bool):
     losses = []
     for i in range(3):
         if method == "smat":
-            m = smat_step(s.method, s.merger, s.pool, s.pool_opt, s.hyper_opt, [synthetic_episode(3, 2, 2, 32, seed=0, index=i)], i, i, 1, lambda x: x)
+            m = smat_step(s.method, s.pool, s.hyper, [synthetic_episode(3, 2, 2, 32, seed=0, index=i)], i, i)
         else:
-            m = dense_step(s.method, s.hyper_opt, [synthetic_episode(3, 2, 2, 32, seed=0, index=i)], i, i)
+            m = dense_step(s.method, s.hyper, [synthetic_episode(3, 2, 2, 32, seed=0, index=i)], i, i)
         losses.append(m["loss/task"])
-    delta = (s.pool.delta if s.pool is not None else s.method.delta).detach().clone()
+    delta = (s.pool.store.delta if s.pool is not None else s.method.delta).detach().clone()
     return losses, delta
 
 

@@ -1,0 +1,115 @@
+"""The one place a method is assembled from config: backbone, replicated module, pool component, optimiser.
+
+Training, evaluation, analysis, the benchmarks and the tests all build through `build`; they differ only in
+the pool's merge strategy (local in one process, sharded / gather across ranks) and in the replicated
+optimiser (a DeepSpeed engine in training, plain torch in single-process use, none for evaluation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from smat_dist.config.schema import DistConfig, MethodConfig, ModelConfig
+from smat_dist.distributed.comm import Comm
+from smat_dist.distributed.sharded import build_merger
+from smat_dist.method.baselines import PMF, Pretrained
+from smat_dist.method.merge import LocalMerger
+from smat_dist.method.optim import TorchHyperOptimizer, hypernet_optimizer
+from smat_dist.method.pool import ExpertPool
+from smat_dist.method.smat import SMAT
+from smat_dist.method.sparse_pool import SparsePool
+from smat_dist.model.backbone import FunctionalBackbone, build_backbone
+
+
+@dataclass
+class MethodSetup:
+    fb: FunctionalBackbone
+    method: torch.nn.Module
+    pool: SparsePool | None         # SMAT only: this rank's slice of the expert pool and its updates
+    hyper: object | None            # the replicated trainables' optimiser (HyperOptimizer); None: not trained
+    kind: str                       # "smat" | "pmf" | "pretrained"
+
+
+@dataclass
+class _Parts:
+    method: torch.nn.Module
+    pool: SparsePool | None
+    optimizer: torch.optim.Optimizer | None
+    clip: float | None
+
+
+def build_pool(fb: FunctionalBackbone, cfg: MethodConfig, seed: int, comm: Comm, control: Comm | None = None,
+               merge: str = "sharded") -> SparsePool:
+    """This rank's slice of the expert pool over fb's flat space, with its merge strategy and optimiser."""
+    store = ExpertPool.for_space(fb.space, comm.rank, comm.world, cfg.experts, cfg.sparsity, seed)
+    store = store.to(fb.theta_pre.device)
+    merger = LocalMerger(store, fb.space.padded) if merge == "local" else build_merger(merge, store,
+                                                                                      fb.space.padded, comm)
+    return SparsePool(store, merger, cfg, reduce=(control or comm).all_reduce, world=comm.world)
+
+
+def _smat(fb, cfg: MethodConfig, seed: int, comm: Comm, control: Comm, merge: str) -> _Parts:
+    method = SMAT(fb, cfg, seed)
+    pool = build_pool(fb, cfg, seed, comm, control, merge)
+    return _Parts(method, pool, hypernet_optimizer(method.hypernet.parameters(), cfg), cfg.hypernet.clip)
+
+
+def _pmf(fb, cfg: MethodConfig, seed: int, comm: Comm, control: Comm, merge: str) -> _Parts:
+    method = PMF(fb, cfg)
+    opt = torch.optim.SGD([{"params": list(method.parameters()), "lr": cfg.pmf_lr, "momentum": cfg.pmf_momentum,
+                            "base_lr": cfg.pmf_lr, "name": "pmf"}])
+    return _Parts(method, None, opt, None)
+
+
+def _pretrained(fb, cfg: MethodConfig, seed: int, comm: Comm, control: Comm, merge: str) -> _Parts:
+    return _Parts(Pretrained(fb, cfg), None, None, None)
+
+
+# The one registry of method choices (method.name).
+METHODS: dict[str, Callable[..., _Parts]] = {"smat": _smat, "pmf": _pmf, "pretrained": _pretrained}
+
+
+def build(model_cfg: ModelConfig, cfg: MethodConfig, *, seed: int = 0, comm: Comm | None = None,
+          control: Comm | None = None, merge: str = "local", hyper: str | None = "torch", dist_cfg: DistConfig | None = None,
+          tasks_per_rank: int = 1, universal: bool = False, fb: FunctionalBackbone | None = None,
+          device: torch.device | None = None) -> MethodSetup:
+    """comm: the pool's collectives (counted apart: the benchmarks' bytes per task); control: the step's small
+    all-reduces (sparsity counts, clip norm), default comm; merge: "local" (the whole pool in this process) or dist.pool's "sharded" / "gather";
+    hyper: "torch", "deepspeed" (needs dist_cfg; universal: loading another world size's ZeRO state) or None."""
+    if cfg.name not in METHODS:
+        raise ValueError(f"method.name={cfg.name!r}: expected one of {sorted(METHODS)}")
+    comm = comm or Comm()
+    world = comm.world
+    if merge == "local" and world > 1:
+        raise ValueError("a local merge holds the whole pool in one process: use dist.pool=sharded on several ranks")
+    torch.manual_seed(seed)
+    if fb is None:
+        fb = FunctionalBackbone(build_backbone(model_cfg), pad_to=world)
+    if device is not None:
+        fb = fb.to(device)
+    parts = METHODS[cfg.name](fb, cfg, seed, comm, control or comm, merge)
+    method, pool = parts.method, parts.pool
+    if device is not None:
+        method = method.to(device)
+        if pool is not None:
+            pool.to(device)
+    opt = None
+    if hyper is not None and parts.optimizer is not None:
+        if hyper == "torch":
+            opt = TorchHyperOptimizer(parts.optimizer, parts.clip)
+        elif hyper == "deepspeed":
+            from smat_dist.distributed.engine import DeepSpeedOptimizer
+
+            opt = DeepSpeedOptimizer(method, parts.optimizer, dist_cfg or DistConfig(), tasks_per_rank, world,
+                                     parts.clip, universal=universal)
+        else:
+            raise ValueError(f"hyper={hyper!r}: expected 'torch', 'deepspeed' or None")
+    return MethodSetup(fb, method, pool, opt, cfg.name)
+
+
+def build_local(model_cfg: ModelConfig, cfg: MethodConfig, seed: int = 0, fb: FunctionalBackbone | None = None
+                ) -> MethodSetup:
+    """Single process: the whole pool local, a plain torch optimiser (tests, benchmarks, analysis)."""
+    return build(model_cfg, cfg, seed=seed, fb=fb, comm=Comm(local=True))

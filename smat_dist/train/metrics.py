@@ -1,0 +1,67 @@
+"""Where a step's metrics go: averaged over ranks, then metrics.jsonl and wandb on rank 0, a progress line."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from smat_dist.utils.log import get_logger
+
+log = get_logger(__name__)
+_AVERAGED = ("loss/", "acc/", "episode/")
+
+
+class MetricsLogger:
+    """Rank 0 writes metrics.jsonl (appended across requeues) and the wandb run; every rank averages."""
+
+    def __init__(self, run_dir: Path, comm, cfg, wandb_id: str | None, total_tasks: int):
+        self.comm, self.cfg, self.total = comm, cfg, total_tasks
+        self.rank0 = comm.rank == 0
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if self.rank0 else None
+        self.wandb = None
+        if self.rank0 and cfg.logging.wandb_mode != "disabled":
+            from smat_dist.train import wandb_run
+
+            self.wandb, wandb_id = wandb_run.start(cfg, str(run_dir), wandb_id)
+        self.wandb_id = comm.broadcast_object(wandb_id)
+        self._t0, self._tasks0 = time.perf_counter(), None
+
+    def average(self, m: dict) -> dict:
+        """Losses, accuracies and episode sizes averaged over ranks (one all-reduce)."""
+        keys = sorted(k for k in m if k.startswith(_AVERAGED))
+        avg = self.comm.all_reduce(torch.tensor([m[k] for k in keys], dtype=torch.float64)) / self.comm.world
+        return {**m, **{k: float(v) for k, v in zip(keys, avg)}}
+
+    def log(self, m: dict, tasks: int, step: int, per_step: int) -> None:
+        if not self.rank0:
+            return
+        self.file.write(json.dumps(m) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            from smat_dist.train import wandb_run
+
+            wandb_run.log(m, tasks)
+        if self._tasks0 is None:
+            self._tasks0, self._t0 = tasks - per_step, time.perf_counter() - m["step_s"]
+        if step % max(1, self.cfg.train.log_every) == 0 or tasks >= self.total:
+            rate = (tasks - self._tasks0) / max(1e-9, time.perf_counter() - self._t0)
+            eta = (self.total - tasks) / rate if rate > 0 else float("nan")
+            log.info("tasks %d/%d loss %.4f acc %.3f %.2f tasks/s eta %s", tasks, self.total,
+                     m.get("loss/task", float("nan")), m.get("acc/query", float("nan")), rate, _eta(eta))
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            from smat_dist.train import wandb_run
+
+            wandb_run.finish()
+
+
+def _eta(s: float) -> str:
+    if s != s:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
