@@ -6,11 +6,13 @@
                    [--lean] [--compile]
   smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
                    [lean=true] [teacher_blockwise=true | teacher_top_fraction=F] [act_bytes=2] [tasks_per_rank=K]
+  smat-bench ckpt  [--ranks 4] [--reshard-to 3] [--pool-gb 1.0] [--experts 8]
   smat-bench data  [--data DIR]
 
 step: SMAT vs P>M>F vs frozen forward, interleaved, with measured backbone passes and a per-phase breakdown.
 scale: real sharded / gather-all SMAT steps on gloo ranks as M and ranks grow, then a summary line of ratios.
 plan: per-rank memory and bytes per step predicted without allocating (meta-device backbone).
+ckpt: checkpoint save (sync / async), resume, reshard and verification cost per rank against its own slice.
 data: episodes per second of the data pipeline (smat_dist.bench.data).
 """
 from __future__ import annotations
@@ -40,7 +42,8 @@ def _patch(s: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="smat-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="smat-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     st = sub.add_parser("step", help="SMAT vs P>M>F vs frozen seconds per task, interleaved")
@@ -86,12 +89,39 @@ def build_parser() -> argparse.ArgumentParser:
                                               "lean=BOOL teacher_blockwise=BOOL teacher_top_fraction=F act_bytes=B "
                                               "tasks_per_rank=K")
 
+    ck = sub.add_parser("ckpt", help="checkpoint save / resume / reshard / verify cost per rank vs its slice")
+    ck.add_argument("--ranks", type=int, default=4)
+    ck.add_argument("--reshard-to", type=int, default=3)
+    ck.add_argument("--pool-gb", type=float, default=1.0, help="total pool size (delta + momentum + logits)")
+    ck.add_argument("--experts", type=int, default=8)
+    ck.add_argument("--dir", default=None, help="where to write (default: a temporary folder, removed after)")
+
     da = sub.add_parser("data", help="episodes per second of the data pipeline")
     da.add_argument("--data", default=None, help="a dataset folder or a folder of them (default: synthetic)")
     da.add_argument("--episodes", type=int, default=8)
     da.add_argument("--workers", type=_ints, default=[0, 1, 2])
     da.add_argument("--image-size", type=int, default=128)
     return ap
+
+
+def _fail(message: str) -> int:
+    """The convention of every command: one line `smat-bench: error: ...` on stderr, exit code 2."""
+    print(f"smat-bench: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _bad_kv(items: list[str], parse) -> str | None:
+    """'experts=abc: expected an integer' for the first key=value item that `parse` refuses, naming the key."""
+    for item in items:
+        try:
+            parse([item])
+        except ValueError as e:
+            text = str(e)
+            if text.startswith("plan argument "):
+                return text[len("plan argument "):]
+            kind = ("an integer" if "int()" in text else "a number" if "float" in text else None)
+            return f"{item}: expected {kind}" if kind else f"{item}: {text}"
+    return None
 
 
 def _emit(row: dict) -> None:
@@ -116,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = [p for p in args.paths.split(",") if p]
         bad = [p for p in paths if p not in ("sharded", "gather")]
         if bad:
-            print(f"smat-bench scale: --paths {bad}: expected sharded and/or gather", file=sys.stderr)
-            return 2
+            return _fail(f"scale --paths {','.join(bad)}: expected sharded and/or gather")
         rows = scale.run(args.experts, args.ranks, paths, args.model, args.image_size, args.depth, args.ways,
                          args.shots, args.queries, args.tasks_per_rank, args.steps,
                          int(args.budget_gb * 2**30) if args.budget_gb else None, args.precision, args.threads,
@@ -129,9 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             kw = parse_kv(args.kv)
         except ValueError as e:
-            print(f"smat-bench plan: {e}", file=sys.stderr)
-            return 2
-        _emit(plan(**kw))
+            return _fail(f"plan {_bad_kv(args.kv, parse_kv) or e}")
+        try:
+            row = plan(**kw)
+        except (ValueError, KeyError, RuntimeError) as e:  # e.g. a timm model name that does not exist
+            return _fail(f"plan {' '.join(args.kv)}: {e}")
+        _emit(row)
+        return 0
+    if args.cmd == "ckpt":
+        from smat_dist.bench import ckpt
+
+        if args.ranks < 1 or args.reshard_to < 1 or args.pool_gb <= 0 or args.experts < 1:
+            return _fail("ckpt: --ranks, --reshard-to and --experts must be >= 1 and --pool-gb > 0")
+        ckpt.run(args.ranks, args.reshard_to, args.pool_gb, args.experts, root=args.dir, emit=_emit)
         return 0
     if args.cmd == "data":
         from smat_dist.bench import data

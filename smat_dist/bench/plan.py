@@ -116,7 +116,7 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
          image_size: int = 84, patch_size: int | None | str = "auto", batch_images: int = 150,
          act_bytes: int = F32, merge_bytes: int = F32, tasks_per_rank: int = 1,
          kwargs: dict | None = None, teacher_blockwise: bool = False, lean: bool = False,
-         teacher_top_fraction: float = 1.0) -> dict:
+         teacher_top_fraction: float = 1.0, fs_gbps: float = 2.0) -> dict:
     """Per-rank memory (bytes) and bytes sent per step for one configuration; nothing is allocated."""
     from smat_dist.bench.step import model_config
 
@@ -190,6 +190,14 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         "replicated_bytes_per_step": int(2 * (R - 1) / R * F32 * H),
         "control_bytes_per_step": int(2 * (R - 1) / R * 8 * (4 * M + 1) + 2 * (R - 1) / R * 8),
     }
+    # The checkpoint a rank writes and reads: its pool slice (delta, its momentum, the M logits rows) in
+    # one shard file; the replicated module's share is small beside it. Times at `fs_gbps` GB/s per rank
+    # (a parallel filesystem's per-client figure: a stated assumption, not a measurement). Each rank hashes
+    # while writing and verifies only what it reads, so hashing adds no pass over other ranks' files.
+    ck_bytes = F32 * n * (M + 2) + math.ceil(F32 * 3 * H / rep_div["opt"])
+    out["checkpoint"] = {"bytes_per_rank": ck_bytes, "bytes_total": ck_bytes * R, "fs_gbps_per_rank": fs_gbps,
+                         "save_s": ck_bytes / (fs_gbps * 1e9), "resume_s": ck_bytes / (fs_gbps * 1e9),
+                         "async_host_copy_bytes": F32 * n * (M + 2)}
     out["sent_bytes_per_step"] = {p: tasks_per_rank * v + out["replicated_bytes_per_step"] + out["control_bytes_per_step"]
                                   for p, v in out["sent_bytes_per_task"].items()}
     return out
@@ -219,7 +227,7 @@ def parse_kv(args: list[str]) -> dict:
             out[k] = v.lower() in ("true", "1")
         elif k == "patch_size":
             out[k] = "auto" if v == "auto" else (None if v in ("none", "null") else int(v))
-        elif k == "teacher_top_fraction":
+        elif k in ("teacher_top_fraction", "fs_gbps"):
             out[k] = float(v)
         else:
             out[k] = int(v)
