@@ -18,6 +18,7 @@ from data_tools.sources.md_dag import dag_ontology
 from data_tools.splits import parse_fractions
 from data_tools.writer import ConversionError, DatasetWriter
 from smat_dist.utils.log import get_logger, setup_logging
+from smat_dist.utils.progress import Progress
 
 log = get_logger("data_tools.cli")
 
@@ -111,6 +112,11 @@ def convert(args: argparse.Namespace) -> dict:
         args.seed = MD_SEED
     if not args.input.is_dir():
         raise ConversionError(f"--input {args.input} is not a folder")
+    inp, out = args.input.resolve(), args.output.resolve()
+    if out == inp or inp in out.parents:
+        # the next conversion of that tree would read the shards (or their folder) as input
+        raise ConversionError(f"--output {args.output} is inside --input {args.input}: choose a folder outside the "
+                              f"input tree")
     fractions = parse_fractions(args.splits) if args.splits else None
     opts = Options(max_classes=args.max_classes, split_file=args.split_file, md_spec=args.md_spec,
                    fractions=fractions, seed=args.seed, extra={"partial": args.partial, "name": args.name})
@@ -125,17 +131,23 @@ def convert(args: argparse.Namespace) -> dict:
     classes = _select(plan, args.max_classes)
     full = args.max_classes is None and not args.partial
     _check_classes(plan, classes, full)
+    if plan.expected_per_class and args.source == "imagefolder":   # file counts: known before anything is written
+        few = [(c.name, plan.expected_per_class[c.name]) for c in classes
+               if plan.expected_per_class.get(c.name, args.min_count) < args.min_count]
+        if few:
+            raise ConversionError(f"class {few[0][0]!r} of {plan.name} has {few[0][1]} image file(s), below "
+                                  f"--min-count {args.min_count} ({len(few)} such class(es))")
     with DatasetWriter(args.output, plan.name, converter, shard_bytes=args.shard_bytes, min_count=args.min_count,
                        strict=args.strict) as w:
         if w.complete:
             return {"name": plan.name, "output": str(args.output), "status": "already complete", **w.spec["counts"]}
         labels, supers = {}, {}
-        for i, c in enumerate(classes):
-            labels[c.name] = w.add_class(c.name, c.split, c.items())
-            if c.superclass is not None:
-                supers.setdefault(c.superclass, []).append(labels[c.name])
-            log.info("[%d/%d] %s %s (%s): %d images", i + 1, len(classes), plan.name, c.name, c.split,
-                     w.classes[-1]["count"])
+        with Progress(len(classes), f"convert {plan.name}", unit="class", units="classes", every_s=5.0) as bar:
+            for i, c in enumerate(classes):
+                labels[c.name] = w.add_class(c.name, c.split, c.items())
+                if c.superclass is not None:
+                    supers.setdefault(c.superclass, []).append(labels[c.name])
+                bar.update_to(i + 1, extra=f"{c.name} ({c.split}): {w.classes[-1]['count']} images")
         if supers:
             w.set_ontology({"type": "bilevel", "superclasses": supers})
         elif plan.dag:

@@ -109,6 +109,35 @@ def _encode_pil(im: Image.Image, image_format: str) -> tuple[bytes, str]:
     raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
 
 
+def _settings(converter: Any) -> dict | None:
+    """A converter string as {key: value}: the CLI's JSON object, or data_tools.offline's 'name k=v k=v'."""
+    if not isinstance(converter, str):
+        return None
+    try:
+        obj = json.loads(converter)
+        if isinstance(obj, dict):
+            return obj
+    except ValueError:
+        pass
+    parts = converter.split()
+    if len(parts) < 2 or not all("=" in p for p in parts[1:]):
+        return None
+    return {"source": parts[0], **dict(p.split("=", 1) for p in parts[1:])}
+
+
+def converter_diff(old: Any, new: Any) -> list[str]:
+    """['seed: 22 there, 5 now', ...] for the keys whose values differ; [] when either is not key=value data."""
+    a, b = _settings(old), _settings(new)
+    if a is None or b is None:
+        return []
+    missing = object()
+
+    def show(d: dict, k: str) -> str:
+        return json.dumps(d[k]) if k in d else "(unset)"
+    return [f"{k}: {show(a, k)} there, {show(b, k)} now" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
 class DatasetWriter:
     """Context manager that writes one dataset folder. See the module docstring for the rules."""
 
@@ -151,10 +180,7 @@ class DatasetWriter:
                 raise ConversionError(f"output folder {d} holds an unreadable {spec_path.name} ({e}); "
                                       f"remove the folder or choose another --output") from e
             if spec.get("format") != FORMAT or spec.get("name") != self.name or spec.get("converter") != self.converter:
-                raise ConversionError(
-                    f"output folder {d} already holds dataset {spec.get('name')!r} written by converter "
-                    f"{spec.get('converter')!r}; this run writes {self.name!r} with {self.converter!r}. "
-                    f"Remove the folder or choose another --output")
+                raise ConversionError(self._refusal(d, spec))
             self.spec, self.complete = spec, True
             self._names = {c["name"]: c["label"] for c in spec["classes"]}
             log.info("%s: %s is already complete (%d classes, %d images); nothing to do",
@@ -171,6 +197,20 @@ class DatasetWriter:
                         self.name, d, len(entries))
             for e in entries:
                 os.unlink(d / e)  # unlink removes a symlink itself, never what it points to
+
+    def _refusal(self, d: Path, spec: dict) -> str:
+        """Why a complete output folder cannot be reused: the other dataset's name, else the converter settings
+        that differ, by key (a rerun with one changed option must say which)."""
+        tail = "remove the folder or choose another --output"
+        if spec.get("format") != FORMAT or spec.get("name") != self.name:
+            return (f"output folder {d} already holds dataset {spec.get('name')!r} written by converter "
+                    f"{spec.get('converter')!r}; this run writes {self.name!r}: {tail}")
+        diff = converter_diff(spec.get("converter"), self.converter)
+        if diff:
+            return (f"output folder {d} already holds dataset {self.name!r} written with other settings: "
+                    f"{'; '.join(diff)}: {tail}")
+        return (f"output folder {d} already holds dataset {self.name!r} written by converter "
+                f"{spec.get('converter')!r}, this run is {self.converter!r}: {tail}")
 
     # ---- writing -------------------------------------------------------------------------------------
     def _check_usable(self) -> None:

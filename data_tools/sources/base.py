@@ -84,6 +84,12 @@ def files_in(folder: Path, exts: set[str] | None = IMAGE_EXTS) -> list[Path]:
     return out
 
 
+def other_files(folder: Path, exts: set[str] = IMAGE_EXTS) -> list[Path]:
+    """The regular, non-hidden files of a folder that `files_in` leaves out (not an image extension)."""
+    return [folder / n for n in sorted(os.listdir(folder))
+            if not n.startswith(".") and (folder / n).is_file() and (folder / n).suffix.lower() not in exts]
+
+
 def subdirs(folder: Path) -> list[str]:
     return sorted(e for e in os.listdir(folder) if not e.startswith(".") and (folder / e).is_dir())
 

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_tools.sources import base
 from data_tools.sources.base import ClassPlan, Options, Plan, file_items, files_in, require, subdirs
-from data_tools.splits import MD_COUNTS, fraction_split
+from data_tools.splits import MD_COUNTS, SPLIT_NAMES, fraction_split
 from data_tools.writer import ConversionError
 
 
@@ -105,9 +106,25 @@ def plan_imagefolder(inp: Path, opts: Options) -> Plan:
     if not names:
         raise ConversionError(f"imagefolder: no class folders in {inp}")
     files = {n: files_in(inp / n) for n in names}
+    exts = " ".join(sorted(base.IMAGE_EXTS))
+    # every check before anything is written: an empty class would otherwise fail after the others were written
+    empty = [n for n in names if not files[n]]
+    if empty:
+        raise ConversionError(f"imagefolder: {len(empty)} class folder(s) without images ({exts}), e.g. "
+                              f"{inp / empty[0]}; remove them or add images")
     order = fraction_split(names, opts.fractions, seed=opts.seed) if opts.fractions else [(n, "test") for n in names]
     name = opts.extra.get("name") or inp.name
-    counts = tuple(sum(1 for _, s in order if s == sp) for sp in ("train", "val", "test"))
+    counts = tuple(sum(1 for _, s in order if s == sp) for sp in SPLIT_NAMES)
+    if opts.fractions:
+        hollow = [sp for sp, n in zip(SPLIT_NAMES, counts) if n == 0 and opts.fractions.get(sp, 0) > 0]
+        if hollow:
+            got = ", ".join(f"{sp} {n}" for sp, n in zip(SPLIT_NAMES, counts))
+            raise ConversionError(f"imagefolder: --splits leaves split {hollow[0]!r} with no class ({len(names)} "
+                                  f"classes: {got}); raise its fraction or drop it from --splits")
+    warnings = []
+    others = [f for n in names for f in base.other_files(inp / n)]
+    if others:
+        warnings.append(f"imagefolder: skipped {len(others)} file(s) that are not images ({exts}), e.g. {others[0]}")
     return Plan(name, [ClassPlan(n, s, file_items(files[n])) for n, s in order], expected_classes=counts,
                 expected_images=sum(len(v) for v in files.values()),
-                expected_per_class={n: len(v) for n, v in files.items()})
+                expected_per_class={n: len(v) for n, v in files.items()}, warnings=warnings)

@@ -1,6 +1,16 @@
 """Typed configs (schema.py) and their Hydra wiring (hydra.py)."""
-from smat_dist.config.schema import (CheckpointConfig, Config, DataConfig, DistConfig, EvalConfig, LauncherConfig,
-                                     LoggingConfig, MethodConfig, ModelConfig, TrainConfig)
+from smat_dist.config.schema import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    DistConfig,
+    EvalConfig,
+    LauncherConfig,
+    LoggingConfig,
+    MethodConfig,
+    ModelConfig,
+    TrainConfig,
+)
 
 __all__ = ["Config", "ModelConfig", "MethodConfig", "DataConfig", "DistConfig", "TrainConfig", "CheckpointConfig",
            "LoggingConfig", "LauncherConfig", "EvalConfig", "compose", "ConfigError", "load_yaml", "to_yaml"]

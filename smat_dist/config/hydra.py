@@ -14,13 +14,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from smat_dist.config.schema import Config
+from smat_dist.config.checks import t_decay_for
+from smat_dist.config.schema import Config, ConfigError
 
 SCHEMA_NAME = "smat_schema"
-
-
-class ConfigError(ValueError):
-    """A config that does not fit the schema; the message names the key."""
+__all__ = ["ConfigError", "compose", "config_dir", "load_yaml", "to_config", "to_yaml"]
 
 
 def register() -> None:
@@ -33,6 +31,9 @@ register()
 # it returns null for a key that is present but null)
 if not OmegaConf.has_resolver("smat_first"):
     OmegaConf.register_new_resolver("smat_first", lambda *vals: next((v for v in vals if v not in (None, "")), None))
+# the method configs tie the merge temperature's decay to the run length: ${smat_t_decay:${train.tasks},...}
+if not OmegaConf.has_resolver("smat_t_decay"):
+    OmegaConf.register_new_resolver("smat_t_decay", t_decay_for)
 
 
 def config_dir() -> str:
@@ -48,16 +49,22 @@ def config_dir() -> str:
 def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
     """A composed DictConfig (or a plain dict, e.g. a loaded config.yaml) -> a validated `Config` object.
 
-    Strips Hydra's own `hydra` node, checks every key and type against the schema and rejects `???`
-    values that were never filled in; errors name the key.
+    Strips Hydra's own `hydra` node, checks every key and type against the schema (also keys added with
+    `+key=...`, which Hydra lets into a composed config), rejects `???` values that were never filled in and
+    runs the range checks of `Config.__post_init__`; errors name the key.
     """
     try:
         node = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg.copy()
-        with_hydra = "hydra" in node
-        if with_hydra:
+        if "hydra" in node:
             OmegaConf.set_struct(node, False)
             node.pop("hydra")
-        merged = OmegaConf.merge(OmegaConf.structured(Config), node)
+        # a plain container (interpolations kept) merged into a fresh schema: a key the schema lacks is an error
+        # here, where merging the composed (already typed) node would keep it
+        plain = OmegaConf.to_container(node, resolve=False, enum_to_str=True)
+        ck = plain.get("checkpoint")
+        if isinstance(ck, dict) and "resume" in ck and ck["resume"] is None:
+            del ck["resume"]   # a dead key of configs saved before it was removed (top-level `resume` is the one)
+        merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"config value(s) must be set: {', '.join(missing)} "
@@ -72,6 +79,8 @@ def to_config(cfg: DictConfig | dict[str, Any]) -> Config:
 def _describe(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
+    if key and "not in" in msg and "Key '" in msg:   # ConfigKeyError: say what the schema has instead
+        msg += " (a key outside the schema; see smat_dist/config/schema.py)"
     return f"config key {key!r}: {msg}" if key else msg
 
 
@@ -81,7 +90,8 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> Config
     For tests and the non-Hydra CLIs: `compose("train", ["method.experts=4", "launcher=slurm"])`.
     A typo (`method.expert=4`) or a wrong type (`train.tasks=abc`) raises ConfigError naming the key.
     """
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
@@ -91,18 +101,20 @@ def compose(config_name: str = "train", overrides: Sequence[str] = ()) -> Config
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"{config_name}.yaml with overrides {list(overrides)}: {_hydra_message(e)}") from e
+        raise ConfigError(hydra_message(e)) from e
     return to_config(cfg)
 
 
-def _hydra_message(e: BaseException) -> str:
-    # Hydra wraps the OmegaConf error; the cause carries the key
-    # (its first line alone can be just "ConfigKeyError raised while composing config:")
-    parts = [" ".join(r.strip() for r in str(e).splitlines() if r.strip() and "_type=" not in r)]
+def hydra_message(e: BaseException) -> str:
+    """One line for an error Hydra raised while composing: the OmegaConf cause names the key when there is
+    one (Hydra's own first line can be just "ConfigKeyError raised while composing config:")."""
     cause = e.__cause__
-    if isinstance(cause, OmegaConfBaseException):
-        parts.append(_describe(cause))
-    return "; ".join(parts)
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        return _describe(cause)
+    if isinstance(e, OmegaConfBaseException):
+        return _describe(e)
+    text = str(e).split("Config search path")[0]   # Hydra appends its search path to a missing option
+    return " ".join(r.strip() for r in text.splitlines() if r.strip() and "_type=" not in r)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -76,6 +76,46 @@ class StopFlag:
         return self
 
 
+# error text of a rank that failed only because a peer went away (a victim, not the cause)
+PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "DistBackendError",
+               "DistNetworkError")
+
+
+def export_slurm_env() -> dict[str, str]:
+    """Plain `srun` (one task per rank, no torchrun) sets SLURM_* but none of torch's variables: export RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the job's first node) and MASTER_PORT (from the job
+    id, or $MASTER_PORT) from them, as the submitit path does. Variables already set are kept. Returns what
+    was set."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    denv = TorchDistributedEnvironment()
+    values = {"RANK": denv.rank, "WORLD_SIZE": denv.world_size, "LOCAL_RANK": denv.local_rank,
+              "LOCAL_WORLD_SIZE": denv.local_world_size, "MASTER_ADDR": denv.master_addr,
+              "MASTER_PORT": denv.master_port}
+    added = {k: str(v) for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    return added
+
+
+def describe_exit(code: int | None) -> str:
+    """How a process ended, for an error message: 'was killed by SIGKILL (signal 9: the out-of-memory killer
+    or kill -9)', 'exited with code 3'."""
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = {signal.SIGKILL: ": possibly the out-of-memory killer, or kill -9",
+               signal.SIGSEGV: ": a crash in native code",
+               signal.SIGBUS: ": a crash in native code (or /dev/shm full)",
+               signal.SIGTERM: ": terminated from outside",
+               signal.SIGABRT: ": aborted (native assertion)"}.get(-code, "")
+        return f"was killed by {name} (signal {-code}{why})"
+    return f"exited with code {code}"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -1,9 +1,11 @@
 """Local launcher: `launcher.nproc` rank processes on this machine, torchrun-style.
 
 Each rank is a spawned process with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set and its
-stdout+stderr in `<run_dir>/logs/rank<r>.log`. Ctrl-C / SIGTERM is turned into the trainer's stop flag
-(checkpoint at the next step boundary, then exit); a second Ctrl-C stops at once. When a rank fails the
-others are stopped and LaunchError names the rank, its error line and its log.
+stdout+stderr in `<run_dir>/logs/rank<r>.log`; with `progress=True` rank 0's training progress is shown on
+this console (launch/relay.py). Ctrl-C / SIGTERM is turned into the trainer's stop flag (checkpoint at the
+next step boundary, then exit); a second Ctrl-C stops at once. When a rank fails the others are stopped and
+LaunchError names the rank that failed first, its error line (or how it died: a signal, a possible OOM
+kill) and its log.
 """
 from __future__ import annotations
 
@@ -16,8 +18,19 @@ import traceback
 from pathlib import Path
 
 from smat_dist.config.schema import Config
-from smat_dist.launch.env import (DEFAULT_RANK_FN, LaunchError, RankFnSpec, StopFlag, free_port, last_error_line,
-                                  rank_env, resolve_rank_fn, tail)
+from smat_dist.launch.env import (
+    DEFAULT_RANK_FN,
+    PEER_ERRORS,
+    LaunchError,
+    RankFnSpec,
+    StopFlag,
+    describe_exit,
+    free_port,
+    last_error_line,
+    rank_env,
+    resolve_rank_fn,
+    tail,
+)
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -54,9 +67,11 @@ def _rank_main(rank: int, world: int, port: int, cfg: Config, run_dir: str, rank
     os.replace(result_path + ".tmp", result_path)
 
 
-def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_FN, nproc: int | None = None) -> dict:
+def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_FN, nproc: int | None = None,
+                 progress: bool = False) -> dict:
     """Run `nproc` (default `cfg.launcher.nproc`) ranks of `rank_fn`; return rank 0's result dict
-    with `"ranks": [every rank's result]` added. Raises LaunchError if any rank fails."""
+    with `"ranks": [every rank's result]` added. Raises LaunchError if any rank fails. `progress`: show rank 0's
+    training progress (the trainer's `tasks N/M` lines) on this console."""
     nproc = nproc or cfg.launcher.nproc
     if nproc < 1:
         raise LaunchError(f"launcher.nproc={nproc}: need at least 1 rank")
@@ -68,6 +83,11 @@ def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_F
     threads = max(1, (os.cpu_count() or 1) // nproc)
     ctx = mp.get_context("spawn")
     procs, paths = [], []
+    relay = None
+    if progress:
+        from smat_dist.launch.relay import LogRelay
+
+        relay = LogRelay(logs / "rank0.log", cfg.train.tasks)   # from the log's current end (a resume appends)
     for r in range(nproc):
         log_path, result_path = str(logs / f"rank{r}.log"), str(logs / f"rank{r}.result.pkl")
         if os.path.exists(result_path):
@@ -78,18 +98,24 @@ def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_F
         procs.append(p)
         paths.append((log_path, result_path))
     log.info("launched %d rank(s) of %s; logs in %s", nproc, getattr(rank_fn, "__name__", rank_fn), logs)
-    return _supervise(procs, paths)
+    if relay is None:
+        return _supervise(procs, paths)
+    with relay:
+        return _supervise(procs, paths)
 
 
 def _supervise(procs: list, paths: list[tuple[str, str]]) -> dict:
     interrupted = []
+    stopped: set[int] = set()   # ranks this launcher terminated or killed: victims, not causes
 
     def on_signal(signum, frame):
         # forward Ctrl-C / TERM to the ranks as a stop request (they checkpoint and exit);
         # on the second one terminate them outright
         interrupted.append(signum)
-        for p in procs:
+        for r, p in enumerate(procs):
             if p.is_alive():
+                if len(interrupted) > 1:
+                    stopped.add(r)
                 os.kill(p.pid, signal.SIGTERM if len(interrupted) == 1 else signal.SIGKILL)
         if len(interrupted) == 1:
             log.warning("stop requested: ranks will checkpoint at the next step boundary (again to kill them)")
@@ -102,10 +128,11 @@ def _supervise(procs: list, paths: list[tuple[str, str]]) -> dict:
             for r, p in enumerate(procs):
                 if first_failure is None and p.exitcode not in (None, 0):
                     first_failure, failed_at = r, time.monotonic()
-                    log.error("rank %d exited with code %s; stopping the other ranks", r, p.exitcode)
+                    log.error("rank %d %s; stopping the other ranks", r, describe_exit(p.exitcode))
             if first_failure is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
-                for p in procs:
+                for r, p in enumerate(procs):
                     if p.is_alive():
+                        stopped.add(r)
                         p.terminate()
             time.sleep(0.2)
         for p in procs:
@@ -113,11 +140,7 @@ def _supervise(procs: list, paths: list[tuple[str, str]]) -> dict:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return _collect(procs, paths, first_failure)
-
-
-PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "DistBackendError",
-               "DistNetworkError", "rank process died")
+    return _collect(procs, paths, first_failure, stopped)
 
 
 def _is_peer_error(outcome: dict) -> bool:
@@ -125,25 +148,35 @@ def _is_peer_error(outcome: dict) -> bool:
     return any(p in text for p in PEER_ERRORS)
 
 
-def _collect(procs: list, paths: list[tuple[str, str]], first_failure: int | None) -> dict:
+def _collect(procs: list, paths: list[tuple[str, str]], first_failure: int | None,
+             stopped: set[int] = frozenset()) -> dict:
     outcomes = []
     for (log_path, result_path), p in zip(paths, procs):
         if os.path.exists(result_path):
             with open(result_path, "rb") as f:
                 outcomes.append(pickle.load(f))
             outcomes[-1]["at"] = os.stat(result_path).st_mtime_ns
-        else:  # killed (e.g. OOM killer, SIGKILL) before it could report
-            outcomes.append({"ok": False, "error": f"rank process died with exit code {p.exitcode}",
+        elif len(outcomes) in stopped:   # terminated by this launcher after another rank failed
+            outcomes.append({"ok": False, "error": f"rank process {describe_exit(p.exitcode)} (stopped by the "
+                             f"launcher)", "traceback": "", "victim": True})
+        else:  # killed (the OOM killer, kill -9, a native crash) before it could report: it is the cause
+            outcomes.append({"ok": False, "died": True, "error": describe_exit(p.exitcode),
                              "traceback": tail(log_path)})
     bad = [r for r, o in enumerate(outcomes) if not o["ok"]]
     if bad:
-        # report the rank that failed first (by the time it wrote its error; exit codes can be seen in any
-        # order within one poll): the others usually failed only because it disappeared
-        # a rank whose error is "the peer went away" is a victim, not the cause
-        r = min(bad, key=lambda b: (_is_peer_error(outcomes[b]), outcomes[b].get("at", float("inf")), b))
+        # report the rank that failed first: a rank that died without reporting (it was killed) before one
+        # that raised; among those, the first one seen dead, else the first error written (exit codes can be
+        # seen in any order within one poll); a rank whose error is "the peer went away" is a victim
+        def order(b: int):
+            o = outcomes[b]
+            return (not o.get("died", False), b != first_failure if o.get("died") else False, o.get("victim", False),
+                    _is_peer_error(o), o.get("at", float("inf")), b)
+        r = min(bad, key=order)
         o = outcomes[r]
-        detail = last_error_line(o.get("traceback", "")) or o["error"]
         others = f" (ranks {', '.join(map(str, [b for b in bad if b != r]))} failed too)" if len(bad) > 1 else ""
+        if o.get("died"):
+            raise LaunchError(f"rank {r} of {len(procs)} {o['error']}{others}", log_path=paths[r][0], rank=r)
+        detail = last_error_line(o.get("traceback", "")) or o["error"]
         raise LaunchError(f"rank {r} of {len(procs)} failed: {detail}{others}", log_path=paths[r][0], rank=r)
     result = dict(outcomes[0]["result"] or {})
     result["ranks"] = [o["result"] for o in outcomes]

@@ -2,8 +2,10 @@
 
     torchrun --nproc-per-node=2 -m smat_dist.launch.rank_main data.sources=[shards/a] run_dir=runs/x
 
-RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* come from the outer launcher (torchrun, deepspeed, or srun with
-SLURM_PROCID -> RANK). USR2/TERM/INT only set the stop flag; the trainer checkpoints at the next step.
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* come from the outer launcher (torchrun, deepspeed); under a plain
+`srun` (one task per rank) they are derived from SLURM's variables as the submitit path does (MASTER_ADDR the
+job's first node, MASTER_PORT from the job id). USR2/TERM/INT only set the stop flag; the trainer checkpoints
+at the next step. Errors: one line `rank_main: error: ...` on stderr, exit code 2.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import os
 import sys
 
 from smat_dist.config.hydra import ConfigError, compose
-from smat_dist.launch.env import DEFAULT_RANK_FN, StopFlag, resolve_rank_fn
+from smat_dist.launch.env import DEFAULT_RANK_FN, StopFlag, export_slurm_env, resolve_rank_fn
+from smat_dist.train.run_folder import prepare_run_dir
 from smat_dist.utils.log import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -22,18 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:   # plain srun, one task per rank
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        export_slurm_env()
     try:
         cfg = compose("train", args)
     except ConfigError as e:
-        log.error("%s", e)
+        print(f"rank_main: error: {e}", file=sys.stderr)
         return 2
     if not cfg.run_dir:
-        log.error("run_dir=... is required (all ranks and requeued attempts must share it)")
+        print("rank_main: error: run_dir=... is required (all ranks and requeued attempts must share it)",
+              file=sys.stderr)
         return 2
-    from smat_dist.train.cli import prepare_run_dir
-
     if int(os.environ.get("RANK", "0")) == 0:
         prepare_run_dir(cfg, cfg.run_dir, resuming=True)
     flag = StopFlag().install()

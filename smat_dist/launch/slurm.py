@@ -22,7 +22,15 @@ import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from smat_dist.config.schema import Config, LauncherConfig
-from smat_dist.launch.env import DEFAULT_RANK_FN, LaunchError, RankFnSpec, StopFlag, last_error_line, resolve_rank_fn
+from smat_dist.launch.env import (
+    DEFAULT_RANK_FN,
+    PEER_ERRORS,
+    LaunchError,
+    RankFnSpec,
+    StopFlag,
+    last_error_line,
+    resolve_rank_fn,
+)
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -110,18 +118,25 @@ def submit(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_FN) -> 
     return job
 
 
-def wait(job: submitit.Job, poll_s: float = 5.0) -> dict:
-    """Wait for the job (across requeues), report state changes; rank 0's result dict with `"ranks"`.
+def wait(job: submitit.Job, poll_s: float = 5.0, total: int | None = None) -> dict:
+    """Wait for the job (across requeues), report state changes and, given the run's `total` tasks, rank 0's
+    training progress from task 0's log (done/total, rate, ETA); rank 0's result dict with `"ranks"`.
 
     Raises LaunchError with the job's error line and its log path when it fails, times out for good or is
     cancelled."""
+    import contextlib
+
+    from smat_dist.launch.relay import LogRelay
+
     last = None
-    while not job.done():
-        state = job.state
-        if state != last:
-            log.info("job %s: %s", job.job_id, state)
-            last = state
-        time.sleep(poll_s)
+    relay = LogRelay(_task_log(job, 0), total, poll_s=min(poll_s, 2.0)) if total else contextlib.nullcontext()
+    with relay:
+        while not job.done():
+            state = job.state
+            if state != last:
+                log.info("job %s: %s", job.job_id, state)
+                last = state
+            time.sleep(poll_s)
     try:
         results = job.results()
     except (FailedJobError, UncompletedJobError) as e:
@@ -131,8 +146,9 @@ def wait(job: submitit.Job, poll_s: float = 5.0) -> dict:
         # The cause is in the failing task's own log; the exception submitit raises may be another task's
         # "peer went away" error.
         cause = last_error_line(log_path.read_text(errors="replace")) if log_path.is_file() else ""
-        raise LaunchError(f"SLURM job {job.job_id} failed ({job.state}): {cause or last_error_line(text) or text[:300]}",
-                          log_path=str(log_path), job_id=job.job_id) from e
+        why = cause or last_error_line(text) or text[:300]
+        raise LaunchError(f"SLURM job {job.job_id} failed ({job.state}): {why}", log_path=str(log_path),
+                          job_id=job.job_id) from e
     result = dict(results[0] or {})
     result["ranks"] = list(results)
     result["job_id"] = job.job_id
@@ -146,8 +162,6 @@ def _task_log(job: submitit.Job, task: int) -> Path:
 def _failed_task(job: submitit.Job) -> int:
     """The task whose log shows the earliest Python traceback (the rank that raised first; the others
     usually fail only because it left), else task 0."""
-    from smat_dist.launch.local import PEER_ERRORS
-
     hits = []
     for t in range(job.num_tasks):
         p = _task_log(job, t)

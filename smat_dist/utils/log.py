@@ -13,14 +13,19 @@ _CONFIGURED = False
 
 
 def _rank() -> int:
+    # Never import torch here: a command that does not need it (smat-convert, a config error) would pay
+    # seconds for it on its first log line. If torch.distributed is not imported yet, no group exists.
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None:
+        try:
+            if dist.is_available() and dist.is_initialized():
+                return dist.get_rank()
+        except Exception:  # half-initialised: fall back to the launcher's variable
+            pass
     try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except Exception:  # torch missing or half-initialised: fall back to the launcher's variable
-        pass
-    return int(os.environ.get("RANK", "0"))
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -21,7 +21,7 @@ BASE = ["data.sources=[shards/a]", "checkpoint.every_tasks=4", "logging.wandb_mo
 
 
 def smat_train(*args: str, cwd: Path, background: bool = False):
-    cmd = [sys.executable, "-c", f"from smat_dist.train.cli import main; main(rank_fn={TOY!r})", *args]
+    cmd = [sys.executable, "-c", f"from smat_dist.launch.cli import main; main(rank_fn={TOY!r})", *args]
     if background:
         return subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=240)

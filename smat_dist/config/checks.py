@@ -1,0 +1,231 @@
+"""Ranges and cross-field rules of a whole `Config` (run by `Config.__post_init__`, so by every composition,
+every loaded config.yaml and every `dataclasses.replace`), and the run-length schedule rule.
+
+Each failure is one line naming the key, the value and what is allowed:
+    method.sparsity.target=1.5: must be > 0 and < 1
+Sub-configs built alone in code (`MethodConfig(experts=4)`) are not checked here: the code that uses them
+checks what it needs.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Callable
+
+from smat_dist.config.schema import (
+    Backend,
+    ConfigError,
+    EpisodeMode,
+    EvalMode,
+    LauncherName,
+    MethodName,
+    PoolPath,
+    Precision,
+    WandbMode,
+)
+
+# share of the run over which the merge temperature falls from t_start to t_min (upstream: 18k of 50k tasks)
+T_DECAY_SHARE = 0.36
+
+
+def t_decay_for(tasks: float, t_start: float, t_min: float) -> float:
+    """method.hypernet.t_decay that takes T = t_start - tasks / t_decay down to t_min at T_DECAY_SHARE of
+    `tasks` (4000 for upstream's 50k tasks, t_start 5, t_min 0.5)."""
+    span = float(t_start) - float(t_min)
+    if span <= 0:  # validate() reports it, naming the keys
+        return 1.0
+    return max(1e-9, T_DECAY_SHARE * float(tasks) / span)
+
+
+# (key, enum, a list of them, may be null)
+ENUMS: list[tuple[str, type[Enum], bool, bool]] = [
+    ("method.name", MethodName, False, False),
+    ("data.mode", EpisodeMode, False, False),
+    ("dist.pool", PoolPath, False, False),
+    ("dist.backend", Backend, False, True),
+    ("dist.precision", Precision, False, False),
+    ("logging.wandb_mode", WandbMode, False, False),
+    ("launcher.name", LauncherName, False, False),
+    ("eval.modes", EvalMode, True, False),
+    ("eval.methods", MethodName, True, False),
+]
+
+
+def _rule(test: Callable[[Any], bool], allowed: str) -> tuple[Callable[[Any], bool], str]:
+    return test, allowed
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def ge(lo: float):
+    return _rule(lambda v: _num(v) and v >= lo, f"must be >= {lo}")
+
+
+def gt(lo: float):
+    return _rule(lambda v: _num(v) and v > lo, f"must be > {lo}")
+
+
+def between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    def test(v):
+        return (_num(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+    return _rule(test, f"must be {'>' if lo_open else '>='} {lo} and {'<' if hi_open else '<='} {hi}")
+
+
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.image_size": ge(8),
+    "model.patch_size": _rule(lambda v: v is None or (_num(v) and v >= 1), "must be null or >= 1"),
+    "method.experts": ge(1),
+    "method.sparsity.target": between(0, 1, lo_open=True, hi_open=True),
+    "method.sparsity.init_std": ge(0),
+    "method.sparsity.clamp": gt(0),
+    "method.sparsity.noise_eps": between(0, 0.5, hi_open=True),
+    "method.sparsity.lambda_lr": ge(0),
+    "method.sparsity.mask_lr": gt(0),
+    "method.sparsity.mask_clip": ge(0),
+    "method.hypernet.tokens": ge(1),
+    "method.hypernet.heads": ge(1),
+    "method.hypernet.mlp_ratio": gt(0),
+    "method.hypernet.t_start": gt(0),
+    "method.hypernet.t_min": gt(0),
+    "method.hypernet.t_decay": gt(0),
+    "method.hypernet.logit_reg": ge(0),
+    "method.hypernet.lr": ge(0),
+    "method.hypernet.weight_decay": ge(0),
+    "method.hypernet.clip": ge(0),
+    "method.teacher.lr": ge(0),
+    "method.teacher.temperature": gt(0),
+    "method.teacher.lam": between(0, 1),
+    "method.teacher.top_fraction": between(0, 1, lo_open=True),
+    "method.inner_lr": ge(0),
+    "method.inner_steps": ge(0),
+    "method.logit_scale": gt(0),
+    "method.delta_lr": ge(0),
+    "method.delta_momentum": between(0, 1, hi_open=True),
+    "method.delta_weight_decay": ge(0),
+    "method.pmf_lr": ge(0),
+    "method.pmf_momentum": between(0, 1, hi_open=True),
+    "method.warmup_tasks": ge(0),
+    "method.total_tasks": ge(1),
+    "data.ways": ge(2),
+    "data.shots": ge(1),
+    "data.queries": ge(1),
+    "data.max_ways": ge(2),
+    "data.max_support": ge(1),
+    "data.workers": ge(0),
+    "data.val_episodes": ge(0),
+    "dist.zero_stage": _rule(lambda v: v in (0, 1, 2, 3) and not isinstance(v, bool), "must be one of 0, 1, 2, 3"),
+    "checkpoint.every_tasks": ge(0),
+    "checkpoint.keep": ge(1),
+    "train.tasks": ge(1),
+    "train.tasks_per_rank": ge(1),
+    "train.seed": ge(0),
+    "train.log_every": ge(1),
+    "train.val_every_tasks": ge(0),
+    "logging.project": _rule(lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty name"),
+    "launcher.nproc": ge(1),
+    "launcher.nodes": ge(1),
+    "launcher.tasks_per_node": ge(1),
+    "launcher.gpus_per_node": ge(0),
+    "launcher.cpus_per_task": ge(1),
+    "launcher.mem_gb": gt(0),
+    "launcher.timeout_min": ge(1),
+    "launcher.signal_delay_s": ge(0),
+    "launcher.max_requeues": ge(0),
+    "eval.episodes": ge(1),
+    "eval.finetune_steps": ge(0),
+    "eval.lr_grid": _rule(lambda v: len(v) > 0 and all(_num(x) and x > 0 for x in v),
+                          "must be a non-empty list of numbers > 0"),
+    "eval.val_episodes": ge(1),
+    "eval.lora_rank": ge(1),
+    "eval.lora_alpha": gt(0),
+}
+
+
+def _get(cfg: Any, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(cfg: Any, key: str, value: Any) -> None:
+    *head, last = key.split(".")
+    obj = cfg
+    for part in head:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, Enum):
+        return str(v.value)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_show(x) for x in v) + "]"
+    return "null" if v is None else str(v)
+
+
+def _choices(enum: type[Enum]) -> str:
+    return ", ".join(m.value for m in enum)
+
+
+def _as_enum(key: str, enum: type[Enum], v: Any) -> Enum:
+    if isinstance(v, enum):
+        return v
+    try:
+        return enum(v)
+    except ValueError:
+        raise ConfigError(f"{key}={_show(v)}: expected one of {_choices(enum)}") from None
+
+
+def _coerce_enums(cfg: Any) -> None:
+    """Plain strings (a Config built in code) -> the enum members OmegaConf would have produced."""
+    for key, enum, many, nullable in ENUMS:
+        v = _get(cfg, key)
+        if v is None and nullable:
+            continue
+        if many:
+            if not isinstance(v, (list, tuple)) or not v:
+                raise ConfigError(f"{key}={_show(v)}: expected a non-empty list of {_choices(enum)}")
+            _set(cfg, key, [_as_enum(key, enum, x) for x in v])
+        else:
+            _set(cfg, key, _as_enum(key, enum, v))
+
+
+def _cross(cfg: Any) -> None:
+    m, sp = cfg.method, cfg.method.sparsity
+    h = m.hypernet
+    if h.t_start < h.t_min:
+        raise ConfigError(f"method.hypernet.t_start={h.t_start}: must be >= method.hypernet.t_min={h.t_min}")
+    if sp.lean and sp.noise_eps != 0:
+        raise ConfigError(f"method.sparsity.lean=true needs method.sparsity.noise_eps=0 (the deterministic gate), "
+                          f"got {sp.noise_eps}")
+    if sp.lean and sp.structured:
+        raise ConfigError("method.sparsity.lean=true: allowed only with method.sparsity.structured=false")
+    if m.teacher.blockwise and m.teacher.top_fraction < 1:
+        raise ConfigError(f"method.teacher.blockwise=true: allowed only with method.teacher.top_fraction=1, "
+                          f"got {m.teacher.top_fraction}")
+    if cfg.dist.pool == PoolPath.gather and sp.structured:
+        raise ConfigError("dist.pool=gather: allowed only with method.sparsity.structured=false "
+                          "(use dist.pool=sharded)")
+    if cfg.data.mode == EpisodeMode.variable and cfg.data.max_ways < 5:
+        raise ConfigError(f"data.max_ways={cfg.data.max_ways}: must be >= 5 with data.mode=variable "
+                          f"(Meta-Dataset episodes have at least 5 ways)")
+    lc = cfg.launcher
+    if lc.signal_delay_s >= lc.timeout_min * 60:
+        raise ConfigError(f"launcher.signal_delay_s={lc.signal_delay_s}: must be < launcher.timeout_min * 60 = "
+                          f"{lc.timeout_min * 60}")
+    for key in ("data.sources", "data.eval_sources"):
+        bad = [s for s in _get(cfg, key) if not isinstance(s, str) or not s.strip()]
+        if bad:
+            raise ConfigError(f"{key}: every entry must be a folder or URL, got {bad[0]!r}")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError (one line, naming the key) for the first value outside its range."""
+    _coerce_enums(cfg)
+    for key, (test, allowed) in RANGES.items():
+        v = _get(cfg, key)
+        if not test(v):
+            raise ConfigError(f"{key}={_show(v)}: {allowed}")
+    _cross(cfg)
