@@ -94,15 +94,33 @@ def main(argv: list[str] | None = None) -> int:
               "configs/eval.yaml holds the defaults.")
         return 0
     setup_logging()
-    from smat_dist.config.hydra import ConfigError, compose
+    from smat_dist.config.hydra import ConfigError, compose, to_yaml
 
+    def fail(e: BaseException) -> int:  # one convention for every command: one line on stderr, exit code 2
+        print(f"smat-eval: error: {' '.join(str(e).split()) or type(e).__name__}", file=sys.stderr, flush=True)
+        return 2
+
+    show = None   # --cfg job (as smat-train, a Hydra app): print the composed config and exit
+    for flag in ("--cfg", "-c"):
+        if flag in argv:
+            i = argv.index(flag)
+            show = argv[i + 1] if i + 1 < len(argv) else ""
+            del argv[i:i + 2]
+    if show is not None and show not in ("job", "all"):
+        return fail(f"--cfg {show}: expected job or all (smat-eval has no Hydra config of its own)")
     try:
         cfg = compose("eval", argv)
+    except ConfigError as e:
+        return fail(e)
+    if show is not None:
+        print(to_yaml(cfg), end="")
+        return 0
+    from smat_dist.distributed.checkpoint import CheckpointError
+
+    try:
         summary = run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as e:
-        log.error("%s", e)
-        print(json.dumps({"error": str(e)}))
-        return 2
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+        return fail(e)
     if "files" in summary:
         print(json.dumps(summary))
     return 0
