@@ -69,14 +69,15 @@ def _save_rank(rank: int, world: int, root: str, numel: int, experts: int) -> di
     out.update(sync_save_s=time.perf_counter() - t0, sync_hashed=sync.stats["hashed"],
                sync_written=sync.stats["written"])
     ck = Checkpointer(Path(root) / "async", comm, async_save=True)
-    comm.barrier()
-    t0 = time.perf_counter()
-    ck.save(1, {"pool": pool}, {"experts": experts})
-    out["async_block_s"] = time.perf_counter() - t0
-    ck.wait()
-    comm.barrier()
-    out["async_total_s"] = time.perf_counter() - t0
-    own = Path(root) / "async" / "step-000000001" / f"pool-rank{rank:05d}.safetensors"
+    for step in (1, 2):   # the first save allocates the host buffers; later ones reuse them (steady state)
+        comm.barrier()
+        t0 = time.perf_counter()
+        ck.save(step, {"pool": pool}, {"experts": experts})
+        out[f"async_block_s_{step}"] = time.perf_counter() - t0
+        ck.wait()
+        comm.barrier()
+        out[f"async_total_s_{step}"] = time.perf_counter() - t0
+    own = Path(root) / "async" / "step-000000002" / f"pool-rank{rank:05d}.safetensors"
     out.update(async_hashed=ck.stats["hashed"], own_bytes=own.stat().st_size)
     return out
 
@@ -85,6 +86,7 @@ def _load_rank(rank: int, world: int, root: str, numel: int, experts: int) -> di
     from smat_dist.distributed.checkpoint import Checkpointer, find_latest
 
     torch.set_num_threads(1)
+    _pool(rank, world, 1024, experts)   # lazy imports (torch.optim, ...) belong to the baseline, not the slice
     base = _rss()
     pool, comm = _pool(rank, world, numel, experts, seed=1)
     built = _rss() - base
@@ -123,8 +125,9 @@ def run(ranks: int = 4, reshard_to: int = 3, pool_gb: float = 1.0, experts: int 
             "resume_hashed_over_own": worst(zip(save, same), lambda p: p[1]["hashed"] / p[0]["own_bytes"]),
             "reshard_hashed_over_slice": worst(resh, lambda r: r["hashed"] / r["slice_bytes"]),
             "sync_save_s": worst(save, lambda r: r["sync_save_s"]),
-            "async_block_s": worst(save, lambda r: r["async_block_s"]),
-            "async_total_s": worst(save, lambda r: r["async_total_s"]),
+            "async_block_s": worst(save, lambda r: r["async_block_s_2"]),
+            "async_total_s": worst(save, lambda r: r["async_total_s_2"]),
+            "async_block_s_first": worst(save, lambda r: r["async_block_s_1"]),
             "resume_s": worst(same, lambda r: r["load_s"]), "reshard_s": worst(resh, lambda r: r["load_s"]),
             "eval_pool_bytes_per_rank_4r_over_1r": worst(same, lambda r: r["pool_bytes"]) / one[0]["pool_bytes"],
         }

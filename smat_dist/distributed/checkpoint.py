@@ -79,11 +79,19 @@ def _index_record(index, t: torch.Tensor) -> dict:
             "last": int(ids[-1]) if ids.numel() else -1, "rows": int(ids.numel())}
 
 
-def _host_copy(t: torch.Tensor, copy: bool) -> torch.Tensor:
+def _host_copy(t: torch.Tensor, copy: bool, buffers: dict | None = None, key=None) -> torch.Tensor:
+    """t on the host: itself (sync save of a CPU tensor), or a copy into a host buffer kept across saves
+    (async saves: no fresh allocation and its page faults each time; pinned when the source is on a GPU)."""
     t = t.detach()
-    if t.device.type != "cpu":
-        return t.to("cpu", copy=True)
-    return t.clone() if copy else t
+    if not copy and t.device.type == "cpu":
+        return t
+    buf = None if buffers is None else buffers.get(key)
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        if buffers is not None:
+            buffers[key] = buf
+    buf.copy_(t)
+    return buf
 
 
 def find_latest(path: str | os.PathLike) -> Path | None:
@@ -148,6 +156,7 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.last_saved: Path | None = None
         self.stats: dict = {}
+        self._host: dict = {}       # async saves' host buffers, reused (the writer is done with them by then)
 
     # ---------------------------------------------------------------- saving
     def save(self, tasks: int, parts: dict, meta: dict, texts: dict[str, str] | None = None) -> Path:
@@ -185,7 +194,7 @@ class Checkpointer:
                         rows = t[: max(0, min(index[2], index[3]) - index[1])]   # padding is not saved
                     else:
                         data[f"{tname}.ids"] = _host_copy(index[1], True)
-                    data[tname] = _host_copy(rows, self.async_save)
+                    data[tname] = _host_copy(rows, self.async_save, self._host, (pname, tname))
                     recs[tname] = _index_record(index, t)
                 metadata = {"part": pname, "rank": str(rank), "world": str(comm.world),
                             "replicated": json.dumps({k: v for k, v in rep.items() if not isinstance(v, torch.Tensor)}),
