@@ -40,13 +40,6 @@ QUICK = {"id": ["noto_scripts", "textures"], "ood": ["digits"], "max_classes": 4
 FIGURE_EPISODES = {False: 10, True: 2}  # expert-selection episodes per domain for the dendrogram
 
 
-def eval_rank(cfg, run_dir: str, should_stop) -> dict:
-    """Rank function for the local launcher: the evaluation with its episodes split over the ranks."""
-    from smat_dist.eval.cli import run
-
-    return run(cfg)
-
-
 class _Relay:
     """Forwards rank 0's progress lines (its log file) to this console while a phase runs."""
 
@@ -170,7 +163,7 @@ def evaluate(cfg, out: Path, force: bool) -> tuple[dict, bool]:
              "/".join(cfg.eval.methods), len(cfg.data.sources), len(cfg.data.eval_sources), cfg.eval.episodes,
              cfg.launcher.nproc)
     with _Relay(d / "logs" / "rank0.log", "eval", ("episodes on this rank", "loaded", "ERROR")):
-        launch_local(cfg, str(d), rank_fn="smat_dist.demo:eval_rank", nproc=cfg.launcher.nproc)
+        launch_local(cfg, str(d), rank_fn="smat_dist.eval.cli:eval_rank", nproc=cfg.launcher.nproc)
     stamp.write_text(text)
     return json.loads((d / "results.json").read_text()), True
 

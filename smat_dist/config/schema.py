@@ -226,6 +226,9 @@ class LauncherConfig:
 class EvalConfig:
     checkpoint: Optional[str] = None      # SMAT run folder or checkpoint folder
     pmf_checkpoint: Optional[str] = None  # P>M>F run folder or checkpoint folder (baseline)
+    # ranks of smat-eval (launcher=local: local processes; slurm: one job of that many tasks): each holds
+    # 1/ranks of the SMAT pool and the episodes are split over them; 1 evaluates in this process
+    ranks: int = 1
     episodes: int = 600
     modes: list[EvalMode] = field(default_factory=lambda: [EvalMode.zeroshot])
     methods: list[MethodName] = field(

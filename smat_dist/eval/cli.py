@@ -4,8 +4,10 @@
             eval.modes=[zeroshot,full,lora] run_dir=runs/eval_a
 
 Writes results.json, results.md and episodes.json into run_dir (default runs/eval_<date>_<time>) and prints
-one JSON line with the paths and the ID/OOD averages. Under torchrun (WORLD_SIZE > 1) the episodes are split
-over the ranks; the results are the same at any world size.
+one JSON line with the paths and the ID/OOD averages. eval.ranks=N (launcher=local or slurm) or torchrun
+(WORLD_SIZE > 1) runs N ranks: each loads only its 1/N of the SMAT pool and merges through the sharded merger,
+and the episodes are split over the ranks; the results are the same at any world size. One rank (the
+default) evaluates in this process.
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from smat_dist.utils.log import get_logger, setup_logging
 log = get_logger(__name__)
 
 
-def load_setups(cfg) -> dict:
-    """{method name: LocalSetup} for cfg.eval.methods. SMAT and P>M>F come from checkpoints (through
-    smat_dist.eval.loading.load_method); the pre-trained baseline is the frozen backbone of the same config."""
+def load_setups(cfg, comm=None) -> dict:
+    """{method name: MethodSetup} for cfg.eval.methods. SMAT and P>M>F come from checkpoints (through
+    smat_dist.eval.loading.load_method; on several ranks each holds its slice of the pool); the pre-trained
+    baseline is the frozen backbone of the same config."""
     from smat_dist.config.schema import MethodConfig
+    from smat_dist.distributed.build import build_local
     from smat_dist.eval.finetune import method_kind
-    from smat_dist.method.build import build_local
 
     paths = {}
     if cfg.eval.checkpoint:
@@ -36,7 +39,7 @@ def load_setups(cfg) -> dict:
     for key, path in paths.items():
         from smat_dist.eval.loading import load_method  # the checkpoint format's one door (dist/checkpoint.py)
 
-        setup = load_method(path)
+        setup = load_method(path, comm=comm)
         kind = method_kind(setup.method)
         if key == "pmf" and kind != "pmf":
             raise ValueError(f"eval.pmf_checkpoint={path} holds a {kind} model, not P>M>F")
@@ -58,6 +61,26 @@ def load_setups(cfg) -> dict:
     return out
 
 
+def eval_rank(cfg, run_dir: str, should_stop) -> dict:
+    """Rank function for the launchers (eval.ranks > 1): this rank's slice of the pool, its share of episodes."""
+    return run(cfg)
+
+
+def launch(cfg) -> dict:
+    """smat-eval on eval.ranks ranks through the configured launcher; returns rank 0's summary."""
+    name = str(getattr(cfg.launcher.name, "value", cfg.launcher.name))
+    out_dir = cfg.run_dir = cfg.run_dir or os.path.join("runs", time.strftime("eval_%Y-%m-%d_%H-%M-%S"))
+    if name == "slurm":
+        from smat_dist.launch import slurm
+
+        cfg.launcher.nodes = 1
+        cfg.launcher.tasks_per_node = cfg.eval.ranks
+        return slurm.wait(slurm.submit(cfg, out_dir, rank_fn="smat_dist.eval.cli:eval_rank"))
+    from smat_dist.launch.local import launch_local
+
+    return launch_local(cfg, out_dir, rank_fn="smat_dist.eval.cli:eval_rank", nproc=cfg.eval.ranks)
+
+
 def run(cfg) -> dict:
     """Evaluate under an already composed Config; returns the summary printed by the CLI."""
     import torch.distributed as dist
@@ -72,8 +95,10 @@ def run(cfg) -> dict:
         rank, world = init_distributed(cfg.dist)
     elif dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
+    from smat_dist.distributed.comm import Comm
+
     domains = domains_from_config(cfg)
-    setups = load_setups(cfg)
+    setups = load_setups(cfg, Comm() if world > 1 else None)
     out_dir = cfg.run_dir or os.path.join("runs", time.strftime("eval_%Y-%m-%d_%H-%M-%S"))
     log.info("evaluating %s in modes %s on %d domains (%d test episodes each, world size %d) -> %s",
              list(setups), cfg.eval.modes, len(domains), cfg.eval.episodes, world, out_dir)
@@ -116,11 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from smat_dist.distributed.checkpoint import CheckpointError
+    from smat_dist.launch.env import LaunchError
 
+    if cfg.eval.ranks < 1:
+        return fail(f"eval.ranks={cfg.eval.ranks}: need at least 1 rank")
     try:
-        summary = run(cfg)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError, OSError) as e:
+        summary = launch(cfg) if cfg.eval.ranks > 1 and "WORLD_SIZE" not in os.environ else run(cfg)
+    except (ConfigError, CheckpointError, LaunchError, ValueError, FileNotFoundError, OSError) as e:
         return fail(e)
+    summary = {k: v for k, v in summary.items() if k != "ranks"}
     if "files" in summary:
         print(json.dumps(summary))
     return 0
