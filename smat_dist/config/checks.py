@@ -224,7 +224,9 @@ def _cross(cfg: Any) -> None:
 def validate(cfg: Any) -> None:
     """Raise ConfigError (one line, naming the key) for the first value outside its range."""
     _coerce_enums(cfg)
-    for key, (test, allowed) in RANGES.items():
+    # train.* first: method.total_tasks and the temperature decay follow train.tasks, so a bad train.tasks must
+    # be reported as itself
+    for key, (test, allowed) in sorted(RANGES.items(), key=lambda kv: not kv[0].startswith("train.")):
         v = _get(cfg, key)
         if not test(v):
             raise ConfigError(f"{key}={_show(v)}: {allowed}")

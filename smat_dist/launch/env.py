@@ -88,7 +88,14 @@ def export_slurm_env() -> dict[str, str]:
     was set."""
     from submitit.helpers import TorchDistributedEnvironment
 
-    denv = TorchDistributedEnvironment()
+    # submitit recognises a SLURM task by the variable its own executor sets; plain srun has none
+    had = "SUBMITIT_EXECUTOR" in os.environ
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    try:
+        denv = TorchDistributedEnvironment()
+    finally:
+        if not had:
+            del os.environ["SUBMITIT_EXECUTOR"]
     values = {"RANK": denv.rank, "WORLD_SIZE": denv.world_size, "LOCAL_RANK": denv.local_rank,
               "LOCAL_WORLD_SIZE": denv.local_world_size, "MASTER_ADDR": denv.master_addr,
               "MASTER_PORT": denv.master_port}

@@ -4,13 +4,15 @@
 the launcher's env vars, a linear model trained with all-reduced gradients on per-(step, rank) seeded
 data, a checkpoint every `checkpoint.every_tasks` steps and on stop (`checkpoints/latest` names the newest
 complete one), auto-resume, `metrics.jsonl` on rank 0. Knobs ride in `model.kwargs`: `toy_step_s` (sleep
-per step, so signals land mid-run) and `toy_fail_at` (rank 1 raises at that step).
+per step, so signals land mid-run), `toy_fail_at` (rank 1 raises at that step) and `toy_kill_at` (rank 1
+SIGKILLs itself there, as the OOM killer would).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -64,6 +66,8 @@ def _loop(cfg, run_dir: Path, should_stop, rank: int, world: int) -> dict:
     for step in range(start, cfg.train.tasks):
         if fail_at is not None and step == int(fail_at) and rank == 1:
             raise ValueError(f"toy failure at task {step} on rank {rank}")
+        if kw.get("toy_kill_at") is not None and step == int(kw["toy_kill_at"]) and rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
         gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step * 17 + rank)
         x = torch.randn(16, 8, generator=gen)
         err = x @ w - x @ target

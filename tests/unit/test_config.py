@@ -1,6 +1,8 @@
 """Hydra configs: every group composes into the typed schema; typos and wrong types name the key."""
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from smat_dist.config.hydra import ConfigError, compose, config_dir, load_yaml, to_yaml
-from smat_dist.config.schema import Config
+from smat_dist.config.schema import CheckpointConfig, Config
 from smat_dist.launch.env import StopFlag, last_error_line
 from smat_dist.launch.slurm import executor_parameters
 
@@ -115,3 +117,98 @@ def test_last_error_line():
     tb = ("Traceback (most recent call last):\n  File \"x\", line 1\n    raise ValueError('bad shard 3')\n"
           "ValueError: bad shard 3\n")
     assert last_error_line(tb) == "ValueError: bad shard 3"
+
+
+# ---- mistakes refused with one line naming the key (issue 15) ----------------------------------------------------
+@pytest.mark.parametrize("override,expected", [
+    ("+method.expert=4", "config key 'method.expert': Key 'expert' not in 'MethodConfig'"),
+    ("+foo=1", "config key 'foo': Key 'foo' not in 'Config'"),
+    ("logging.wandb_mode=offlin", "config key 'logging.wandb_mode': Invalid value 'offlin', expected one of "
+                                  "[offline, online, disabled]"),
+    ("dist.pool=shardd", "config key 'dist.pool': Invalid value 'shardd', expected one of [sharded, gather]"),
+    ("data.mode=variabel", "config key 'data.mode': Invalid value 'variabel', expected one of [variable, fixed]"),
+    ("dist.precision=fp16", "config key 'dist.precision': Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
+    ("launcher.name=k8s", "config key 'launcher.name': Invalid value 'k8s', expected one of [local, slurm]"),
+    ("eval.modes=[zeroshot,fulll]", "config key 'eval.modes[1]': Invalid value 'fulll', expected one of "
+                                    "[zeroshot, full, lora]"),
+    ("method.sparsity.target=1.5", "method.sparsity.target=1.5: must be > 0 and < 1"),
+    ("method.experts=0", "method.experts=0: must be >= 1"),
+    ("train.tasks=-5", "train.tasks=-5: must be >= 1"),
+    ("launcher.nproc=0", "launcher.nproc=0: must be >= 1"),
+    ("data.ways=1", "data.ways=1: must be >= 2"),
+    ("dist.zero_stage=4", "dist.zero_stage=4: must be one of 0, 1, 2, 3"),
+    ("method.teacher.lam=2", "method.teacher.lam=2.0: must be >= 0 and <= 1"),
+    ("eval.lr_grid=[]", "eval.lr_grid=[]: must be a non-empty list of numbers > 0"),
+    ("method.hypernet.t_min=6", "method.hypernet.t_start=5.0: must be >= method.hypernet.t_min=6.0"),
+    ("launcher.signal_delay_s=4000", "launcher.signal_delay_s=4000: must be < launcher.timeout_min * 60 = 3600"),
+])
+def test_every_mistake_is_one_line_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as e:
+        compose("train", SRC + [override])
+    assert str(e.value).startswith(expected), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_cross_field_rules():
+    for ov, key in ((["method.sparsity.lean=true", "method.sparsity.noise_eps=1e-6"], "method.sparsity.lean"),
+                    (["method=smat_structured", "method.sparsity.lean=true"], "method.sparsity.lean"),
+                    (["method=smat_structured", "dist.pool=gather"], "dist.pool=gather"),
+                    (["method.teacher.blockwise=true", "method=smat_top_teacher"], "method.teacher.blockwise"),
+                    (["data.mode=variable", "data.max_ways=3"], "data.max_ways=3")):
+        with pytest.raises(ConfigError, match=re.escape(key)):
+            compose("train", SRC + ov)
+
+
+def test_choices_are_enums_that_behave_as_strings():
+    import json
+
+    from smat_dist.config.schema import EvalMode, PoolPath
+
+    cfg = compose("train", SRC + ["dist.pool=gather", "eval.modes=[zeroshot,lora]"])
+    assert cfg.dist.pool is PoolPath.gather and cfg.dist.pool == "gather" and f"{cfg.dist.pool}" == "gather"
+    assert cfg.eval.modes == [EvalMode.zeroshot, EvalMode.lora] and "lora" in cfg.eval.modes
+    assert {"gather": 1}[cfg.dist.pool] == 1 and json.dumps({cfg.dist.pool: cfg.method.name}) == '{"gather": "smat"}'
+    assert "pool: gather" in to_yaml(cfg)
+    # a Config built in code with plain strings is checked and converted the same way
+    c = Config()
+    c.dist.pool = "gather"
+    c2 = dataclasses.replace(c)
+    assert c2.dist.pool is PoolPath.gather
+    c.dist.pool = "shardd"
+    with pytest.raises(ConfigError, match=r"^dist\.pool=shardd: expected one of sharded, gather$"):
+        dataclasses.replace(c)
+
+
+def test_schedule_follows_the_run_length_unless_set():
+    cfg = compose("train", SRC + ["train.tasks=2000"])
+    assert cfg.method.total_tasks == 2000
+    assert cfg.method.hypernet.t_decay == pytest.approx(0.36 * 2000 / 4.5)   # T at t_min after 36% of the run
+    up = compose("train", SRC + ["train.tasks=50000"])
+    assert (up.method.total_tasks, up.method.hypernet.t_decay) == (50000, pytest.approx(4000.0))  # upstream's
+    own = compose("train", SRC + ["train.tasks=2000", "method.total_tasks=50000", "method.hypernet.t_decay=4000"])
+    assert (own.method.total_tasks, own.method.hypernet.t_decay) == (50000, 4000.0)
+    for m in GROUPS["method"]:
+        assert compose("train", SRC + [f"method={m}", "train.tasks=77"]).method.total_tasks == 77
+    assert compose("demo", SRC).method.hypernet.t_decay == 35.0      # the demo sets its own
+
+
+def test_resumed_run_follows_a_longer_train_tasks(tmp_path):
+    from smat_dist.train.run_folder import resumed_config
+
+    (tmp_path / "config.yaml").write_text(to_yaml(compose("train", SRC + ["train.tasks=1000"])))
+    longer = resumed_config(str(tmp_path), compose("train", SRC + ["train.tasks=4000"]), ["train.tasks=4000"])
+    assert (longer.train.tasks, longer.method.total_tasks) == (4000, 4000)
+    assert longer.method.hypernet.t_decay == pytest.approx(0.36 * 4000 / 4.5)
+    (tmp_path / "config.yaml").write_text(to_yaml(compose("train", SRC + ["train.tasks=1000",
+                                                                          "method.total_tasks=9000"])))
+    kept = resumed_config(str(tmp_path), compose("train", SRC + ["train.tasks=4000"]), ["train.tasks=4000"])
+    assert kept.method.total_tasks == 9000    # set explicitly: kept
+
+
+def test_dead_checkpoint_resume_key_is_gone_and_old_configs_still_load(tmp_path):
+    assert "resume" not in {f.name for f in dataclasses.fields(CheckpointConfig)}
+    with pytest.raises(ConfigError, match="checkpoint.resume"):
+        compose("train", SRC + ["checkpoint.resume=runs/x"])
+    old = to_yaml(compose("train", SRC)).replace("checkpoint:\n", "checkpoint:\n  resume: null\n")
+    (tmp_path / "config.yaml").write_text(old)
+    assert load_yaml(tmp_path / "config.yaml") == compose("train", SRC)

@@ -90,6 +90,17 @@ def test_failing_rank_is_reported_with_its_log(tmp_path):
     assert "ValueError: toy failure" in log.read_text()
 
 
+def test_killed_rank_is_named_with_its_signal_not_the_peer_error(tmp_path):
+    run = tmp_path / "run"
+    p = smat_train(*BASE, "train.tasks=8", "+model.kwargs.toy_kill_at=2", f"run_dir={run}", cwd=tmp_path)
+    assert p.returncode == 1
+    err = [x for x in p.stderr.splitlines() if x.startswith("smat-train: error:")]
+    assert len(err) == 1, p.stderr
+    assert err[0].startswith("smat-train: error: rank 1 of 2 was killed by SIGKILL (signal 9: possibly the "
+                             "out-of-memory killer, or kill -9)"), err
+    assert f"log: {run / 'logs' / 'rank1.log'}" in err[0]
+
+
 def test_config_error_names_the_key(tmp_path):
     p = smat_train(*BASE, "method.sparsity.targte=0.5", cwd=tmp_path)
     assert p.returncode != 0 and "targte" in p.stderr

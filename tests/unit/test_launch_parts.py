@@ -1,0 +1,103 @@
+"""Launcher pieces: how a dead process is described, plain-srun environment, the console relay of rank 0's
+progress, the progress line, and the one-way package dependencies (launch -> train, never the reverse)."""
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from smat_dist.launch.env import describe_exit, export_slurm_env
+from smat_dist.launch.relay import LogRelay
+from smat_dist.utils.progress import Progress, fmt_duration
+
+PKG = Path(__file__).resolve().parents[2] / "smat_dist"
+
+
+def test_describe_exit():
+    assert describe_exit(-signal.SIGKILL) == ("was killed by SIGKILL (signal 9: possibly the out-of-memory killer, "
+                                              "or kill -9)")
+    assert describe_exit(-signal.SIGSEGV).startswith("was killed by SIGSEGV (signal 11: a crash in native code")
+    assert describe_exit(3) == "exited with code 3"
+
+
+def test_plain_srun_gets_master_addr_and_port(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[07-08]",
+           "SLURM_STEP_NODELIST": "node[07-08]", "SLURM_TASKS_PER_NODE": "2(x2)"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    added = export_slurm_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["LOCAL_WORLD_SIZE"] == "2" and os.environ["MASTER_ADDR"] == "node07"
+    port = int(os.environ["MASTER_PORT"])
+    assert 20000 <= port <= 60000 and set(added) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                      "MASTER_ADDR", "MASTER_PORT"}
+    for k in added:   # the same job gives every task the same port
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    export_slurm_env()
+    assert int(os.environ["MASTER_PORT"]) == port and os.environ["RANK"] == "0"
+
+
+def test_progress_lines_and_durations(caplog):
+    assert (fmt_duration(4.2), fmt_duration(91), fmt_duration(3725), fmt_duration(float("nan"))) == (
+        "4s", "1m31s", "1h02m05s", "?")
+    lg = logging.getLogger("smat_dist.test_progress")
+    with caplog.at_level(logging.INFO, logger="smat_dist.test_progress"):
+        with Progress(10, "train", unit="task", every_s=3600, bar=False, logger=lg) as p:
+            for i in range(1, 11):
+                p.update_to(i, extra=f"loss {i}")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2   # the first step and the last (every_s is an hour)
+    assert re.fullmatch(r"train: 1/10 tasks \(10%\), [\d.e+]+ tasks/s, ETA \w+ \| loss 1", lines[0]), lines
+    assert re.fullmatch(r"train: 10/10 tasks \(100%\), [\d.e+]+ tasks/s, ETA 0s \| loss 10", lines[1]), lines
+
+
+def test_relay_follows_rank0_log(tmp_path, caplog):
+    log_file = tmp_path / "rank0.log"
+    log_file.write_text("old attempt: 12:00:00 [r0] INFO smat_dist.train.metrics: tasks 2/8 loss 9 acc 0 1 tasks/s\n")
+    relay = LogRelay(log_file, 8, bar=False, every_s=0.0)
+    with caplog.at_level(logging.INFO):
+        with relay:
+            with open(log_file, "a") as f:
+                f.write("12:00:01 [r0] INFO smat_dist.train.trainer: resumed from x at 2 tasks (written by 2 ranks)\n")
+                f.write("12:00:02 [r0] INFO smat_dist.train.metrics: tasks 4/8 loss 1.5000 acc 0.500 2.00 tasks/s "
+                        "eta 1s\n12:00:03 [r0] INFO smat_dist.train.metrics: tasks 8/8 loss 1.2500 acc 0.750 2.00 ")
+                f.write("tasks/s eta 0s\n")
+            relay.poll()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert relay.seen == 2, msgs      # the old attempt's line before the relay started is not read
+    assert any(m.startswith("rank 0: resumed from x at 2 tasks") for m in msgs), msgs
+    assert any(re.fullmatch(r"train: 8/8 tasks \(100%\), [\d.e+]+ tasks/s, ETA 0s \| loss 1.2500 acc 0.750", m)
+               for m in msgs), msgs
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+@pytest.mark.parametrize("files,forbidden", [("train/*.py", "smat_dist.launch"), ("config/*.py", "smat_dist.launch"),
+                                             ("config/*.py", "smat_dist.train"), ("utils/log.py", "torch"),
+                                             ("utils/progress.py", "torch")])
+def test_dependencies_are_one_way(files, forbidden):
+    for f in PKG.glob(files):
+        bad = sorted(m for m in _imports(f) if m == forbidden or m.startswith(forbidden + "."))
+        assert not bad, f"{f.relative_to(PKG)} imports {bad}"
+
+
+def test_slurm_launcher_does_not_import_the_local_one():
+    assert not {m for m in _imports(PKG / "launch" / "slurm.py") if m.startswith("smat_dist.launch.local")}
