@@ -13,6 +13,7 @@ Episodes are synthetic random tensors (the point is backbone and merge cost, not
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -220,7 +221,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         return smat_step(top.method, top.pool, top.hyper, eps, i, i)
 
     def run_pmf(i):
-        return dense_step(pmf.method, pmf.hyper, eps)
+        return dense_step(pmf.method, pmf.hyper, eps, i, i)
 
     def run_frozen(i):
         with torch.no_grad():
@@ -281,7 +282,42 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     row["breakdown_total_s_per_task"] = total / (repeats * k)
     if dev.type == "cuda":
         row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(dev))
+    else:
+        # One process per contender: ru_maxrss is a process's high-water mark, so each peak is its own.
+        peaks = {key: peak_rss(key, name, image_size, ways, shots, queries, experts, tasks_per_step, patch_size,
+                               kwargs, seed, teacher_top_fraction) for key in ("smat", "pmf")}
+        row["peak_rss_over_base_bytes"] = peaks
+        row["smat_over_pmf_peak_mem"] = peaks["smat"] / peaks["pmf"]
     return row
+
+
+def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, queries, experts, k, patch_size,
+               kwargs, seed, top_fraction) -> int:
+    import resource
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    mc = model_config(name, image_size, patch_size)
+    if kwargs:
+        mc.kwargs = {**mc.kwargs, **kwargs}
+    eps = [synthetic_episode(ways, shots, queries, image_size, seed, i) for i in range(k)]
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    cfg = MethodConfig(name=key, experts=experts)
+    s = build_local(mc, cfg, seed)
+    for i in range(2):
+        if key == "smat":
+            smat_step(s.method, s.pool, s.hyper, eps, i, i)
+        else:
+            dense_step(s.method, s.hyper, eps, i, i)
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 - base
+
+
+def peak_rss(key: str, *args) -> int:
+    """Peak resident bytes of two training steps of `key` (smat / pmf), model included, in a fresh process,
+    over that process's resident size before the model was built."""
+    from smat_dist.bench.spawn import run_ranks
+
+    return run_ranks(_peak_rank, 1, key, *args)[0]
 
 
 def run(models=DEFAULT_MODELS, image_size: int = 84, emit=None, **kw) -> list[dict]:

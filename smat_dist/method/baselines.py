@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smat_dist.config.schema import MethodConfig
-from smat_dist.method.protonet import accuracy, cosine_logits, prototypes
+from smat_dist.method.protonet import accuracy_t, cosine_logits, prototypes
 from smat_dist.method.smat import TaskResult, _episode_tensors
 from smat_dist.model.backbone import FunctionalBackbone
 
@@ -37,7 +37,7 @@ class PMF(nn.Module):
         logits = self.logits(f[len(xs):], prototypes(f[: len(xs)], ys, ways))
         ce = F.cross_entropy(logits, yq)
         return TaskResult(loss=ce, w=torch.zeros(0), metrics={
-            "loss/query_ce": ce.item(), "loss/task": ce.item(), "acc/query": accuracy(logits, yq),
+            "loss/query_ce": ce.detach(), "loss/task": ce.detach(), "acc/query": accuracy_t(logits, yq),
             "episode/ways": float(ways), "episode/support": float(len(xs)), "episode/query": float(len(xq))})
 
     @torch.no_grad()

@@ -16,4 +16,9 @@ def cosine_logits(feats: torch.Tensor, protos: torch.Tensor, scale: float = 10.0
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(-1) == labels).float().mean().item()
+    return float(accuracy_t(logits, labels))
+
+
+def accuracy_t(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy as a 0-dim tensor on the logits' device (no host sync; the step syncs its metrics once)."""
+    return (logits.argmax(-1) == labels).float().mean().detach()

@@ -22,7 +22,7 @@ from torch import nn
 
 from smat_dist.config.schema import MethodConfig
 from smat_dist.method.hypernet import HyperNetwork, task_seed
-from smat_dist.method.protonet import accuracy, cosine_logits, prototypes
+from smat_dist.method.protonet import accuracy_t, cosine_logits, prototypes
 from smat_dist.method.teacher import DenseTeacher
 from smat_dist.model.backbone import FunctionalBackbone
 from smat_dist.utils.spans import span
@@ -32,7 +32,8 @@ from smat_dist.utils.spans import span
 class TaskResult:
     loss: torch.Tensor
     w: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    # 0-dim tensors on the task's device (or floats): the step converts them with one host sync
+    metrics: dict = field(default_factory=dict)
 
 
 def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
@@ -77,7 +78,7 @@ class SMAT(nn.Module):
         with span("support_pass"):
             fs = fb(theta, xs)
             protos = prototypes(fs, ys, ways)
-        m: dict[str, float] = {}
+        m: dict = {}
         theta1, p1 = theta, protos
         if train:
             for step in range(cfg.inner_steps):
@@ -91,7 +92,7 @@ class SMAT(nn.Module):
                 # First order: the step's gradient is a constant; the prototypes keep their own gradient path.
                 theta1 = theta1 - cfg.inner_lr * g_theta
                 p1 = p1 - cfg.inner_lr * g_head
-                m["loss/support_ce"] = ce_s.item()
+                m["loss/support_ce"] = ce_s.detach()
         tc = cfg.teacher
         teach = train and tc.enabled
         tap = self.teacher.tap() if teach else None
@@ -100,8 +101,8 @@ class SMAT(nn.Module):
             logits = cosine_logits(fq, p1, cfg.logit_scale)
             ce_q = F.cross_entropy(logits, yq)
         loss = ce_q
-        m["loss/query_ce"] = ce_q.item()
-        m["acc/query"] = accuracy(logits, yq)
+        m["loss/query_ce"] = ce_q.detach()
+        m["acc/query"] = accuracy_t(logits, yq)
         if teach:
             with span("teacher_grad"):
                 t_grads = self.teacher.gradient(ce_q, theta1, p1, tap)
@@ -111,19 +112,19 @@ class SMAT(nn.Module):
             t2 = tc.temperature ** 2
             kd_dense = reverse_kl(logits, t_logits, tc.temperature)
             kd = 0.5 * t2 * kd_dense if tc.pretrained_teacher else t2 * kd_dense
-            m["loss/kd_dense"] = kd_dense.item()
-            m["acc/teacher"] = accuracy(t_logits, yq)
+            m["loss/kd_dense"] = kd_dense.detach()
+            m["acc/teacher"] = accuracy_t(t_logits, yq)
             if tc.pretrained_teacher:
                 pre_logits = cosine_logits(fq_pre, p_pre, cfg.logit_scale)
                 kd_pre = reverse_kl(logits, pre_logits, tc.temperature)
                 kd = kd + 0.5 * t2 * kd_pre
-                m["loss/kd_pretrained"] = kd_pre.item()
-                m["acc/pretrained"] = accuracy(pre_logits, yq)
+                m["loss/kd_pretrained"] = kd_pre.detach()
+                m["acc/pretrained"] = accuracy_t(pre_logits, yq)
             loss = (1 - tc.lam) * ce_q + tc.lam * kd
         reg = self.hypernet.regulariser(a)
         loss = loss + reg
-        m["loss/hyper_reg"] = reg.item()
-        m["loss/task"] = loss.item()
+        m["loss/hyper_reg"] = reg.detach()
+        m["loss/task"] = loss.detach()
         m["episode/ways"] = float(ways)
         m["episode/support"] = float(len(xs))
         m["episode/query"] = float(len(xq))

@@ -6,8 +6,6 @@ DeepSpeed engine behind smat_dist.distributed).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from smat_dist.method.optim import HyperOptimizer, lr_factor
@@ -20,11 +18,33 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def _check_finite(res, ep, index: int) -> None:
-    if not torch.isfinite(res.loss):
-        bad = {k: v for k, v in res.metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+class _TaskMetrics:
+    """Sums the tasks' metrics and finiteness on the device; one host sync per step (`result`), so a GPU is
+    never stalled inside a task. The finiteness check runs before any optimiser update of the step."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.finite: list[torch.Tensor] = []
+        self.tasks: list = []
+
+    def add(self, res, ep, index: int) -> None:
+        self.finite.append(torch.isfinite(res.loss.detach()).reshape(()))
+        self.tasks.append((index, ep))
+        for key, v in res.metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + v
+
+    def check_finite(self) -> None:
+        ok = torch.stack(self.finite).tolist()        # the step's one sync for the check
+        if all(ok):
+            return
+        index, ep = self.tasks[ok.index(False)]
         raise NonFiniteLoss(f"non-finite loss at task {index} (source {getattr(ep, 'source', '?')}, "
-                            f"episode {getattr(ep, 'index', '?')}): non-finite terms {bad or res.metrics}")
+                            f"episode {getattr(ep, 'index', '?')}); the step's summed terms: {self.result(1)}")
+
+    def result(self, k: int) -> dict[str, float]:
+        keys = list(self.sums)
+        vals = [torch.as_tensor(self.sums[key], dtype=torch.float64).reshape(()).cpu() for key in keys]
+        return {key: v / k for key, v in zip(keys, torch.stack(vals).tolist())} if keys else {}
 
 
 def smat_step(method: SMAT, pool: SparsePool, hyper: HyperOptimizer, episodes, first_index: int,
@@ -36,16 +56,15 @@ def smat_step(method: SMAT, pool: SparsePool, hyper: HyperOptimizer, episodes, f
     with span("masks"):
         pool.begin_step(train=True)
     w_sum = torch.zeros(cfg.experts, device=pool.store.log_alpha.device)
-    sums: dict[str, float] = {}
+    acc = _TaskMetrics()
     for j, ep in enumerate(episodes):
         res = method.task(ep, pool, first_index + j, train=True)
-        _check_finite(res, ep, first_index + j)
+        acc.add(res, ep, first_index + j)
         with span("outer_backward"):
             hyper.backward(res.loss, k)
         w_sum += res.w
-        for key, v in res.metrics.items():
-            sums[key] = sums.get(key, 0.0) + v
-    out = {key: v / k for key, v in sums.items()}
+    acc.check_finite()
+    out = acc.result(k)
     out.update(pool.end_step(w_sum, k, factor))
     with span("optimisers"):
         out.update(hyper.step(factor))
@@ -61,14 +80,13 @@ def dense_step(method, hyper: HyperOptimizer, episodes, first_index: int, tasks_
     """P>M>F: dense meta-tuning step."""
     factor = lr_factor(tasks_seen, method.cfg)
     k = len(episodes)
-    sums: dict[str, float] = {}
+    acc = _TaskMetrics()
     for j, ep in enumerate(episodes):
         res = method.task(ep, None, first_index + j, train=True)
-        _check_finite(res, ep, first_index + j)
+        acc.add(res, ep, first_index + j)
         hyper.backward(res.loss, k)
-        for key, v in res.metrics.items():
-            sums[key] = sums.get(key, 0.0) + v
-    out = {key: v / k for key, v in sums.items()}
+    acc.check_finite()
+    out = acc.result(k)
     out.update(hyper.step(factor))
     out["lr_factor"] = factor
     return out

@@ -246,7 +246,7 @@ def test_nan_loss_raises_naming_the_task(episodes):
 def _query_ce(s, eps) -> float:
     s.pool.begin_step(train=False)
     with torch.no_grad():
-        ce = sum(s.method.task(ep, s.pool, 0, train=False).metrics["loss/query_ce"] for ep in eps) / len(eps)
+        ce = sum(float(s.method.task(ep, s.pool, 0, train=False).metrics["loss/query_ce"]) for ep in eps) / len(eps)
     s.pool.end_eval()
     return ce
 
