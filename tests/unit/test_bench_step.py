@@ -78,7 +78,7 @@ def test_bench_row_has_every_field():
     assert row["smat_top_work_ratio_fwd_images"] == pytest.approx(69 / 36)
     assert abs(row["smat_over_pmf"] - row["smat_s_per_task"] / row["pmf_s_per_task"]) < 1e-12
     assert abs(sum(row["breakdown_share"].values()) - 1) < 1e-9
-    # CPU peak memory, each contender in its own process: SMAT holds the pool on top of P>M>F's state
+    # CPU peak memory, each contender measured in its own process
     peaks = row["peak_rss_over_base_bytes"]
-    assert peaks["pmf"] > 0 and row["smat_over_pmf_peak_mem"] == pytest.approx(peaks["smat"] / peaks["pmf"])
-    assert row["smat_over_pmf_peak_mem"] > 1
+    assert peaks["pmf"] > 0 and peaks["smat"] > 0
+    assert row["smat_over_pmf_peak_mem"] == pytest.approx(peaks["smat"] / peaks["pmf"])
