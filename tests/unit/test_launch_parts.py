@@ -101,3 +101,39 @@ def test_dependencies_are_one_way(files, forbidden):
 
 def test_slurm_launcher_does_not_import_the_local_one():
     assert not {m for m in _imports(PKG / "launch" / "slurm.py") if m.startswith("smat_dist.launch.local")}
+
+
+def test_slurm_wait_relays_task0_progress(tmp_path, caplog):
+    """slurm.wait follows task 0's submitit log while the job runs (a stand-in job object; the real one is
+    exercised by tests/slurm)."""
+    from smat_dist.launch import slurm
+
+    class FakeJob:
+        job_id, num_tasks = "77", 2
+        paths = type("P", (), {"folder": str(tmp_path)})()
+
+        def __init__(self):
+            self.polls = 0
+
+        @property
+        def state(self):
+            return "RUNNING"
+
+        def done(self):
+            self.polls += 1
+            if self.polls == 2:
+                head = "[r0] INFO smat_dist.train.metrics: tasks"
+                with open(tmp_path / "77_0_log.err", "a") as f:
+                    f.write(f"10:00:00 {head} 3/6 loss 1.0 acc 0.5 1.0 tasks/s eta 3s\n"
+                            f"10:00:01 {head} 6/6 loss 0.9 acc 0.6 1.0 tasks/s eta 0s\n")
+            return self.polls > 3
+
+        def results(self):
+            return [{"status": "done", "tasks": 6}, {"status": "done", "tasks": 6}]
+
+    with caplog.at_level(logging.INFO):
+        out = slurm.wait(FakeJob(), poll_s=0.05, total=6)
+    assert out["status"] == "done" and out["job_id"] == "77"
+    msgs = [r.getMessage() for r in caplog.records]
+    assert "job 77: RUNNING" in msgs
+    assert any(m.startswith("train: 6/6 tasks (100%)") and m.endswith("| loss 0.9 acc 0.6") for m in msgs), msgs
