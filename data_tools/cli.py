@@ -36,11 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="smat-convert", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Convert a dataset into WebDataset tar shards plus spec.json (docs/data_format.md).",
         epilog="sources:\n" + "\n".join(lines))
-    p.add_argument("source", help="one of the sources listed below")
+    p.add_argument("source", nargs="?", help="one of the sources listed below")
+    p.add_argument("--verify", type=Path, metavar="DIR",
+                   help="check a converted dataset (or a folder of them) instead of converting: decode every image, "
+                        "check shard sizes and digests against spec.json; exit 2 if anything is damaged")
     p.add_argument("--input", type=Path,
                    help="dataset root in the source's layout; offline: the package cache folder (default "
                         "<output>/../.offline-cache for offline:<domain>, <output>/.offline-cache for offline-all)")
-    p.add_argument("--output", type=Path, required=True, help="output folder (created; must be empty or ours)")
+    p.add_argument("--output", type=Path, help="output folder (created; must be empty or ours); required")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping")
     p.add_argument("--shard-bytes", type=int, default=256 << 20, help="close a shard after the class that passes this")
     p.add_argument("--min-count", type=int, default=1, help="fail when a class has fewer readable images")
@@ -203,8 +206,22 @@ def convert_offline(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify is None and (args.source is None or args.output is None):
+        parser.error("the following arguments are required: source, --output (or --verify DIR)")
     setup_logging()
+    if args.verify is not None:
+        from data_tools.verify import verify
+
+        try:
+            reports = verify(args.verify)
+        except OSError as e:
+            print(f"smat-convert: error: {e}", file=sys.stderr)
+            return 2
+        ok = all(not r.problems for r in reports)
+        print(json.dumps({"verify": str(args.verify), "ok": ok, "datasets": [r.as_dict() for r in reports]}))
+        return 0 if ok else 2
     try:
         if args.source.startswith("offline:") or args.source == "offline-all":
             result = convert_offline(args)

@@ -32,6 +32,11 @@ class EpisodeMode(StrEnum):
     fixed = "fixed"         # N-way K-shot Q-query
 
 
+class OnCorrupt(StrEnum):
+    error = "error"         # a corrupt image ends the run, naming member and shard
+    skip = "skip"           # replaced by another image of its class, the same on every rank and after resume
+
+
 class PoolPath(StrEnum):
     sharded = "sharded"     # merge where the shard lives (per-task bytes independent of M)
     gather = "gather"       # all-gather every mask (what plain ZeRO-3 does; comparison only)
@@ -169,6 +174,7 @@ class DataConfig:
     max_support: int = 500
     workers: int = 1
     val_episodes: int = 20
+    on_corrupt: OnCorrupt = OnCorrupt.error  # what an undecodable image in a shard does (smat_dist/data/episodes.py)
 
 
 @dataclass

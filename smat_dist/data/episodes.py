@@ -6,6 +6,12 @@ streams (rng.py). The trainer's checkpointed *cursor* is the global index of the
 step s of rank r takes the ``per_rank`` indices ``start + s*world*per_rank + r*per_rank + j``. The stream of
 indices consumed per step is therefore the same at every world size with the same global batch, and a run
 resumed at any world size from a cursor continues the same sequence of episodes.
+
+Faults: every shard's size is checked against spec.json when the stream is built (a truncated or replaced
+shard is refused in seconds, before any training step). A corrupt image found when an episode draws it ends
+the run (``on_corrupt="error"``, naming member and shard) or, with ``on_corrupt="skip"``, is replaced by another
+member of the same class chosen by a pure function of (seed, split, source, index, slot) - the same on
+every rank, data worker and after resume - and logged as a warning naming member and shard.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from PIL import UnidentifiedImageError
 
 from smat_dist.utils.log import get_logger
 
-from .reader import ShardReader, member_key
+from .reader import CorruptImageError, ShardReader, check_shard_sizes, member_key
 from .rng import episode_rng
 from .sampler import EpisodeDescription, EpisodeSampler, SamplerConfig
 from .spec import DatasetSpec, load_spec
@@ -26,11 +32,36 @@ from .transforms import decode, eval_transform, normalize_batch, train_transform
 
 log = get_logger("data.episodes")
 
+ON_CORRUPT = ("error", "skip")
+# PIL raises OSError/UnidentifiedImageError for bad bytes, SyntaxError/ValueError for some broken headers
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError)
+# how many other members of the class a corrupt image's replacement may try (each one that is corrupt too
+# is skipped deterministically); a class with no readable image among them ends the run
+_MAX_REPLACEMENT_TRIES = 32
+
 
 @dataclass(frozen=True)
 class EpisodeConfig(SamplerConfig):
     """Meta-Dataset sampler settings (SamplerConfig: mode, ways, shots, queries and the MD bounds) + image size."""
     image_size: int = 128
+    on_corrupt: str = "error"      # error | skip (see the module docstring)
+
+    def __post_init__(self):
+        super().__post_init__()
+        v = str(getattr(self.on_corrupt, "value", self.on_corrupt))   # a config Enum or its value
+        if v not in ON_CORRUPT:
+            raise ValueError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}")
+        object.__setattr__(self, "on_corrupt", v)
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "EpisodeConfig":
+        """The episode settings of a run config (its ``data`` group and ``model.image_size``)."""
+        d = cfg.data
+        kw = dict(mode=getattr(d.mode, "value", d.mode), ways=d.ways, shots=d.shots, queries=d.queries,
+                  max_ways_upper_bound=d.max_ways, max_support_set_size=d.max_support,
+                  image_size=cfg.model.image_size, on_corrupt=getattr(d, "on_corrupt", "error"))
+        kw.update(overrides)
+        return cls(**kw)
 
     def sampler_config(self) -> SamplerConfig:
         return SamplerConfig(**{f.name: getattr(self, f.name) for f in fields(SamplerConfig)})
@@ -70,7 +101,11 @@ class EpisodeStream:
                              f"episode is identified by its source name, so each must be unique")
         scfg = self.cfg.sampler_config()
         self.samplers = [EpisodeSampler(spec, split, scfg) for spec in self.specs]
+        for spec in self.specs:
+            check_shard_sizes(spec)   # a truncated shard is refused now, not when an episode first reads it
         self.reader = ShardReader(max_handles=max_handles)
+        self.replaced = 0                      # corrupt images replaced (on_corrupt=skip) in this process
+        self._warned: set[tuple[str, int, int]] = set()
         log.info("episodes: split %s, %s mode, seed %d, aug %s, sources %s", split, self.cfg.mode, self.seed,
                  self.train_aug, ", ".join(f"{s.name} ({len(sm.labels)} classes)" for s, sm in
                                            zip(self.specs, self.samplers)))
@@ -91,20 +126,56 @@ class EpisodeStream:
         rng = episode_rng(self.seed, self.split, self.specs[k].name, index, "sample")
         return self.samplers[k].describe(rng, index)
 
-    def _images(self, spec: DatasetSpec, requests: list[tuple[int, list[int]]]) -> list[list]:
-        """Decoded PIL images for each (label, member ids) request; one pass per shard for pipe: sources."""
+    def _images(self, spec: DatasetSpec, requests: list[tuple[int, list[int]]], index: int | None = None) -> list[list]:
+        """Decoded PIL images for each (label, member ids) request; one pass per shard for pipe: sources.
+        ``index``: the episode they are for (needed to replace a corrupt image under on_corrupt=skip)."""
         out = []
-        for (label, ids), datas in zip(requests, self.reader.read_classes(spec, requests)):
+        for j, ((label, ids), datas) in enumerate(zip(requests, self.reader.read_classes(spec, requests))):
             imgs = []
-            for i, data in zip(ids, datas):
+            for pos, (i, data) in enumerate(zip(ids, datas)):
                 try:
                     imgs.append(decode(data))
-                except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-                    raise OSError(f"corrupt image {member_key(label, i)} in shard "
-                                  f"{spec.shard_url(spec.classes[label].shard)} (dataset {spec.name}, "
-                                  f"class {spec.classes[label].name!r}): {e}") from e
+                except _DECODE_ERRORS as e:
+                    if self.cfg.on_corrupt != "skip" or index is None:
+                        raise CorruptImageError(f"corrupt image {self._where(spec, label, i)}: {e}; check the "
+                                                f"dataset with `smat-convert --verify`, or set data.on_corrupt=skip "
+                                                f"to replace such images") from e
+                    imgs.append(self._replacement(spec, label, i, ids, index, (j, pos), e))
             out.append(imgs)
         return out
+
+    @staticmethod
+    def _where(spec: DatasetSpec, label: int, i: int) -> str:
+        cls = spec.classes[label]
+        return (f"{member_key(label, i)} in shard {spec.shard_url(cls.shard)} (dataset {spec.name}, "
+                f"class {cls.name!r})")
+
+    def _replacement(self, spec: DatasetSpec, label: int, bad: int, ids: list[int], index: int,
+                     slot: tuple[int, int], err: Exception):
+        """The image that stands for corrupt member ``bad`` at ``slot`` (class position, image position) of
+        episode ``index``: the first readable member, in an order drawn from (seed, split, source, index,
+        slot), among the class's members the episode does not use already (so support and query stay
+        disjoint). Depends only on the episode's identity and the data, never on the rank or the history."""
+        cls = spec.classes[label]
+        used = set(ids)
+        others = [m for m in range(cls.count) if m not in used]
+        rng = episode_rng(self.seed, self.split, spec.name, index, f"corrupt:{slot[0]}:{slot[1]}")
+        order = [others[k] for k in rng.permutation(len(others))[:_MAX_REPLACEMENT_TRIES]]
+        for cand in order:
+            data = self.reader.read(spec, label, [cand])[0]   # a ShardError (bad shard) ends the run
+            try:
+                img = decode(data)
+            except _DECODE_ERRORS:
+                continue   # corrupt too: the next one in the drawn order
+            self.replaced += 1
+            key = (spec.name, label, bad)
+            level = 30 if key not in self._warned else 10   # WARNING once per image and process, then DEBUG
+            self._warned.add(key)
+            log.log(level, "corrupt image %s: %s; data.on_corrupt=skip: episode %d uses member %s of the same "
+                    "class instead", self._where(spec, label, bad), err, index, member_key(label, cand))
+            return img
+        raise CorruptImageError(f"corrupt image {self._where(spec, label, bad)}: {err}; data.on_corrupt=skip found "
+                                f"no readable replacement among {len(order)} other member(s) of the class")
 
     def episode(self, index: int) -> Episode:
         d = self.describe(index)
@@ -112,7 +183,8 @@ class EpisodeStream:
         size = self.cfg.image_size
         aug_rng = episode_rng(self.seed, self.split, d.source, index, "aug") if self.train_aug else None
         sup_imgs, qry_imgs, sup_lab, qry_lab = [], [], [], []
-        per_class = self._images(spec, [(lab, s + q) for lab, s, q in zip(d.labels, d.support_ids, d.query_ids)])
+        per_class = self._images(spec, [(lab, s + q) for lab, s, q in zip(d.labels, d.support_ids, d.query_ids)],
+                                 index=index)
         for j, (imgs, s_ids, q_ids) in enumerate(zip(per_class, d.support_ids, d.query_ids)):
             sup_imgs += imgs[:len(s_ids)]
             qry_imgs += imgs[len(s_ids):]
@@ -198,3 +270,8 @@ def _worker_init(_worker_id: int) -> None:
 def _group(it, n: int) -> Iterator[list[Episode]]:
     while True:
         yield [next(it) for _ in range(n)]
+
+
+def episode_config(cfg) -> EpisodeConfig:
+    """The episode settings of a run config: the one definition training, evaluation and analysis use."""
+    return EpisodeConfig.from_config(cfg)

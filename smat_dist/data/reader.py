@@ -6,7 +6,8 @@
 - http(s): one HTTP Range request per image;
 - pipe: the shard is streamed through WebDataset's tar iterator and only the needed keys are kept; since a
   class is contiguous in its shard, the stream is closed as soon as the last needed key has passed.
-Short reads (a truncated shard) raise ShardError naming the shard and class.
+Short reads (a truncated shard) raise ShardError naming the shard and class; ``check_shard_sizes`` finds a
+truncated or replaced shard up front from the sizes spec.json records (a stat per local shard).
 """
 from __future__ import annotations
 
@@ -15,11 +16,72 @@ import urllib.error
 import urllib.request
 from collections import OrderedDict
 
+from smat_dist.utils.log import get_logger
+
 from .spec import DatasetSpec, location_kind
+
+log = get_logger("data.reader")
 
 
 class ShardError(OSError):
     """A shard that is missing, truncated or unreadable; the message names the shard and class."""
+
+
+class CorruptImageError(OSError):
+    """An image whose bytes were read but do not decode; the message names the member and shard."""
+
+
+def _remote_size(url: str) -> int | None:
+    """Content-Length of an HTTP HEAD, or None when the server does not say."""
+    req = urllib.request.Request(url, method="HEAD")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        n = r.headers.get("Content-Length")
+    return int(n) if n is not None and n.isdigit() else None
+
+
+def check_shard_sizes(spec: DatasetSpec) -> int:
+    """Compare every shard's size with the ``bytes`` spec.json records for it; raise ShardError naming the
+    first shard that is missing or has another size (and the classes it holds). Local folders: one stat per
+    shard; http(s): one HEAD per shard; pipe: sources cannot be sized without reading them and are not
+    checked. A spec written before sizes were recorded cannot be verified (logged). Returns the number of
+    shards checked."""
+    kind = location_kind(spec.location)
+    if kind == "pipe":
+        log.info("%s: shard sizes not checked at start-up (pipe: source; `smat-convert --verify` reads them)",
+                 spec.name)
+        return 0
+    unsized = [f for f, s in spec.shards.items() if not isinstance(s.get("bytes"), int)]
+    if unsized:
+        log.warning("%s: cannot verify the shard sizes: %s records no size for %d shard(s) (written by an "
+                    "older smat-convert)", spec.name, spec.spec_path, len(unsized))
+    checked = 0
+    for fname, s in spec.shards.items():
+        want = s.get("bytes")
+        if not isinstance(want, int):
+            continue
+        url = spec.shard_url(fname)
+        try:
+            got = os.stat(url).st_size if kind == "local" else _remote_size(url)
+        except FileNotFoundError as e:
+            raise ShardError(f"missing shard {url} (dataset {spec.name}, {_held(spec, fname)}); re-run "
+                             f"smat-convert for this dataset") from e
+        except (OSError, urllib.error.URLError) as e:
+            raise ShardError(f"cannot check shard {url} (dataset {spec.name}): {e}") from e
+        if got is None:
+            continue
+        checked += 1
+        if got != want:
+            what = "truncated" if got < want else "changed"
+            raise ShardError(f"{what} shard {url} (dataset {spec.name}, {_held(spec, fname)}): it is {got} bytes, "
+                             f"{spec.spec_path} records {want}; re-run smat-convert for this dataset "
+                             f"(`smat-convert --verify {spec.location}` lists every damaged image)")
+    return checked
+
+
+def _held(spec: DatasetSpec, fname: str) -> str:
+    names = [c.name for c in spec.classes.values() if c.shard == fname]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"class{'es' if len(names) != 1 else ''} {', '.join(repr(n) for n in names[:3])}{more}"
 
 
 def member_key(label: int, i: int) -> str:
