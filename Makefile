@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup apt-lists slurm demo test test-all clean
+.PHONY: setup apt-lists slurm demo test test-all lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,9 @@ slurm:
 
 demo: setup apt-lists
 	$(VENV)/bin/smat-demo
+
+lint: setup
+	$(VENV)/bin/ruff check .
 
 test: setup apt-lists slurm
 	$(VENV)/bin/python -m pytest -q

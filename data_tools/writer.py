@@ -20,11 +20,11 @@ from typing import Any, Iterable
 import numpy as np
 from PIL import Image
 
+from smat_dist.data.spec import FORMAT  # noqa: F401 (one format name for the writer and the reader)
 from smat_dist.utils.log import get_logger
 
 log = get_logger("data_tools.writer")
 
-FORMAT = "smat-wds"
 VERSION = 1
 SPLITS = ("train", "val", "test")
 _OWNED = re.compile(r"^(shard-\d{6}\.tar|spec\.json\.tmp)$")

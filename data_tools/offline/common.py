@@ -12,7 +12,7 @@ SPLIT_FRACTIONS = (0.70, 0.15, 0.15)
 
 
 @dataclass
-class ClassPlan:
+class DomainClass:
     """One class to write: its name, an optional superclass (alphabet), and a lazy source of images."""
     name: str
     items: Callable[[], Iterator[tuple[str, Image.Image]]]
@@ -21,7 +21,7 @@ class ClassPlan:
 
 @dataclass
 class DomainPlan:
-    classes: list[ClassPlan]
+    classes: list[DomainClass]
     min_count: int                       # a class with fewer images is a conversion error
     split_by_group: bool = False         # Omniglot-style: whole alphabets go to one split
     # render a class fully before writing it and leave it out (listed in 'skipped') when broken drawings take it

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from smat_dist.utils.log import get_logger
 
-from .common import ClassPlan, DomainPlan, rng_for, seeded_subset
+from .common import DomainClass, DomainPlan, rng_for, seeded_subset
 from .fetch import deb_root
 
 log = get_logger("data_tools.offline.glyphs")
@@ -154,7 +154,7 @@ def noto_scripts(cache_dir, *, max_classes, images_per_class, image_size, seed) 
                 k += 1
         return gen
 
-    classes = [ClassPlan(f"{a}/U+{cp:04X}", items(a, cp), group=a) for a in sorted(letters) for cp in letters[a]]
+    classes = [DomainClass(f"{a}/U+{cp:04X}", items(a, cp), group=a) for a in sorted(letters) for cp in letters[a]]
     return DomainPlan(classes, min_count=n, split_by_group=True)
 
 
@@ -224,4 +224,4 @@ def kanji(cache_dir, *, max_classes, images_per_class, image_size, seed) -> Doma
                 yield f"kanji/U+{ord(ch):04X}#{i}", _render_kanji(strokes[ch], image_size, rng)
         return gen
 
-    return DomainPlan([ClassPlan(f"U+{ord(ch):04X} {ch}", items(ch)) for ch in chars], min_count=n)
+    return DomainPlan([DomainClass(f"U+{ord(ch):04X} {ch}", items(ch)) for ch in chars], min_count=n)

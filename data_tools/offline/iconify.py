@@ -17,7 +17,7 @@ from PIL import Image
 
 from smat_dist.utils.log import get_logger
 
-from .common import ClassPlan, DomainPlan, fit_square, seeded_subset
+from .common import DomainClass, DomainPlan, fit_square, seeded_subset
 from .fetch import npm_dir, packages_for
 
 log = get_logger("data_tools.offline.iconify")
@@ -136,7 +136,7 @@ def _plan(cache_dir, domain, min_sets, *, max_classes, images_per_class, image_s
 
     # one broken drawing may take a class below its set count; a class that loses more is left out
     min_count = min(min_sets, images_per_class or min_sets) - 1
-    return DomainPlan([ClassPlan(n, items(n)) for n in sorted(names)], min_count=min_count, skipped=skipped,
+    return DomainPlan([DomainClass(n, items(n)) for n in sorted(names)], min_count=min_count, skipped=skipped,
                       drop_short=True)
 
 

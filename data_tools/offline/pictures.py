@@ -12,7 +12,7 @@ from PIL import Image
 
 from smat_dist.utils.log import get_logger
 
-from .common import ClassPlan, DomainPlan, fit_square, on_white, rng_for, seeded_subset
+from .common import DomainClass, DomainPlan, fit_square, on_white, rng_for, seeded_subset
 from .fetch import deb_root
 
 log = get_logger("data_tools.offline.pictures")
@@ -83,7 +83,7 @@ def textures(cache_dir, *, max_classes, images_per_class, image_size, seed) -> D
                 yield f"{names[p]}.pat#{i}", _texture_crop(pat, image_size, rng)
         return gen
 
-    return DomainPlan([ClassPlan(names[p], items(p)) for p in chosen], min_count=n)
+    return DomainPlan([DomainClass(names[p], items(p)) for p in chosen], min_count=n)
 
 
 # ---- clip-art ----------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def clipart(cache_dir, *, max_classes, images_per_class, image_size, seed) -> Do
         return gen
 
     # unreadable files are replaced and listed in 'skipped'; a folder that still falls short is left out
-    return DomainPlan([ClassPlan(c, items(c)) for c in chosen], min_count=min(CLIPART_MIN_IMAGES, n), skipped=skipped,
+    return DomainPlan([DomainClass(c, items(c)) for c in chosen], min_count=min(CLIPART_MIN_IMAGES, n), skipped=skipped,
                       drop_short=True)
 
 
@@ -212,7 +212,7 @@ def fashion_mnist(cache_dir, *, max_classes, images_per_class, image_size, seed)
                     made += 1
         return gen
 
-    return DomainPlan([ClassPlan(FASHION_CLASSES[lab], items(lab)) for lab in labels], min_count=min(n, 1000))
+    return DomainPlan([DomainClass(FASHION_CLASSES[lab], items(lab)) for lab in labels], min_count=min(n, 1000))
 
 
 def digits(cache_dir, *, max_classes, images_per_class, image_size, seed) -> DomainPlan:
@@ -231,4 +231,4 @@ def digits(cache_dir, *, max_classes, images_per_class, image_size, seed) -> Dom
                 yield f"load_digits#{i}", _upscale(X[i], image_size, Image.BILINEAR)
         return gen
 
-    return DomainPlan([ClassPlan(str(lab), items(lab)) for lab in labels], min_count=n)
+    return DomainPlan([DomainClass(str(lab), items(lab)) for lab in labels], min_count=n)

@@ -6,13 +6,11 @@ split over `ranks` gloo ranks. Each phase runs in fresh rank processes so its pe
   resume  : the same world size: peak RSS over the slice, bytes hashed over the rank's own files;
   reshard : `reshard_to` ranks read the same checkpoint: peak RSS over their (larger) slice;
   eval    : pool bytes a rank holds after the evaluation load at `ranks` ranks vs 1 rank.
-Peaks are measured as ru_maxrss minus the resident size just before the pool is built (the interpreter,
+Peaks are measured as the process's VmHWM minus the resident size just before the pool is built (the interpreter,
 torch and the process group are the baseline, not the checkpoint).
 """
 from __future__ import annotations
 
-import os
-import resource
 import shutil
 import tempfile
 import time
@@ -25,13 +23,8 @@ from smat_dist.utils.log import get_logger
 log = get_logger(__name__)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+from smat_dist.utils.memory import peak_rss_bytes as _peak  # noqa: E402
+from smat_dist.utils.memory import rss_bytes as _rss  # noqa: E402
 
 
 def _pool(rank: int, world: int, numel: int, experts: int, seed: int = 0):

@@ -14,7 +14,6 @@ cost and backbone cost both scale with depth, so the time ratios stay representa
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import time
 
@@ -23,6 +22,7 @@ import torch
 from smat_dist.bench.plan import plan
 from smat_dist.bench.step import autocast_for, model_config, synthetic_episode
 from smat_dist.utils.log import get_logger
+from smat_dist.utils.memory import peak_rss_bytes
 
 log = get_logger(__name__)
 
@@ -69,8 +69,8 @@ class _AllReducedHyper:
 def scale_rank(rank: int, world: int, point: dict) -> dict:
     """One rank of one point: build, warm up one step, time `steps` steps; returns its measurements."""
     from smat_dist.config.schema import MethodConfig
-    from smat_dist.distributed.comm import Comm
     from smat_dist.distributed.build import build_pool
+    from smat_dist.distributed.comm import Comm
     from smat_dist.method.optim import TorchHyperOptimizer, hypernet_optimizer
     from smat_dist.method.smat import SMAT
     from smat_dist.model.backbone import FunctionalBackbone, build_backbone
@@ -125,7 +125,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
     if cuda:
         peak = int(torch.cuda.max_memory_allocated())
     else:
-        peak = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        peak = peak_rss_bytes()   # VmHWM: a spawned rank's own peak (ru_maxrss keeps the parent's)
     return {"s_per_step": statistics.median(times), "s_per_task": statistics.median(times) / k,
             "pool_bytes_per_rank": pool.delta.numel() * pool.delta.element_size()
             + pool.log_alpha.numel() * pool.log_alpha.element_size(),

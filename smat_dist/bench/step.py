@@ -13,7 +13,6 @@ Episodes are synthetic random tensors (the point is backbone and merge cost, not
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -283,7 +282,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     if dev.type == "cuda":
         row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(dev))
     else:
-        # One process per contender: ru_maxrss is a process's high-water mark, so each peak is its own.
+        # One process per contender: VmHWM is a process's high-water mark, so each peak is its own.
         peaks = {key: peak_rss(key, name, image_size, ways, shots, queries, experts, tasks_per_step, patch_size,
                                kwargs, seed, teacher_top_fraction) for key in ("smat", "pmf")}
         row["peak_rss_over_base_bytes"] = peaks
@@ -293,15 +292,14 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
 
 def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, queries, experts, k, patch_size,
                kwargs, seed, top_fraction) -> int:
-    import resource
+    from smat_dist.utils.memory import peak_rss_bytes, rss_bytes
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     mc = model_config(name, image_size, patch_size)
     if kwargs:
         mc.kwargs = {**mc.kwargs, **kwargs}
     eps = [synthetic_episode(ways, shots, queries, image_size, seed, i) for i in range(k)]
-    with open("/proc/self/statm") as f:
-        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    base = rss_bytes()
     cfg = MethodConfig(name=key, experts=experts)
     s = build_local(mc, cfg, seed)
     for i in range(2):
@@ -309,7 +307,7 @@ def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, q
             smat_step(s.method, s.pool, s.hyper, eps, i, i)
         else:
             dense_step(s.method, s.hyper, eps, i, i)
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024 - base
+    return peak_rss_bytes() - base
 
 
 def peak_rss(key: str, *args) -> int:

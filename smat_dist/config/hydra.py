@@ -117,8 +117,9 @@ def hydra_message(e: BaseException) -> str:
     return " ".join(r.strip() for r in text.splitlines() if r.strip() and "_type=" not in r)
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg) -> str:
+    """The resolved YAML of a Config (dataclass or OmegaConf node): what every run folder saves."""
+    return OmegaConf.to_yaml(cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg), resolve=True)
 
 
 def load_yaml(path: str | os.PathLike) -> Config:

@@ -21,7 +21,7 @@ log = get_logger(__name__)
 
 def _skip_shm_build() -> None:
     """DeepSpeed JIT-builds a shared-memory comm op (~70 s) on its first CPU init; gloo alone gives the
-    same results (checked in shared/reference/environment.md), so we do not pay for it."""
+    same results on the CPU, so we do not pay for it."""
     import deepspeed.comm.torch  # noqa: F401
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None

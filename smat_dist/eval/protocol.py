@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from smat_dist.config.schema import Config, EvalConfig
-from smat_dist.data.episodes import EpisodeConfig
+from smat_dist.data.episodes import EpisodeConfig, episode_config  # noqa: F401 (re-exported)
 from smat_dist.data.fixed_sets import EVAL_SEED, fixed_episodes
 from smat_dist.data.spec import SpecError, load_spec
 from smat_dist.eval.finetune import LoraRunner, finetune_full, method_kind, task_theta
@@ -48,12 +48,6 @@ def domains_from_config(cfg: Config) -> list[Domain]:
     if not out:
         raise ValueError("nothing to evaluate: data.sources and data.eval_sources are both empty")
     return out
-
-
-def episode_config(cfg: Config) -> EpisodeConfig:
-    d = cfg.data
-    return EpisodeConfig(mode=d.mode, ways=d.ways, shots=d.shots, queries=d.queries, max_ways_upper_bound=d.max_ways,
-                         max_support_set_size=d.max_support, image_size=cfg.model.image_size)
 
 
 def task_seed(domain: str, split: str, index: int) -> int:
@@ -121,9 +115,9 @@ class Evaluator:
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    from smat_dist.utils.ranks import rank_world
+
+    return rank_world() if dist.is_available() and dist.is_initialized() else (0, 1)
 
 
 def gather_indexed(local: dict[int, dict], n: int) -> list[dict]:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import resource
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from smat_dist.config.schema import Config
-from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
+from smat_dist.data.episodes import EpisodeStream, episode_config
 from smat_dist.distributed.build import build
 from smat_dist.distributed.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
 from smat_dist.distributed.comm import Comm
@@ -28,28 +26,25 @@ from smat_dist.train.state import RngState, TrainState
 from smat_dist.train.step import NonFiniteLoss, dense_step, smat_step
 from smat_dist.utils.device import autocast_for
 from smat_dist.utils.log import get_logger, setup_logging
+from smat_dist.utils.memory import peak_rss_bytes
 
 log = get_logger(__name__)
 
 
 def config_yaml(cfg) -> str:
-    return OmegaConf.to_yaml(cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg), resolve=True)
+    from smat_dist.config.hydra import to_yaml
+
+    return to_yaml(cfg)
 
 
 def config_hash(cfg) -> str:
     return hashlib.sha256(config_yaml(cfg).encode()).hexdigest()[:16]
 
 
-def episode_config(cfg: Config) -> EpisodeConfig:
-    d = cfg.data
-    return EpisodeConfig(mode=d.mode, ways=d.ways, shots=d.shots, queries=d.queries, image_size=cfg.model.image_size,
-                         max_ways_upper_bound=d.max_ways, max_support_set_size=d.max_support)
-
-
 def _peak_mem() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return peak_rss_bytes()
 
 
 def _to(ep, dev: torch.device):

@@ -22,14 +22,9 @@ _run = None
 
 
 def _is_rank0() -> bool:
-    try:
-        import torch.distributed as dist
+    from smat_dist.utils.ranks import rank_world
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    except Exception:  # no torch.distributed: fall back to the launcher's variable
-        pass
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank_world()[0] == 0
 
 
 def new_run_id() -> str:

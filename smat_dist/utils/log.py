@@ -6,26 +6,15 @@ print everything twice, while warnings and errors from any rank are always shown
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 _CONFIGURED = False
 
 
 def _rank() -> int:
-    # Never import torch here: a command that does not need it (smat-convert, a config error) would pay
-    # seconds for it on its first log line. If torch.distributed is not imported yet, no group exists.
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None:
-        try:
-            if dist.is_available() and dist.is_initialized():
-                return dist.get_rank()
-        except Exception:  # half-initialised: fall back to the launcher's variable
-            pass
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
+    from smat_dist.utils.ranks import rank_world
+
+    return rank_world()[0]
 
 
 class _StderrHandler(logging.StreamHandler):
