@@ -92,6 +92,6 @@ class LogRelay:
             return
         r = RESUMED.search(line)
         if r and self.progress is not None:
-            self.progress.start = self.progress.done = int(r.group(1))
+            self.progress.restart_at(int(r.group(1)))
         if "smat_dist.train." in line and any(k in line for k in RELAYED):
             log.info("rank 0: %s", line.split(": ", 1)[-1].strip())

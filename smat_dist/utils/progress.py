@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 
@@ -49,9 +50,13 @@ def rate_eta(done: int, total: int, elapsed: float, units: str = "its") -> str:
 
 
 def _is_tty(stream) -> bool:
+    """A terminal that can show a bar: a 0 x 0 pseudo-terminal (some CI runners) would hide tqdm's output."""
     try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
+        if not stream.isatty():
+            return False
+        size = os.get_terminal_size(stream.fileno())
+        return size.columns > 0 and size.lines > 0
+    except (AttributeError, ValueError, OSError):
         return False
 
 
@@ -122,6 +127,15 @@ class Progress:
         if first or done >= self.total or now - self.last_line >= self.every_s:
             self.last_line = now
             self.log.info("%s", self.line())
+
+    def restart_at(self, done: int) -> None:
+        """The work goes on from `done` (a resumed run): count the rate from here."""
+        self.start = self.done = int(done)
+        self.t0 = time.monotonic()
+        if self._bar is not None:
+            self._bar.n = self._bar.last_print_n = self._bar.initial = self.done
+            self._bar.start_t = self._bar._time()
+            self._bar.refresh()
 
     def update(self, n: int = 1, extra: str = "") -> None:
         self.update_to(self.done + n, extra=extra)
