@@ -18,6 +18,7 @@ from smat_dist.config.schema import (
     EvalMode,
     LauncherName,
     MethodName,
+    OnCorrupt,
     PoolPath,
     Precision,
     WandbMode,
@@ -40,6 +41,7 @@ def t_decay_for(tasks: float, t_start: float, t_min: float) -> float:
 ENUMS: list[tuple[str, type[Enum], bool, bool]] = [
     ("method.name", MethodName, False, False),
     ("data.mode", EpisodeMode, False, False),
+    ("data.on_corrupt", OnCorrupt, False, False),
     ("dist.pool", PoolPath, False, False),
     ("dist.backend", Backend, False, True),
     ("dist.precision", Precision, False, False),
@@ -133,6 +135,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "launcher.signal_delay_s": ge(0),
     "launcher.max_requeues": ge(0),
     "eval.episodes": ge(1),
+    "eval.ranks": ge(1),
     "eval.finetune_steps": ge(0),
     "eval.lr_grid": _rule(lambda v: len(v) > 0 and all(_num(x) and x > 0 for x in v),
                           "must be a non-empty list of numbers > 0"),

@@ -1,8 +1,8 @@
 """Typed structured configs: the single user surface (Hydra validates every override against these).
 
 Every constant of the method lives here with its upstream value as the default (README, "Where we
-deliberately differ", lists the exceptions), so a typo or a wrong type is an error naming the key, and the resolved config saved in each run
-folder records everything that shaped the run.
+deliberately differ", lists the exceptions), so a typo or a wrong type is an error naming the key, and the
+resolved config saved in each run folder records everything that shaped the run.
 
 String choices are `StrEnum`s: OmegaConf refuses a misspelled value naming the choices, and a member still
 compares, hashes, formats and serialises as its plain string (`cfg.dist.pool == "sharded"`). Ranges and
