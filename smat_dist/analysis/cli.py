@@ -83,7 +83,7 @@ def _log_to_wandb(run_dir: Path, figures: dict) -> None:
 
     cfg = load_yaml(run_dir / "config.yaml")
     ck = find_latest(run_dir)
-    run_id = read_manifest(ck, verify=False).get("wandb_run_id") if ck is not None else None
+    run_id = read_manifest(ck).get("wandb_run_id") if ck is not None else None
     if cfg.logging.wandb_mode == "disabled" or run_id is None:
         return
     wandb_run.start(cfg, str(run_dir), run_id)
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="local CPU ranks that each hold 1/N of the pool (for pools larger than one process)")
     args = ap.parse_args(argv)
     setup_logging()
+    from smat_dist.distributed.checkpoint import CheckpointError
+
     d: Path = args.run_dir
     out = args.out or d / "analysis"
     try:
@@ -125,14 +127,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _init_from_env()
                 r = analyze_run(d, out, args.split, args.episodes)
-            res = {**r, "figures": {**res.get("figures", {}), **r["figures"]}, **({"sweep": res["sweep"]} if "sweep" in res else {})}
+            res = {**r, "figures": {**res.get("figures", {}), **r["figures"]},
+                   **({"sweep": res["sweep"]} if "sweep" in res else {})}
         if not res:
             raise FileNotFoundError(f"{d}: neither a run folder (config.yaml + checkpoints) nor a sweep folder "
                                     "(run folders with results.json + config.yaml)")
-    except (ValueError, FileNotFoundError, OSError) as e:
-        log.error("%s", e)
-        print(json.dumps({"error": str(e)}))
+    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
+        print(f"smat-analyze: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
+    from smat_dist.utils.ranks import rank_world
+
+    if rank_world()[0] != 0:     # under torchrun every rank computed its slice; rank 0 writes
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(res, indent=1))
     if (d / "config.yaml").is_file():

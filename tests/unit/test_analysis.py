@@ -13,10 +13,10 @@ from smat_dist.config.hydra import to_yaml
 from smat_dist.config.schema import Config, EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
 from smat_dist.data.fixed_sets import fixed_episodes
+from smat_dist.distributed.build import build_local
 from smat_dist.eval.protocol import Domain, evaluate
 from smat_dist.eval.report import write_results
 from smat_dist.method import hard_concrete as hc
-from smat_dist.distributed.build import build_local
 from smat_dist.train.step import smat_step
 from tests.data_fixture import make_dataset
 
@@ -109,7 +109,8 @@ def test_tradeoff_figure_from_a_real_sweep(data, tmp_path):
 
 def test_cli_rejects_a_folder_that_is_neither(tmp_path, capsys):
     assert analyze_main([str(tmp_path)]) == 2
-    assert "neither a run folder" in capsys.readouterr().out
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("smat-analyze: error:") and "neither a run folder" in err[-1]
 
 
 def test_dendrogram_needs_two_domains(tmp_path):
