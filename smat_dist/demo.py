@@ -124,7 +124,7 @@ def train_method(cfg, run_dir: Path) -> bool:
     """Phases 2-3: meta-train one method in run_dir (resuming its checkpoint); False when already done."""
     from smat_dist.config.hydra import ConfigError
     from smat_dist.launch.local import launch_local
-    from smat_dist.train.cli import check, prepare_run_dir
+    from smat_dist.train.run_folder import check, prepare_run_dir
 
     cfg.run_dir = str(run_dir)
     check(cfg)
@@ -139,8 +139,8 @@ def train_method(cfg, run_dir: Path) -> bool:
         return False
     log.info("%s: meta-training %d tasks on %d ranks%s; rank logs in %s/logs", cfg.method.name, cfg.train.tasks,
              cfg.launcher.nproc, f" (resuming at {done})" if done else "", run_dir)
-    with _Relay(run_dir / "logs" / "rank0.log", cfg.method.name, ("trainer: tasks", "resumed from", "ERROR")):
-        res = launch_local(cfg, str(run_dir), nproc=cfg.launcher.nproc)
+    # rank 0's progress (done/total, rate, ETA) on this console, as plain smat-train shows it
+    res = launch_local(cfg, str(run_dir), nproc=cfg.launcher.nproc, progress=True)
     if res.get("status") != "done":
         raise RuntimeError(f"{cfg.method.name} training stopped at {res.get('tasks')} tasks; rerun smat-demo to resume")
     return True
