@@ -17,8 +17,7 @@ from smat_dist.method import hard_concrete as hc
 from smat_dist.method.pool_kernels import kernel
 
 # Elements per chunk of the fused pool passes (8 MB of float32): large enough to amortise the per-chunk
-# reductions and launches (measured: 1 MB chunks made the statistics 1.5x slower), small enough to bound
-# the scratch buffers.
+# reductions and launches, small enough to bound the scratch buffers.
 _CHUNK = 1 << 21
 
 
@@ -36,9 +35,8 @@ class FusedPoolPasses:
     def _scratch(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Four chunk buffers, allocated once and reused by every pass.
 
-        Per-chunk temporaries of a few MB sit above glibc's mmap threshold, so each one is a fresh mapping
-        whose pages fault in on first touch: measured on this CPU at M=64, that made the gate's backward
-        20-30x slower (5-6 s instead of 0.2 s per step) until the allocator's threshold adapted."""
+        Per-chunk temporaries of a few MB sit above glibc's mmap threshold, so each one would be a fresh
+        mapping whose pages fault in on first touch, every chunk of every pass."""
         la = self.log_alpha
         key = (la.device, la.dtype, la.shape[1])
         buf = getattr(self, "_scratch_bufs", None)
