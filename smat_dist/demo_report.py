@@ -84,7 +84,7 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
              "These are zero-shot (no test-time fine-tuning) results of a very short meta-training run on a CNN "
              "backbone and stylised offline domains, not a reproduction of the paper's ViT / Meta-Dataset numbers.", "",
              "## Results (zero-shot accuracy %, ± 95% CI)", "", markdown_table(results).rstrip(), "",
-             f"Averages' 95% CI (independent domains): " + ", ".join(
+             "Averages' 95% CI (independent domains): " + ", ".join(
                  f"{m} ID ±{100 * _avg_ci(res[m]['zeroshot'], 'id'):.2f} / OOD ±{100 * _avg_ci(res[m]['zeroshot'], 'ood'):.2f}"
                  for m in res) + ". Per-episode accuracies: `eval/episodes.json`; raw numbers: `eval/results.json`.", "",
              "## What was trained", "",

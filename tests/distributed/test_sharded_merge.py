@@ -3,10 +3,10 @@ and its bytes per task do not depend on the number of experts."""
 import pytest
 import torch
 
+from smat_dist.bench.spawn import run_ranks
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
 from smat_dist.distributed.sharded import GatherMerger, ShardedMerger
-from smat_dist.bench.spawn import run_ranks
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.pool import ExpertPool
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from smat_dist.bench.spawn import run_ranks
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
 from smat_dist.distributed.sharded import ShardedMerger
-from smat_dist.bench.spawn import run_ranks
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.pool import ExpertPool
 from tests.data_fixture import make_dataset

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from smat_dist.bench.spawn import run_ranks
 from smat_dist.config.schema import EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig
-from smat_dist.bench.spawn import run_ranks
+from smat_dist.distributed.build import build_local
 from smat_dist.eval.finetune import LoraRunner, finetune_full, support_loss, task_theta
 from smat_dist.eval.protocol import Domain, Evaluator, evaluate
-from smat_dist.distributed.build import build_local
 from tests.data_fixture import make_dataset
 
 MODEL = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8, kwargs={"depth": 2})
