@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 # spawned ranks, CLI subprocesses and SLURM jobs import `tests.*` rank functions by name
-os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 SLURM_BINARIES = ("sbatch", "sacct", "scontrol", "slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd")
 

@@ -67,7 +67,8 @@ def pmf_h5(root: Path, counts=(2, 1, 1), per_class=3) -> Path:
         with h5py.File(root / f"{label}.h5", "w") as f:
             for j in range(per_class):
                 g = f.create_group(str(j))
-                g.create_dataset("image", data=np.random.RandomState(label * 10 + j).randint(0, 255, (9, 7, 3), dtype=np.uint8))
+                img = np.random.RandomState(label * 10 + j).randint(0, 255, (9, 7, 3), dtype=np.uint8)
+                g.create_dataset("image", data=img)
                 g.create_dataset("label", data=np.array(label))
                 g.create_dataset("id", data=np.array(j))
     return root

@@ -4,7 +4,8 @@ from __future__ import annotations
 from data_tools.sources import classic, md_originals, md_records
 
 SOURCES = {
-    "md_tfrecords": (md_records.plan_md_tfrecords, "Meta-Dataset records folder (<label>.tfrecords + dataset_spec.json)"),
+    "md_tfrecords": (md_records.plan_md_tfrecords,
+                     "Meta-Dataset records folder (<label>.tfrecords + dataset_spec.json)"),
     "pmf_h5": (md_records.plan_pmf_h5, "P>M>F per-class h5 files (<label>.h5 + dataset_spec.json)"),
     "ilsvrc_2012": (md_originals.plan_ilsvrc_2012, "ImageNet train/ synset folders; needs --md-spec (DAG split)"),
     "omniglot": (md_originals.plan_omniglot, "Omniglot images_background + images_evaluation"),

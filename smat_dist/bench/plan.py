@@ -198,7 +198,8 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
     out["checkpoint"] = {"bytes_per_rank": ck_bytes, "bytes_total": ck_bytes * R, "fs_gbps_per_rank": fs_gbps,
                          "save_s": ck_bytes / (fs_gbps * 1e9), "resume_s": ck_bytes / (fs_gbps * 1e9),
                          "async_host_copy_bytes": F32 * n * (M + 2)}
-    out["sent_bytes_per_step"] = {p: tasks_per_rank * v + out["replicated_bytes_per_step"] + out["control_bytes_per_step"]
+    fixed = out["replicated_bytes_per_step"] + out["control_bytes_per_step"]
+    out["sent_bytes_per_step"] = {p: tasks_per_rank * v + fixed
                                   for p, v in out["sent_bytes_per_task"].items()}
     return out
 

@@ -72,11 +72,13 @@ METHODS: dict[str, Callable[..., _Parts]] = {"smat": _smat, "pmf": _pmf, "pretra
 
 
 def build(model_cfg: ModelConfig, cfg: MethodConfig, *, seed: int = 0, comm: Comm | None = None,
-          control: Comm | None = None, merge: str = "local", hyper: str | None = "torch", dist_cfg: DistConfig | None = None,
+          control: Comm | None = None, merge: str = "local", hyper: str | None = "torch",
+          dist_cfg: DistConfig | None = None,
           tasks_per_rank: int = 1, universal: bool = False, fb: FunctionalBackbone | None = None,
           device: torch.device | None = None) -> MethodSetup:
     """comm: the pool's collectives (counted apart: the benchmarks' bytes per task); control: the step's small
-    all-reduces (sparsity counts, clip norm), default comm; merge: "local" (the whole pool in this process) or dist.pool's "sharded" / "gather";
+    all-reduces (sparsity counts, clip norm), default comm; merge: "local" (the whole pool in this process)
+    or dist.pool's "sharded" / "gather";
     hyper: "torch", "deepspeed" (needs dist_cfg; universal: loading another world size's ZeRO state) or None."""
     if cfg.name not in METHODS:
         raise ValueError(f"method.name={cfg.name!r}: expected one of {sorted(METHODS)}")

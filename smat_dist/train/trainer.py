@@ -50,7 +50,8 @@ def _peak_mem() -> int:
 def _to(ep, dev: torch.device):
     if dev.type == "cpu":
         return ep
-    return dataclasses.replace(ep, support=ep.support.to(dev, non_blocking=True), query=ep.query.to(dev, non_blocking=True),
+    return dataclasses.replace(ep, support=ep.support.to(dev, non_blocking=True),
+                               query=ep.query.to(dev, non_blocking=True),
                                support_labels=ep.support_labels.to(dev), query_labels=ep.query_labels.to(dev))
 
 
@@ -60,7 +61,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, rank: int, world: int, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.rank, self.world = cfg, run_dir, rank, world
         if cfg.method.name not in ("smat", "pmf"):
-            raise ValueError(f"method.name={cfg.method.name!r} has nothing to meta-train (use smat-eval for 'pretrained')")
+            raise ValueError(f"method.name={cfg.method.name!r} has nothing to meta-train "
+                             "(use smat-eval for 'pretrained')")
         self.dev = device()
         self.comm = Comm()          # counts the pool's collectives (the benchmark's bytes per task)
         self.log_comm = Comm()      # metrics and control traffic, counted apart

@@ -40,8 +40,10 @@ def test_results_files(tmp_path):
         "meta": {"methods": ["smat", "pretrained"], "modes": ["zeroshot", "full"], "episodes": 2, "val_episodes": 1,
                  "finetune_steps": 3, "lr_grid": [1e-3],
                  "domains": [{"name": "a", "source": "x", "kind": "id"}, {"name": "b", "source": "y", "kind": "ood"}]},
-        "results": {m: {mode: {"domains": {"a": {"mean": 0.5, "ci95": 0.1, "n": 2, "kind": "id", **({"lr": 1e-3} if mode == "full" else {})},
-                                           "b": {"mean": 0.25, "ci95": 0.05, "n": 2, "kind": "ood", **({"lr": 1e-3} if mode == "full" else {})}},
+        "results": {m: {mode: {"domains": {"a": {"mean": 0.5, "ci95": 0.1, "n": 2, "kind": "id",
+                                                 **({"lr": 1e-3} if mode == "full" else {})},
+                                           "b": {"mean": 0.25, "ci95": 0.05, "n": 2, "kind": "ood",
+                                                 **({"lr": 1e-3} if mode == "full" else {})}},
                                 "id_avg": 0.5, "ood_avg": 0.25} for mode in ("zeroshot", "full")}
                     for m in ("smat", "pretrained")}}
     paths = write_results(tmp_path, results, {"smat": {"zeroshot": {"a": [0.5, 0.5]}}})

@@ -59,7 +59,8 @@ def test_training_with_fused_passes_matches(episodes):  # noqa: F811
         cfg = MethodConfig(experts=4, warmup_tasks=0, total_tasks=100)
         cfg.sparsity.compile = compiled
         s = build_local(VIT, cfg, seed=0)
-        outs.append([smat_step(s.method, s.pool, s.hyper, [episodes[i]], i, i) for i in range(2)] + [s.pool.store.log_alpha.detach().clone()])
+        steps = [smat_step(s.method, s.pool, s.hyper, [episodes[i]], i, i) for i in range(2)]
+        outs.append(steps + [s.pool.store.log_alpha.detach().clone()])
     for x, y in zip(outs[0][:2], outs[1][:2]):
         for k in ("loss/task", "sparsity/expert0", "density_l0/expert2", "grad_norm/log_alpha"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k

@@ -198,7 +198,8 @@ def test_iconify_alias_transforms_and_blank_icons():
     right = np.asarray(render_icon(js, "wedge-right", SIZE).convert("L")) < 128
     assert left[:, : SIZE // 2].sum() > 5 * left[:, SIZE // 2:].sum()  # ink on the left half
     assert (right == left[:, ::-1]).mean() > 0.97  # the alias is the mirror image, not a copy
-    assert np.array_equal(np.asarray(render_icon(js, "wedge-2", SIZE)), np.asarray(render_icon(js, "wedge-right", SIZE)))
+    assert np.array_equal(np.asarray(render_icon(js, "wedge-2", SIZE)),
+                          np.asarray(render_icon(js, "wedge-right", SIZE)))
     with pytest.raises(BlankIcon):
         render_icon(js, "empty", SIZE)
     with pytest.raises(KeyError, match="'missing'"):
