@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
-# Single-node dev SLURM cluster (slurmctld + slurmd + munge + slurmdbd + mariadb) for the tests and for
-# trying `smat-train launcher=slurm` on one machine. Runs as root and installs nothing (see slurm/install.sh).
+# Dev SLURM cluster on one machine (slurmctld + munge + slurmdbd + mariadb + one slurmd per node) for the
+# tests and for trying `smat-train launcher=slurm` (also multi-node) on one machine. Runs as root and installs
+# nothing (see slurm/install.sh).
+#
+# Nodes: $SMAT_SLURM_NODES (default 2) slurmd daemons, node i is NodeName smat-node<i> on its own loopback
+# address 127.0.0.<10+i> and its own port 6830+i (one slurmd per NodeName, `slurmd -N`), each with its own
+# spool, log and pid file. `smat-node<i>` is added to /etc/hosts (marked, removed by stop) so job steps and
+# torch.distributed resolve the node names like on a real cluster. Each node offers every CPU of the machine,
+# so a job may take one node (tasks_per_node=2) or span both (nodes=2); they share the machine's cores.
 #
 #   slurm/devcluster.sh start  [STATE_DIR]   # prints the `export SLURM_CONF=...` line to use
 #   slurm/devcluster.sh stop   [STATE_DIR]
@@ -17,6 +24,12 @@ B=$(cd "$B" && pwd)
 export SLURM_CONF=$B/etc/slurm.conf
 CLUSTER=smatdev
 DB_PORT=${SMAT_SLURM_DB_PORT:-6820}   # not 3306, so a system mariadb does not clash
+NODES=${SMAT_SLURM_NODES:-2}
+[[ "$NODES" =~ ^[1-9]$ ]] || { echo "devcluster: SMAT_SLURM_NODES must be 1..9, got '$NODES'" >&2; exit 1; }
+HOSTS_MARK="# smat devcluster"
+node_name() { echo "smat-node$1"; }
+node_addr() { echo "127.0.0.$((10 + $1))"; }
+node_port() { echo "$((6830 + $1))"; }   # 6817 slurmctld, 6819 slurmdbd, 6820 mariadb
 
 die() { echo "devcluster: $*" >&2; exit 1; }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -26,13 +39,43 @@ wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
   die "timed out after ${t}s waiting for $what (logs: $B/log)"
 }
 
+node_list() {
+  local i out=""
+  for i in $(seq 1 "$NODES"); do out+="${out:+,}$(node_name "$i")"; done
+  echo "$out"
+}
+
+node_lines() {  # node_lines CPUS MEM_MB_PER_NODE
+  local i
+  for i in $(seq 1 "$NODES"); do
+    echo "NodeName=$(node_name "$i") NodeAddr=$(node_addr "$i") NodeHostname=$(node_name "$i") Port=$(node_port "$i") CPUs=$1 Boards=1 SocketsPerBoard=1 CoresPerSocket=$1 ThreadsPerCore=1 RealMemory=$2 State=UNKNOWN"
+  done
+}
+
+hosts_add() {  # the node names resolve to their loopback addresses (what DNS does on a real cluster)
+  local i line
+  for i in $(seq 1 "$NODES"); do
+    line="$(node_addr "$i") $(node_name "$i") $HOSTS_MARK"
+    grep -qxF "$line" /etc/hosts || echo "$line" >> /etc/hosts
+  done
+}
+
+hosts_remove() {
+  grep -qF "$HOSTS_MARK" /etc/hosts || return 0
+  # rewrite in place (not mv): /etc/hosts may be a bind mount
+  local kept
+  kept=$(grep -vF "$HOSTS_MARK" /etc/hosts || true)
+  printf '%s\n' "$kept" > /etc/hosts
+}
+
 write_configs() {
   mkdir -p "$B"/{etc,state,spool,log,run,mysql}
   local cpus mem
   cpus=$(nproc)
-  # leave a fifth of the memory to the OS; DefMemPerCPU keeps jobs from reserving all of it so two
-  # jobs (e.g. a sweep) can run side by side
-  mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.8)}' /proc/meminfo)
+  # leave a fifth of the memory to the OS, shared by the nodes; DefMemPerCPU keeps jobs from reserving all of
+  # it so two jobs (e.g. a sweep) can run side by side
+  mem=$(awk -v n="$NODES" '/MemTotal/ {print int($2 / 1024 * 0.8 / n)}' /proc/meminfo)
+  for i in $(seq 1 "$NODES"); do mkdir -p "$B/spool/$(node_name "$i")"; done
   cat > "$B/etc/slurm.conf" <<CONF
 ClusterName=$CLUSTER
 SlurmctldHost=localhost
@@ -58,21 +101,22 @@ DefMemPerCPU=2000
 SchedulerType=sched/backfill
 ReturnToService=2
 StateSaveLocation=$B/state
-SlurmdSpoolDir=$B/spool
+# %n: the node name, so each slurmd of this machine has its own spool, pid file and log
+SlurmdSpoolDir=$B/spool/%n
 SlurmctldPidFile=$B/run/slurmctld.pid
-SlurmdPidFile=$B/run/slurmd.pid
+SlurmdPidFile=$B/run/slurmd-%n.pid
 SlurmctldLogFile=$B/log/slurmctld.log
-SlurmdLogFile=$B/log/slurmd.log
+SlurmdLogFile=$B/log/slurmd-%n.log
 SlurmctldPort=6817
-SlurmdPort=6818
+SlurmdPort=$(node_port 1)
 SlurmctldDebug=info
 SlurmdDebug=info
 JobRequeue=1
 KillWait=10
 MinJobAge=300
 MailProg=/bin/true
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus Boards=1 SocketsPerBoard=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+$(node_lines "$cpus" "$mem")
+PartitionName=debug Nodes=$(node_list) Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 CONF
   cat > "$B/etc/slurmdbd.conf" <<CONF
 AuthType=auth/munge
@@ -98,7 +142,15 @@ start() {
     command -v "$b" >/dev/null || [ -x "/usr/sbin/$b" ] || die "$b not found: run slurm/install.sh first"
   done
   export PATH=$PATH:/usr/sbin
+  # slurmctld reads the node list only when it starts: a cluster of this state folder running with another
+  # configuration (node count, older single-node layout) is restarted (the database keeps running)
+  local old=""
+  [ -f "$B/etc/slurm.conf" ] && old=$(cat "$B/etc/slurm.conf")
   write_configs
+  if [ "$old" != "$(cat "$B/etc/slurm.conf")" ] && { alive "$B/run/slurmctld.pid" || ls "$B"/run/slurmd*.pid >/dev/null 2>&1; }; then
+    echo "devcluster: configuration changed, restarting slurmctld and slurmd"
+    stop_slurm
+  fi
   # munge: one daemon per machine (its socket is /run/munge), reused if already running
   mkdir -p /run/munge && chown munge:munge /run/munge && chmod 755 /run/munge
   if ! alive /run/munge/munged.pid; then
@@ -120,33 +172,57 @@ start() {
   alive "$B/run/slurmdbd.pid" || slurmdbd   # reads slurmdbd.conf beside $SLURM_CONF
   wait_for 30 slurmdbd sacctmgr -n show cluster
   sacctmgr -n show cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" > /dev/null
+  hosts_add
   alive "$B/run/slurmctld.pid" || slurmctld
-  alive "$B/run/slurmd.pid" || slurmd -N localhost
-  wait_for 30 "node idle" bash -c '[ "$(sinfo -h -o %T | head -1)" = idle ] || [ "$(sinfo -h -o %T | head -1)" = mixed ]'
-  echo "devcluster: up (state in $B)"
+  local i
+  for i in $(seq 1 "$NODES"); do
+    alive "$B/run/slurmd-$(node_name "$i").pid" || slurmd -N "$(node_name "$i")"
+  done
+  # every node up: idle, or mixed/allocated when jobs of an earlier session still run
+  wait_for 30 "$NODES node(s) up" bash -c "[ \"\$(sinfo -h -N -o '%N %T' | grep -cE ' (idle|mixed|allocated)\$')\" -ge $NODES ]"
+  echo "devcluster: up, $NODES node(s) $(node_list) (state in $B)"
   echo "export SLURM_CONF=$SLURM_CONF"
+}
+
+stop_pid() {  # stop_pid PIDFILE: TERM, then KILL after 10 s
+  local p=$1
+  if alive "$p"; then
+    kill "$(cat "$p" 2>/dev/null)" 2>/dev/null || true
+    for _ in $(seq 1 100); do alive "$p" || break; sleep 0.1; done
+    alive "$p" && kill -9 "$(cat "$p" 2>/dev/null)" 2>/dev/null || true
+  fi
+  rm -f "$p"
+}
+
+stop_slurm() {  # every slurmd of this state folder (whatever node count started them), then slurmctld
+  local p
+  for p in "$B"/run/slurmd*.pid; do [ -e "$p" ] && stop_pid "$p"; done
+  stop_pid "$B/run/slurmctld.pid"
 }
 
 stop() {
   # slurm daemons first (they talk to slurmdbd), the database last; munge is shared and left running
-  for f in slurmd slurmctld slurmdbd mysql; do
-    local p="$B/run/$f.pid"
-    if alive "$p"; then
-      kill "$(cat "$p" 2>/dev/null)" 2>/dev/null || true
-      for _ in $(seq 1 100); do alive "$p" || break; sleep 0.1; done
-      alive "$p" && kill -9 "$(cat "$p" 2>/dev/null)" 2>/dev/null || true
-    fi
-    rm -f "$p"
-  done
+  stop_slurm
+  stop_pid "$B/run/slurmdbd.pid"
+  stop_pid "$B/run/mysql.pid"
+  hosts_remove
   echo "devcluster: stopped (state kept in $B)"
 }
 
 status() {
-  local up=0
-  for f in slurmctld slurmd slurmdbd mysql; do
+  local up=0 f i
+  for f in slurmctld slurmdbd mysql; do
     if alive "$B/run/$f.pid"; then echo "$f: running (pid $(cat "$B/run/$f.pid"))"; else echo "$f: stopped"; up=1; fi
   done
-  if [ $up -eq 0 ]; then sinfo; echo "export SLURM_CONF=$SLURM_CONF"; fi
+  for i in $(seq 1 "$NODES"); do
+    f="slurmd-$(node_name "$i")"
+    if alive "$B/run/$f.pid"; then echo "$f: running (pid $(cat "$B/run/$f.pid"))"; else echo "$f: stopped"; up=1; fi
+  done
+  # a cluster started with another node count (or an older single-node layout) is not this one
+  if [ $up -eq 0 ] && ! grep -q "^PartitionName=debug Nodes=$(node_list) " "$B/etc/slurm.conf" 2>/dev/null; then
+    echo "slurm.conf: written for other nodes than $(node_list)"; up=1
+  fi
+  if [ $up -eq 0 ]; then sinfo -N; echo "export SLURM_CONF=$SLURM_CONF"; fi
   return $up
 }
 

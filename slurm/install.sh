@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the packages the single-node dev SLURM cluster (slurm/devcluster.sh) needs.
+# Install the packages the dev SLURM cluster (slurm/devcluster.sh: two nodes on one machine) needs.
 # Idempotent: packages already present are skipped; runs non-interactively as root (or via sudo).
 # slurmdbd + mariadb are not optional: without accounting, submitit cannot read job states (sacct)
 # and a job that died without writing its result could not be detected.

@@ -3,12 +3,16 @@
 Every test runs against the trainer contract `fn(cfg, run_dir, should_stop) -> dict`, with two rank
 functions: the toy (tests/slurm/toy_rank.py) and the real trainer (`smat_dist.train.trainer:train`,
 skipped until that module exists). Run: `pytest tests/slurm -m slurm` (the requeue tests are also `slow`).
+The dev cluster has two nodes (smat-node1, smat-node2): 2-task jobs run on one node, `launcher.nodes=2` jobs
+span both.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -124,3 +128,86 @@ def test_failed_job_reports_error_and_log_path(slurm_cluster, tmp_path):
     assert f"SLURM job {job.job_id} failed" in msg and "ValueError: toy failure at task 2 on rank 1" in msg
     log = Path(e.value.log_path)
     assert log.is_file() and f"log: {log}" in msg and "toy failure" in log.read_text()
+
+
+# ---- the multi-node path: the dev cluster has two slurmd (smat-node1, smat-node2, slurm/devcluster.sh) ----
+
+TWO_NODES = ["launcher.nodes=2", "launcher.tasks_per_node=1"]
+
+
+def _node_list(job_id: str) -> str:
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "NodeList"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return out[-1] if out else ""
+
+
+def _two_nodes_up(slurm_cluster) -> None:
+    up = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True).stdout.split()
+    assert len(set(up)) >= 2, f"the dev cluster should have 2 nodes (slurm/devcluster.sh), sinfo shows {up}"
+
+
+def test_two_node_job_trains_to_completion(slurm_cluster, tmp_path):
+    """1 task on each of 2 nodes: torch.distributed across SLURM nodes (MASTER_ADDR = the first node)."""
+    _two_nodes_up(slurm_cluster)
+    run = tmp_path / "run"
+    job = submit(job_config(TOY, tmp_path, tasks=12, extra=TWO_NODES), str(run), TOY)
+    result = wait(job, poll_s=1)
+    assert result["status"] == "done" and result["tasks"] == 12
+    assert len(result["ranks"]) == 2 and all(r["status"] == "done" for r in result["ranks"])
+    assert _node_list(job.job_id) == "smat-node[1-2]"
+    log0 = (run / "submitit" / f"{job.job_id}_0_log.err").read_text()
+    assert "2 rank(s), master smat-node1:" in log0
+
+
+@pytest.mark.slow
+def test_two_node_job_requeued_resumes_to_the_same_final_state(reference, rank_fn, tmp_path):
+    """2 nodes x 1 task, requeued mid-run (SIGTERM on both nodes), resumes from its checkpoint and ends in
+    the same state as the uninterrupted 1 node x 2 tasks job: same world size, so the same episodes."""
+    _two_nodes_up(None)
+    ref_run, ref_result = reference
+    run = tmp_path / "run"
+    job = submit(job_config(rank_fn, tmp_path, tasks=30, extra=TWO_NODES), str(run), rank_fn)
+    wait_for_progress(job, run, records=8, timeout=300)
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    result = wait(job, poll_s=1)
+    assert result["status"] == "done" and result["tasks"] == 30
+    assert _node_list(job.job_id) == "smat-node[1-2]"
+    logs = [(run / "submitit" / f"{job.job_id}_{t}_log.err").read_text() for t in (0, 1)]
+    assert "attempt 2: 2 rank(s), master smat-node1:" in logs[0], "the job was not requeued"
+    assert all("SIGTERM" in text for text in logs), "each node's task should have been stopped by SIGTERM"
+    if rank_fn == TOY:
+        assert 5 <= result["resumed_from"] < 30
+    else:
+        resumed = [int(m) for m in re.findall(r"resumed from \S+ at (\d+) tasks", logs[0])]
+        assert resumed and 0 < resumed[-1] < 30, "the requeued job did not resume from a checkpoint"
+    assert final_state(result, run) == final_state(ref_result, ref_run)
+
+
+def test_multirun_sweep_submits_one_job_per_point(slurm_cluster, tmp_path):
+    """`smat-train -m launcher=slurm a=1,2` (Hydra's basic sweeper; no hydra-submitit-launcher): every point is
+    its own SLURM job, all submitted before any is waited for; each trains in its own run folder."""
+    code = ("import sys; from smat_dist.launch.cli import main; "
+            f"main({TOY!r}, sys.argv[1:])")
+    argv = ["-m", *JOB, "data.sources=[unused]", "checkpoint.every_tasks=5", "+model.kwargs.toy_step_s=0.3",
+            "train.tasks=6,9", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    points = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert [p["status"] for p in points] == ["submitted", "submitted"], r.stdout
+    assert time.time() - t0 < 60, "the sweep waited for its jobs instead of submitting them all"
+    ids = [p["job_id"] for p in points]
+    assert len(set(ids)) == 2
+    deadline = time.time() + 240
+    states = {}
+    while time.time() < deadline:
+        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                             capture_output=True, text=True, check=True).stdout
+        states = dict(line.split("|")[:2] for line in out.split())
+        if all(states.get(i) in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for i in ids):
+            break
+        time.sleep(1)
+    assert all(states.get(i) == "COMPLETED" for i in ids), states
+    for p, tasks in zip(points, (6, 9)):
+        rows = [json.loads(x) for x in (Path(p["run_dir"]) / "metrics.jsonl").read_text().splitlines() if x]
+        assert max(row.get("task", row.get("tasks", 0)) for row in rows) == tasks
