@@ -27,7 +27,6 @@ def load_setups(cfg, comm=None) -> dict:
     baseline is the frozen backbone of the same config."""
     from smat_dist.config.schema import MethodConfig
     from smat_dist.distributed.build import build_local
-    from smat_dist.eval.finetune import method_kind
 
     paths = {}
     if cfg.eval.checkpoint:
@@ -40,7 +39,7 @@ def load_setups(cfg, comm=None) -> dict:
         from smat_dist.eval.loading import load_method  # the checkpoint format's one door (dist/checkpoint.py)
 
         setup = load_method(path, comm=comm)
-        kind = method_kind(setup.method)
+        kind = setup.kind
         if key == "pmf" and kind != "pmf":
             raise ValueError(f"eval.pmf_checkpoint={path} holds a {kind} model, not P>M>F")
         if kind in setups:

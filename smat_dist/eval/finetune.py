@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smat_dist.method.baselines import PMF, Pretrained
 from smat_dist.method.protonet import cosine_logits, prototypes
-from smat_dist.method.smat import SMAT
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -68,28 +66,11 @@ def augment(x: torch.Tensor, prob: float = AUG_PROB) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the task's dense starting weights
 
-def method_kind(method: nn.Module) -> str:
-    if isinstance(method, SMAT):
-        return "smat"
-    if isinstance(method, PMF):
-        return "pmf"
-    if isinstance(method, Pretrained):
-        return "pretrained"
-    raise TypeError(f"cannot evaluate a {type(method).__name__}: expected SMAT, PMF or Pretrained")
-
-
 @torch.no_grad()
 def task_theta(setup, ep) -> torch.Tensor:
-    """theta_i of the task (detached). For SMAT the caller has run `setup.pool.begin_step(train=False)`."""
-    fb, method = setup.fb, setup.method
-    kind = method_kind(method)
-    if kind == "pretrained":
-        return fb.theta_pre
-    if kind == "pmf":
-        return fb.theta_pre + method.delta.detach()
-    f_pre = fb(fb.theta_pre, ep.support)
-    w, _ = method(prototypes(f_pre, ep.support_labels, int(ep.ways)), False)
-    return fb.theta_pre + setup.pool.merge(w).detach()
+    """theta_i of the task (detached), as the method defines it. For SMAT the caller has run
+    `setup.pool.begin_step(train=False)`."""
+    return setup.method.task_theta(ep, setup.pool)
 
 
 # ---------------------------------------------------------------- the shared loss and prediction

@@ -21,7 +21,7 @@ from smat_dist.config.schema import Config, EvalConfig
 from smat_dist.data.episodes import EpisodeConfig, episode_config  # noqa: F401 (re-exported)
 from smat_dist.data.fixed_sets import EVAL_SEED, fixed_episodes
 from smat_dist.data.spec import SpecError, load_spec
-from smat_dist.eval.finetune import LoraRunner, finetune_full, method_kind, task_theta
+from smat_dist.eval.finetune import LoraRunner, finetune_full, task_theta
 from smat_dist.eval.stats import average, domain_summary
 from smat_dist.utils.log import get_logger
 
@@ -78,7 +78,7 @@ class Evaluator:
 
     def __init__(self, setup, cfg: EvalConfig):
         self.setup, self.cfg = setup, cfg
-        self.kind = method_kind(setup.method)
+        self.kind = setup.kind
         self.scale = float(setup.method.cfg.logit_scale)
         self._lora: LoraRunner | None = None
 

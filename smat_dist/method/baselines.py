@@ -41,6 +41,11 @@ class PMF(nn.Module):
             "episode/ways": float(ways), "episode/support": float(len(xs)), "episode/query": float(len(xq))})
 
     @torch.no_grad()
+    @torch.no_grad()
+    def task_theta(self, ep, pool=None) -> torch.Tensor:
+        """The dense weights fine-tuning at meta-test starts from (the same for every task)."""
+        return self.fb.theta_pre + self.delta.detach()
+
     def predict(self, ep, pool=None) -> torch.Tensor:
         xs, ys, xq, _, ways = _episode_tensors(ep)
         f = self(torch.cat([xs, xq]))
@@ -55,6 +60,9 @@ class Pretrained(nn.Module):
         self.fb, self.cfg = backbone, cfg
 
     @torch.no_grad()
+    def task_theta(self, ep, pool=None) -> torch.Tensor:
+        return self.fb.theta_pre
+
     def predict(self, ep, pool=None) -> torch.Tensor:
         xs, ys, xq, _, ways = _episode_tensors(ep)
         f = self.fb(self.fb.theta_pre, torch.cat([xs, xq]))

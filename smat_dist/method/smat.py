@@ -131,6 +131,13 @@ class SMAT(nn.Module):
         return TaskResult(loss=loss, w=w.detach(), metrics=m)
 
     @torch.no_grad()
+    def task_theta(self, ep, pool) -> torch.Tensor:
+        """The task's merged dense weights theta_i (eval-mode merge; fine-tuning at meta-test starts here)."""
+        f_pre = self.fb(self.fb.theta_pre, ep.support)
+        w, _ = self(prototypes(f_pre, ep.support_labels, int(ep.ways)), False)
+        return self.fb.theta_pre + pool.merge(w).detach()
+
+    @torch.no_grad()
     def predict(self, ep, pool) -> torch.Tensor:
         """Zero-shot query logits: eval-mode merge (deterministic gates and weights), clean support prototypes."""
         xs, ys, xq, _, ways = _episode_tensors(ep)
