@@ -105,11 +105,11 @@ def test_finetuning_fits_support_better_than_zeroshot(setups):
     assert all(torch.equal(v, s.fb.model.state_dict()[k]) for k, v in before_params.items())
 
 
-def test_lora_rejects_backbones_without_attention():
-    from smat_dist.model.backbone import FunctionalBackbone, build_backbone
+def test_lora_rejects_backbones_without_attention_or_convs():
+    from smat_dist.model.backbone import FunctionalBackbone
 
-    fb = FunctionalBackbone(build_backbone(ModelConfig(name="resnet18", image_size=32, patch_size=None)))
-    with pytest.raises(ValueError, match="qkv/proj"):
+    fb = FunctionalBackbone(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 64 * 64, 8)))
+    with pytest.raises(ValueError, match="qkv/proj"):  # CNNs get Conv2d LoRA: tests/unit/test_eval_lora_cnn.py
         LoraRunner(fb)
 
 
