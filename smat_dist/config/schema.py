@@ -78,7 +78,8 @@ class ModelConfig:
     image_size: int = 84
     patch_size: Optional[int] = 12      # ViTs only: 84 px / 12 = 7x7 tokens; None keeps the model's own
     # where pre-trained weights come from: null (random init), "package:efficientnet_lite0",
-    # or a local file (timm checkpoint, original DINO .pth, .safetensors)
+    # or a local file/folder, never downloaded (timm .pth/.safetensors/.npz, official DINO / DINOv2 / DINOv3 / EVA-02
+    # / SigLIP 2 files, a Hugging Face ViT or DINOv2 folder): see smat_dist/model/weights.py
     pretrained: Optional[str] = None
     checkpoint_blocks: bool = False     # activation checkpointing of backbone blocks
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model arguments
