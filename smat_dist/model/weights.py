@@ -309,7 +309,9 @@ def load_pretrained(model: nn.Module, source: str) -> None:
     hints = _hints(sd, model, config)
     regs = "register_tokens" in sd or "storage_tokens" in sd
     if regs != bool(_model_regs(model)) and any("register" in h for h in hints):
-        _raise(path, [], [], [], hints)  # timm's filter would fail on the token count with a raw reshape error
+        # timm's filter would fail on the token count with a raw reshape error
+        _raise(path, [] if regs else ["reg_token"], [k for k in ("register_tokens", "storage_tokens") if k in sd],
+               [], hints)
     fn = _timm_filter(model)
     if fn is not None:
         try:
@@ -334,8 +336,9 @@ def _raise(path, missing, unexpected, bad, hints) -> None:
     def few(xs):
         return f"{xs[:6]}{f' (+{len(xs) - 6} more)' if len(xs) > 6 else ''}"
 
-    raise WeightsError(f"pre-trained weights {path} do not match the backbone: missing {few(missing)}, "
-                       f"unexpected {few(unexpected)}, shape mismatch (key, file, model) {few(bad)}"
+    parts = [f"{what} {few(xs)}" for what, xs in (("missing", missing), ("unexpected", unexpected),
+                                                  ("shape mismatch (key, file, model)", bad)) if xs]
+    raise WeightsError(f"pre-trained weights {path} do not match the backbone: {', '.join(parts)}"
                        f"{'; ' + '; '.join(hints) if hints else ''}")
 
 
