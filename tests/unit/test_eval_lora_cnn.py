@@ -10,7 +10,6 @@ from smat_dist.config.schema import ModelConfig
 from smat_dist.eval.finetune import LoraRunner, _predict, lora_targets, support_loss
 from smat_dist.model.backbone import FunctionalBackbone, build_backbone
 from tests.unit.test_eval_protocol import pattern_episode
-from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 
 def test_lora_on_a_cnn_fits_the_support_set():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
 from smat_dist.config.schema import EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig
 from smat_dist.distributed.build import build_local
@@ -152,29 +151,6 @@ def test_results_and_lr_choice(data, single):
                 assert doms["alpha"]["lr"] in CFG.lr_grid
                 assert set(doms["alpha"]["val_scores"]) == {repr(x) for x in sorted(CFG.lr_grid)}
     assert res["meta"]["world_size"] == 1
-
-
-@pytest.mark.dist
-def test_identical_across_reruns_and_world_sizes(data, single):
-    # a fresh process each time (rerun) and 2 gloo ranks splitting the episodes: the same per-episode accuracies
-    two = run_ranks(_eval_on_ranks, 2, data)
-    assert two[0][1] == two[1][1] == single[1]
-    assert two[0][0]["results"] == two[1][0]["results"] == single[0]["results"]
-    assert two[0][0]["meta"]["world_size"] == 2
-
-
-@pytest.mark.dist
-@pytest.mark.parametrize("world", [2, 4])
-def test_sharded_pool_evaluation_equals_one_rank(data, single, world):
-    """Each rank holds 1/world of the pool and merges through the sharded merger: same per-episode accuracies
-    in every mode (zero-shot, full fine-tuning, LoRA), 5 episodes per domain split unevenly over the ranks."""
-    res = run_ranks(_eval_on_ranks, world, data, True)
-    for r, per in res:
-        assert per == single[1]
-        assert r["results"] == single[0]["results"]
-    rows = [r["pool_entries_here"] for r, _ in res]
-    total = make_setups()["smat"].pool.store.log_alpha.shape[0]
-    assert max(rows) <= -(-total // world) + world     # each rank holds its slice only
 
 
 def test_bad_config_is_named(data, setups):

@@ -11,7 +11,6 @@ from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
 from smat_dist.distributed.build import build_local
 from smat_dist.method.protonet import cosine_logits, prototypes
 from smat_dist.train.step import NonFiniteLoss, dense_step
-from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 VIT = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8,
                   kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2})

@@ -12,7 +12,6 @@ from smat_dist.method.merge import LocalMerger
 from smat_dist.method.pool import ExpertPool
 from smat_dist.train.step import smat_step
 from tests.unit.test_method_smat import VIT, episodes  # noqa: F401  (fixture)
-from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ from smat_dist.distributed.build import build_local
 from smat_dist.method import hard_concrete as hc
 from smat_dist.train.step import NonFiniteLoss, smat_step
 from tests.data_fixture import make_dataset
-from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 VIT = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8,
                   kwargs={"depth": 2, "embed_dim": 64, "num_heads": 4})

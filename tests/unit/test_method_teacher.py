@@ -15,7 +15,6 @@ from smat_dist.method.teacher import TeacherWeights, block_layout, park, teacher
 from smat_dist.model.backbone import FunctionalBackbone, block_units, build_backbone
 from smat_dist.train.step import smat_step
 from tests.unit.test_method_smat import episodes  # noqa: F401  (fixture: the same real-image episodes)
-from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 VIT = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8,
                   kwargs={"depth": 3, "embed_dim": 32, "num_heads": 2})

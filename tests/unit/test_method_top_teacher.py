@@ -18,7 +18,6 @@ from smat_dist.model.backbone import FunctionalBackbone, block_units, build_back
 from smat_dist.train.step import smat_step
 from tests.unit.test_method_smat import episodes  # noqa: F401  (fixture: the same real-image episodes)
 from tests.unit.test_method_teacher import CNN, CNN_CK, VIT, VIT_CK, _forwards, _state
-from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 LR = 0.05
 

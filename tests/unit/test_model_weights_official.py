@@ -19,7 +19,6 @@ from smat_dist.model.backbone import build_backbone
 from smat_dist.model.weights import WeightsError, hf_to_original
 from smat_dist.train.step import smat_step
 from tests.unit import official_weights as ow
-from tests.unit.threads import one_thread  # noqa: F401  (autouse)
 
 
 def _episode(size: int, ways: int = 2, shots: int = 2, queries: int = 2, seed: int = 0) -> Episode:
