@@ -32,7 +32,7 @@ node_addr() { echo "127.0.0.$((10 + $1))"; }
 node_port() { echo "$((6830 + $1))"; }   # 6817 slurmctld, 6819 slurmdbd, 6820 mariadb
 
 die() { echo "devcluster: $*" >&2; exit 1; }
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }   # the daemon may remove its pid file meanwhile
 wait_for() {  # wait_for SECONDS DESCRIPTION CMD...
   local t=$1 what=$2; shift 2
   for _ in $(seq 1 $((t * 5))); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
