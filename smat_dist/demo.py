@@ -140,7 +140,8 @@ def train_method(cfg, run_dir: Path) -> bool:
     log.info("%s: meta-training %d tasks on %d ranks%s; rank logs in %s/logs", cfg.method.name, cfg.train.tasks,
              cfg.launcher.nproc, f" (resuming at {done})" if done else "", run_dir)
     # rank 0's progress (done/total, rate, ETA) on this console, as plain smat-train shows it
-    res = launch_local(cfg, str(run_dir), nproc=cfg.launcher.nproc, progress=True)
+    res = launch_local(cfg, str(run_dir), nproc=cfg.launcher.nproc, progress=True,
+                       progress_label=str(cfg.method.name))
     if res.get("status") != "done":
         raise RuntimeError(f"{cfg.method.name} training stopped at {res.get('tasks')} tasks; rerun smat-demo to resume")
     return True

@@ -68,7 +68,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: Config, run_dir: str, rank
 
 
 def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_FN, nproc: int | None = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, progress_label: str = "train") -> dict:
     """Run `nproc` (default `cfg.launcher.nproc`) ranks of `rank_fn`; return rank 0's result dict
     with `"ranks": [every rank's result]` added. Raises LaunchError if any rank fails. `progress`: show rank 0's
     training progress (the trainer's `tasks N/M` lines) on this console."""
@@ -87,7 +87,7 @@ def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_F
     if progress:
         from smat_dist.launch.relay import LogRelay
 
-        relay = LogRelay(logs / "rank0.log", cfg.train.tasks)   # from the log's current end (a resume appends)
+        relay = LogRelay(logs / "rank0.log", cfg.train.tasks, desc=progress_label)   # from the log's current end (a resume appends)
     for r in range(nproc):
         log_path, result_path = str(logs / f"rank{r}.log"), str(logs / f"rank{r}.result.pkl")
         if os.path.exists(result_path):

@@ -63,7 +63,7 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
     # progress was shown per phase and per training step
     for phase in ("data", "smat", "pmf", "eval", "figures"):
         assert f"== phase {phase}" in r.stderr
-    assert "[smat] tasks 4/4" in r.stderr and "[pmf] tasks 4/4" in r.stderr
+    assert "smat: 4/4 tasks" in r.stderr and "pmf: 4/4 tasks" in r.stderr
 
     res = json.loads((out / "eval" / "results.json").read_text())
     assert res["meta"]["methods"] == ["smat", "pretrained", "pmf"]

@@ -135,7 +135,7 @@ def test_rerun_is_noop_and_other_arguments_are_refused(cache, tmp_path):
     mtime = shard.stat().st_mtime_ns
     assert convert("digits", tmp_path / "d", cache, images_per_class=5, image_size=SIZE) == spec
     assert shard.stat().st_mtime_ns == mtime  # nothing rewritten
-    with pytest.raises(ConversionError, match="images_per_class=6"):
+    with pytest.raises(ConversionError, match='images_per_class: "5" there, "6" now'):
         convert("digits", tmp_path / "d", cache, images_per_class=6, image_size=SIZE)
 
 
