@@ -47,7 +47,8 @@ def _claim(a_name, a, b_name, b, kind, strict: bool) -> str:
     sig = "outside" if abs(diff) > ci else "within"
     return (f"{a_name} {100 * ma:.2f}% vs {b_name} {100 * mb:.2f}% ({'+' if diff >= 0 else ''}{100 * diff:.2f} points, "
             f"{sig} the ±{100 * ci:.2f} combined 95% CI): **{'holds' if holds else 'does not hold'}**"
-            + ("" if sig == "outside" else " on the means, but the difference is not significant at this episode count"))
+            + ("" if sig == "outside"
+               else " on the means, but the difference is not significant at this episode count"))
 
 
 def _z(res: dict, method: str):
@@ -85,8 +86,10 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
              "backbone and stylised offline domains, not a reproduction of the paper's ViT / Meta-Dataset numbers.", "",
              "## Results (zero-shot accuracy %, ± 95% CI)", "", markdown_table(results).rstrip(), "",
              "Averages' 95% CI (independent domains): " + ", ".join(
-                 f"{m} ID ±{100 * _avg_ci(res[m]['zeroshot'], 'id'):.2f} / OOD ±{100 * _avg_ci(res[m]['zeroshot'], 'ood'):.2f}"
-                 for m in res) + ". Per-episode accuracies: `eval/episodes.json`; raw numbers: `eval/results.json`.", "",
+                 f"{m} ID ±{100 * _avg_ci(res[m]['zeroshot'], 'id'):.2f} / "
+                 f"OOD ±{100 * _avg_ci(res[m]['zeroshot'], 'ood'):.2f}"
+                 for m in res) + ". Per-episode accuracies: `eval/episodes.json`; raw numbers: "
+             "`eval/results.json`.", "",
              "## What was trained", "",
              f"- Backbone: `{smat_cfg.model.name}` with ImageNet weights `{smat_cfg.model.pretrained}`, "
              f"{smat_cfg.model.image_size} px inputs.",
@@ -99,7 +102,8 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
              f"{sum(train_sp) / M:.3f}; final merge temperature {last.get('temperature', float('nan')):.2f}; "
              f"training query accuracy (last 20 logged steps) {100 * _mean(smat_m, 'acc/query'):.1f}%.",
              f"- P>M>F: {pmf_cfg.train.tasks} tasks, the same episodes and schedule, dense SGD lr "
-             f"{pmf_cfg.method.pmf_lr:g}; training query accuracy (last 20 steps) {100 * _mean(pmf_m, 'acc/query'):.1f}%.",
+             f"{pmf_cfg.method.pmf_lr:g}; training query accuracy (last 20 steps) "
+             f"{100 * _mean(pmf_m, 'acc/query'):.1f}%.",
              "- Short-run settings that differ from the paper's recipe (demo value / paper value): " + "; ".join(
                  f"`{k}` {_get(smat_cfg, k)} / {v}" for k, v in PAPER.items()) + ".", "",
              "## Data", ""] + _data_rows(eval_cfg) + ["",

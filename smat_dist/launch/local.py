@@ -87,7 +87,8 @@ def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_F
     if progress:
         from smat_dist.launch.relay import LogRelay
 
-        relay = LogRelay(logs / "rank0.log", cfg.train.tasks, desc=progress_label)   # from the log's current end (a resume appends)
+        # from the log's current end (a resume appends)
+        relay = LogRelay(logs / "rank0.log", cfg.train.tasks, desc=progress_label)
     for r in range(nproc):
         log_path, result_path = str(logs / f"rank{r}.log"), str(logs / f"rank{r}.result.pkl")
         if os.path.exists(result_path):
