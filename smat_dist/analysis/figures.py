@@ -34,7 +34,7 @@ def _chunks(space, pool):
             if a >= b:
                 continue
             la = pool.entry_log_alpha(a - pool.lo, b - pool.lo).clamp(-pool.cfg.clamp, pool.cfg.clamp)
-            yield info, hc.gate(la, train=False) > 0
+            yield info, hc.gate(la, train=False, eval_beta=hc.eval_beta(pool.cfg)) > 0
 
 
 def _sum(t: torch.Tensor, reduce) -> torch.Tensor:

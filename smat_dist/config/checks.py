@@ -15,12 +15,15 @@ from smat_dist.config.schema import (
     Backend,
     ConfigError,
     EpisodeMode,
+    EvalGate,
     EvalMode,
+    LambdaScale,
     LauncherName,
     MethodName,
     OnCorrupt,
     PoolPath,
     Precision,
+    SparsityInit,
     WandbMode,
 )
 
@@ -41,6 +44,9 @@ def t_decay_for(tasks: float, t_start: float, t_min: float) -> float:
 ENUMS: list[tuple[str, type[Enum], bool, bool]] = [
     ("method.name", MethodName, False, False),
     ("data.mode", EpisodeMode, False, False),
+    ("method.sparsity.init", SparsityInit, False, False),
+    ("method.sparsity.eval_gate", EvalGate, False, False),
+    ("method.sparsity.lambda_lr_scale", LambdaScale, False, False),
     ("data.on_corrupt", OnCorrupt, False, False),
     ("dist.pool", PoolPath, False, False),
     ("dist.backend", Backend, False, True),
@@ -85,6 +91,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method.sparsity.lambda_lr": ge(0),
     "method.sparsity.mask_lr": gt(0),
     "method.sparsity.mask_clip": ge(0),
+    "method.sparsity.schedule_share": between(0, 1),
     "method.hypernet.tokens": ge(1),
     "method.hypernet.heads": ge(1),
     "method.hypernet.mlp_ratio": gt(0),
@@ -203,6 +210,8 @@ def _cross(cfg: Any) -> None:
     if sp.lean and sp.noise_eps != 0:
         raise ConfigError(f"method.sparsity.lean=true needs method.sparsity.noise_eps=0 (the deterministic gate), "
                           f"got {sp.noise_eps}")
+    if sp.init == SparsityInit.hard and sp.init_std <= 0:
+        raise ConfigError(f"method.sparsity.init=hard needs method.sparsity.init_std > 0, got {sp.init_std}")
     if sp.lean and sp.structured:
         raise ConfigError("method.sparsity.lean=true: allowed only with method.sparsity.structured=false")
     if m.teacher.blockwise and m.teacher.top_fraction < 1:

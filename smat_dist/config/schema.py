@@ -37,6 +37,22 @@ class OnCorrupt(StrEnum):
     skip = "skip"           # replaced by another image of its class, the same on every rank and after resume
 
 
+class SparsityInit(StrEnum):
+    normal = "normal"       # N(init_mean, init_std^2): upstream (mean 0, every mask ~0.5, sparsity ~0)
+    hard = "hard"           # mean chosen so a share tau of the logits starts below the training gate's zero
+    l0 = "l0"               # mean chosen so the expected L0 density starts at 1 - tau
+
+
+class LambdaScale(StrEnum):
+    none = "none"           # the multipliers' lr is method.sparsity.lambda_lr (upstream)
+    numel = "numel"         # lambda_lr per million pool entries: lr = lambda_lr * numel / 1e6
+
+
+class EvalGate(StrEnum):
+    upstream = "upstream"   # eval gate at beta 1: zero only below log_alpha -2.398 (train: -1.599)
+    train = "train"         # eval gate at the training gate's beta 2/3: eval masks = training masks
+
+
 class PoolPath(StrEnum):
     sharded = "sharded"     # merge where the shard lives (per-task bytes independent of M)
     gather = "gather"       # all-gather every mask (what plain ZeRO-3 does; comparison only)
@@ -107,6 +123,16 @@ class SparsityConfig:
     lambda_lr: float = 0.002
     mask_lr: float = 1.0e6
     mask_clip: float = 5.0
+    # Reaching tau within a short run (README, "Sparsity"). The defaults here are upstream's (masks start
+    # dense, tau from the first task, multiplier lr as given, eval gate at beta 1); configs/method/smat*.yaml
+    # set the short-run values.
+    init: SparsityInit = SparsityInit.normal
+    # tau ramps linearly from 0 to target over this share of method.total_tasks (0: target from the start)
+    schedule_share: float = 0.0
+    # numel: lambda_lr is per million pool entries. A multiplier moves each logit by ~mask_lr * lambda * w / numel
+    # per step, so the lr that reaches tau without overshoot grows with the pool (measured, README "Sparsity")
+    lambda_lr_scale: LambdaScale = LambdaScale.none
+    eval_gate: EvalGate = EvalGate.upstream
 
 
 @dataclass

@@ -63,15 +63,16 @@ class ExpertPool(FusedPoolPasses, nn.Module):
         self.lo, self.hi, self.numel, self.experts, self.cfg = lo, hi, numel, experts, cfg
         self.layout = layout
         self.delta = nn.Parameter(torch.zeros(hi - lo))
+        mean = hc.init_mean(cfg)  # cfg.init_mean, or chosen from the target (method.sparsity.init)
         if layout is None:
-            self.log_alpha = nn.Parameter(_chunked_normal(seed, lo, hi, experts, cfg.init_mean, cfg.init_std))
+            self.log_alpha = nn.Parameter(_chunked_normal(seed, lo, hi, experts, mean, cfg.init_std))
             # Padding entries beyond the real parameters must never count towards sparsity nor move.
             self.register_buffer("valid", (torch.arange(lo, hi) < numel), persistent=False)
             self.index = self.sizes = self.owned = None
         else:
             if layout.index.numel() != hi - lo:
                 raise ValueError(f"group layout covers {layout.index.numel()} entries, the slice {hi - lo}")
-            self.log_alpha = nn.Parameter(_rows_normal(seed, layout.ids, experts, cfg.init_mean, cfg.init_std))
+            self.log_alpha = nn.Parameter(_rows_normal(seed, layout.ids, experts, mean, cfg.init_std))
             self.register_buffer("valid", layout.ids < layout.total_groups, persistent=False)
             self.register_buffer("index", layout.index, persistent=False)
             self.register_buffer("sizes", layout.sizes, persistent=False)
@@ -122,7 +123,8 @@ class ExpertPool(FusedPoolPasses, nn.Module):
 
     def masks(self, train: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         """z [n, M]; computed once per optimiser step (the masks do not depend on the task)."""
-        z = hc.gate(self.log_alpha, train=train, eps=self.cfg.noise_eps if train else 0.0, generator=generator)
+        z = hc.gate(self.log_alpha, train=train, eps=self.cfg.noise_eps if train else 0.0, generator=generator,
+                    eval_beta=hc.eval_beta(self.cfg))
         return z * self.valid.unsqueeze(1)
 
     @torch.no_grad()

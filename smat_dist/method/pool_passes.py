@@ -66,7 +66,7 @@ class FusedPoolPasses:
         slice's `stats` while each chunk is in cache: (z, stats) instead of z. store=False (the lean pool)
         computes each chunk in a scratch buffer for the statistics only and returns None for z."""
         la = self.log_alpha
-        beta = hc.BETA if train else 1.0
+        beta = hc.BETA if train else hc.eval_beta(self.cfg)
         eps = self.cfg.noise_eps if train else 0.0
         if not store and eps > 0:
             raise ValueError("masks cannot be recomputed with the noisy gate (method.sparsity.noise_eps > 0)")
@@ -76,7 +76,8 @@ class FusedPoolPasses:
         for a, b in self._rows():
             x, lc = (z[a:b] if z is not None else self._scratch(b - a)[3]), la[a:b]
             if fused and b - a == self._chunk_rows() and b <= self.n_valid:
-                sums = kernel("_masks_stats")(x, lc, 1.0 / beta, self.cfg.clamp, -hc.threshold(train=False))
+                sums = kernel("_masks_stats")(x, lc, 1.0 / beta, self.cfg.clamp,
+                                              -hc.threshold(train=False, eval_beta=hc.eval_beta(self.cfg)))
                 for i in range(3):
                     stats[i] += sums[i]
                 continue
@@ -94,7 +95,7 @@ class FusedPoolPasses:
     @torch.no_grad()
     def gate_rows(self, a: int, b: int, out: torch.Tensor, train: bool = True) -> torch.Tensor:
         """Deterministic-gate masks of rows [a, b) into `out`."""
-        beta = hc.BETA if train else 1.0
+        beta = hc.BETA if train else hc.eval_beta(self.cfg)
         return self._gate_tail_(torch.mul(self.log_alpha[a:b], 1.0 / beta, out=out), a, b)
 
     def _gate_tail_(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
@@ -144,7 +145,7 @@ class FusedPoolPasses:
         return f1
 
     def _grad_pass(self, g_z, penalty_coef, train: bool):
-        beta = hc.BETA if train else 1.0
+        beta = hc.BETA if train else hc.eval_beta(self.cfg)
         c = 1.0 / ((hc.ZETA - hc.GAMMA) * beta)
         w_c = g_z[1] * c if isinstance(g_z, tuple) else None
         coef = None if penalty_coef is None else penalty_coef.to(self.log_alpha.dtype).unsqueeze(0)
@@ -229,7 +230,7 @@ class FusedPoolPasses:
         if a >= b:
             return
         zc, la = zc[: b - a], self.log_alpha[a:b]
-        thr = -hc.threshold(train=False)
+        thr = -hc.threshold(train=False, eval_beta=hc.eval_beta(self.cfg))
         f1 = self._scratch(b - a)[2]
         if self.sizes is None:
             # comparisons written as 0/1 floats (a bool column sum is ~4x slower); float32 partial sums

@@ -41,7 +41,11 @@ class SparsePool:
         self.store, self.merger, self.cfg = store, merger, cfg
         self.reduce = reduce or _identity
         self.world = world
-        self.controller = LagrangeController(cfg.experts, cfg.sparsity.target, cfg.sparsity.lambda_lr)
+        sp = cfg.sparsity
+        # lambda_lr_scale=numel: the lr is per million pool entries (store.numel is the whole pool's)
+        lam_lr = sp.lambda_lr * (store.numel / 1e6 if str(sp.lambda_lr_scale) == "numel" else 1.0)
+        self.controller = LagrangeController(cfg.experts, sp.target, lam_lr,
+                                             schedule_tasks=sp.schedule_share * cfg.total_tasks)
         self.optimizer = PoolOptimizer(store, cfg)
         self._train = False
 
@@ -89,9 +93,9 @@ class SparsePool:
         coef = (ctl.multipliers * w_mean / numel).float()
         lag = ctl.lagrangian(sparsity, w_mean)
         penalty = float(ctl.penalty(density, w_mean))
+        out = {"loss/sparsity_penalty": penalty, "loss/lagrangian": lag, "sparsity/target": ctl.current_target()}
         if update:
-            ctl.update(sparsity, w_mean, lr_factor)
-        out = {"loss/sparsity_penalty": penalty, "loss/lagrangian": lag}
+            ctl.update(sparsity, w_mean, lr_factor, tasks=float(stats[4 * M]))
         values = torch.stack([sparsity, eval_sparsity, density, ctl.multipliers, w_mean]).cpu().tolist()
         for name, row in zip(("sparsity", "sparsity_eval", "density_l0", "lambda", "w_mean"), values):
             for i, v in enumerate(row):
@@ -128,12 +132,15 @@ class SparsePool:
 
     def replicated_state(self) -> dict:
         """State that is identical on every rank (the multipliers are updated from all-reduced counts)."""
-        return {"multipliers": self.controller.multipliers.detach().clone(), "experts": self.cfg.experts,
+        return {"multipliers": self.controller.multipliers.detach().clone(),
+                "sparsity_tasks": self.controller.tasks.detach().clone(), "experts": self.cfg.experts,
                 "structured": self.store.structured, "numel": self.store.numel}
 
     def load_replicated(self, replicated: dict) -> None:
         with torch.no_grad():
             self.controller.multipliers.copy_(replicated["multipliers"].to(self.controller.multipliers))
+            if "sparsity_tasks" in replicated:  # checkpoints before the sparsity schedule have none
+                self.controller.tasks.copy_(replicated["sparsity_tasks"].to(self.controller.tasks))
 
     def state_dict(self) -> dict:
         """The whole local state in one dict (single process, tests; checkpoints go through sharded_tensors)."""
