@@ -12,7 +12,40 @@ from smat_dist.eval.report import markdown_table
 # what the paper's recipe uses for the keys the demo shortens (configs/demo.yaml), to say so in the report
 PAPER = {"train.tasks": "~50,000", "method.warmup_tasks": 400, "method.total_tasks": 50000, "method.delta_lr": 1e-4,
          "method.pmf_lr": 5e-4, "method.hypernet.t_decay": 4000.0, "method.hypernet.lr": 1e-4,
-         "method.sparsity.lambda_lr": 0.002}
+         "method.sparsity.lambda_lr": 0.002, "method.sparsity.lambda_lr_scale": "none",
+         "method.sparsity.schedule_share": 0.0, "method.sparsity.eval_gate": "upstream"}
+
+# an expert further than this from tau (in either gate) means the run is not "SMAT at tau"
+SPARSITY_TOL = 0.05
+
+
+def sparsity_reached(rows: list[dict], experts: int, target: float, tol: float = SPARSITY_TOL) -> dict:
+    """Target vs reached sparsity per expert (training and eval gates) from the SMAT run's metrics.jsonl: the
+    last logged training step that has the counts (taken at the start of that step). `ok` is False when any
+    expert is more than `tol` from target in either gate, or when no step logged them."""
+    last = next((r for r in reversed(rows) if "sparsity/expert0" in r), None)
+    if last is None:
+        return {"ok": False, "train": [], "eval": [], "step": None, "worst": float("nan"), "target": target}
+    train = [float(last.get(f"sparsity/expert{i}", float("nan"))) for i in range(experts)]
+    ev = [float(last.get(f"sparsity_eval/expert{i}", float("nan"))) for i in range(experts)]
+    gaps = [abs(v - target) for v in train + ev]
+    worst = max(gaps) if all(g == g for g in gaps) else float("nan")   # nan (a missing count) fails
+    return {"ok": worst <= tol, "train": train, "eval": ev, "worst": worst, "target": target,
+            "step": last.get("step", last.get("tasks"))}
+
+
+def _sparsity_verdict(sp: dict) -> str:
+    tau = sp["target"]
+    if not sp["train"]:
+        return (f"**not checked as SMAT at τ={tau:.2f}**: the SMAT run's metrics.jsonl has no sparsity counts, "
+                "so the comparisons below are of an expert pool of unknown sparsity")
+    if sp["ok"]:
+        return (f"SMAT at τ={tau:.2f}: every expert within {SPARSITY_TOL} of τ in both gates (largest gap "
+                f"{sp['worst']:.3f}; per expert in \"What was trained\")")
+    return (f"**not SMAT at τ={tau:.2f}**: an expert is {sp['worst']:.3f} from τ (more than {SPARSITY_TOL}; "
+            f"training gate {min(sp['train']):.3f}-{max(sp['train']):.3f}, eval gate {min(sp['eval']):.3f}-"
+            f"{max(sp['eval']):.3f}), so the comparisons below are of a less sparse (or sparser) expert pool than "
+            "the one the paper's claims are about")
 
 
 def _get(cfg, dotted: str):
@@ -71,13 +104,15 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
     smat_m, pmf_m = _metrics(out / "smat"), _metrics(out / "pmf")
     last = smat_m[-1] if smat_m else {}
     M = smat_cfg.method.experts
-    eval_sp = [last.get(f"sparsity_eval/expert{i}", float("nan")) for i in range(M)]
-    train_sp = [last.get(f"sparsity/expert{i}", float("nan")) for i in range(M)]
+    sp = sparsity_reached(smat_m, M, float(smat_cfg.method.sparsity.target))
+    eval_sp = sp["eval"] or [float("nan")] * M
+    train_sp = sp["train"] or [float("nan")] * M
     d, e = smat_cfg.data, results["meta"]["episode_config"]
     lines = [f"# smat-demo report{' (--quick smoke run: numbers mean nothing)' if quick else ''}", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in `{out}`. Settings: `configs/demo.yaml` "
              "(+ command-line overrides); each run folder holds its resolved `config.yaml`.", "",
              "## Verdict (the paper's claims, checked on this run)", "",
+             "- Sparsity: " + _sparsity_verdict(sp),
              "- SMAT ≥ P>M>F on OOD: " + _claim("SMAT", _z(res, "smat"), "P>M>F", _z(res, "pmf"), "ood",
                                                  strict=False),
              "- SMAT > pre-trained on ID: " + _claim("SMAT", _z(res, "smat"), "pre-trained",
@@ -97,9 +132,11 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
              f"classes (test episodes: their test classes and every OOD class).",
              f"- SMAT: {smat_cfg.train.tasks} tasks on {smat_cfg.launcher.nproc} ranks (DeepSpeed ZeRO "
              f"{smat_cfg.dist.zero_stage}, sharded expert pool), {M} experts, target sparsity "
-             f"{smat_cfg.method.sparsity.target:.2f}; sparsity reached at the end: eval-mode masks "
-             f"{', '.join(f'{s:.3f}' for s in eval_sp)} (mean {sum(eval_sp) / M:.3f}), sampled training masks mean "
-             f"{sum(train_sp) / M:.3f}; final merge temperature {last.get('temperature', float('nan')):.2f}; "
+             f"{smat_cfg.method.sparsity.target:.2f} (eval gate: {smat_cfg.method.sparsity.eval_gate}); sparsity "
+             f"reached at the last logged step, per expert, training gate "
+             f"{', '.join(f'{v:.3f}' for v in train_sp)} (mean {sum(train_sp) / M:.3f}), eval gate "
+             f"{', '.join(f'{v:.3f}' for v in eval_sp)} (mean {sum(eval_sp) / M:.3f}); "
+             f"final merge temperature {last.get('temperature', float('nan')):.2f}; "
              f"training query accuracy (last 20 logged steps) {100 * _mean(smat_m, 'acc/query'):.1f}%.",
              f"- P>M>F: {pmf_cfg.train.tasks} tasks, the same episodes and schedule, dense SGD lr "
              f"{pmf_cfg.method.pmf_lr:g}; training query accuracy (last 20 steps) "
