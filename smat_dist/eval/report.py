@@ -46,11 +46,33 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_table(results: dict, per_episode: dict) -> str:
+    """Markdown of the paired per-episode differences between methods (zero-shot and every mode evaluated):
+    the same fixed episodes serve every method, so these intervals are the ones to read a comparison by."""
+    from smat_dist.eval.stats import paired_comparisons
+
+    lines = []
+    for mode in results["meta"]["modes"]:
+        comps = paired_comparisons(results, per_episode, mode)
+        if not comps:
+            continue
+        lines += ["", f"### Paired differences, {mode} (accuracy points, mean ± 95% CI over the same episodes; "
+                  "p: paired t-test)", "", "| comparison | domain | difference | p |", "|---|---|---|---|"]
+        for name, c in comps.items():
+            for dom, p in c["domains"].items():
+                lines.append(f"| {name} | {dom} | {100 * p['diff']:+.2f} ± {100 * p['ci95']:.2f} | {p['p']:.3g} |")
+            for kind in ("id", "ood"):
+                if c[kind]["diff"] is not None:
+                    lines.append(f"| {name} | {kind.upper()} average | {100 * c[kind]['diff']:+.2f} ± "
+                                 f"{100 * c[kind]['ci95']:.2f} | |")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def write_results(out_dir, results: dict, per_episode: dict) -> dict[str, str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "episodes": out / "episodes.json", "markdown": out / "results.md"}
     _atomic_write(paths["json"], json.dumps(results, indent=1, sort_keys=False))
     _atomic_write(paths["episodes"], json.dumps(per_episode))
-    _atomic_write(paths["markdown"], markdown_table(results))
+    _atomic_write(paths["markdown"], markdown_table(results) + paired_table(results, per_episode))
     return {k: str(v) for k, v in paths.items()}
