@@ -21,15 +21,6 @@ MICRO_VIT = ModelConfig(name="vit_tiny_patch16_224", image_size=32, patch_size=8
 DEMO_TASKS, PER_STEP, EXPERTS = 160, 2, 8   # the demo: 160 tasks, steps of 2 tasks (2 ranks x 1)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A 6.7k-parameter model only loses to thread hand-offs on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(target: float, short_run: bool) -> MethodConfig:
     """The demo's short schedule (configs/demo.yaml); short_run: configs/method/smat.yaml's sparsity controller,
     else upstream's (multiplier lr 0.002, tau from the first task, eval gate at beta 1)."""
