@@ -3,7 +3,7 @@
 A checkpoint is a dict of named parts, each of which saves and loads itself; the checkpointer owns the
 folder, atomicity, the manifest, checksums, keep-last-K, asynchronous writing and re-slicing. Three kinds:
   sharded  (the expert pool: `sharded_tensors`, `row_index`, `replicated_state`, `load_replicated`)
-           -> `<name>-rank<r>.safetensors`, one per rank, read back by byte range (shard_file.py);
+           -> `<name>-rank<r>.safetensors`, one per rank (shard_file.py), re-sliced by byte range (reshard.py);
   engine   (DeepSpeed: `save_to(folder)`, `load_from(folder, universal)`, `own_files(folder, rank)`)
            -> whatever the engine writes, collectively;
   state    (`state_dict` / `load_state_dict`; `per_rank = True` for one file per rank) -> `<name>.pt`.
@@ -33,15 +33,13 @@ from pathlib import Path
 
 import torch
 
-from smat_dist.distributed.shard_file import ShardError, ShardReader, hash_file, write_shard
+from smat_dist.distributed.errors import CheckpointError
+from smat_dist.distributed.reshard import load_sharded
+from smat_dist.distributed.shard_file import ShardError, hash_file, write_shard
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
 FORMAT_VERSION = 2
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _kind(part) -> str:
@@ -70,7 +68,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _index_record(index, t: torch.Tensor) -> dict:
+def _index_record(index) -> dict:
     if index[0] == "range":
         lo, hi, numel = index[1:]
         return {"index": "range", "lo": lo, "hi": min(hi, numel)}
@@ -195,7 +193,7 @@ class Checkpointer:
                     else:
                         data[f"{tname}.ids"] = _host_copy(index[1], True)
                     data[tname] = _host_copy(rows, self.async_save, self._host, (pname, tname))
-                    recs[tname] = _index_record(index, t)
+                    recs[tname] = _index_record(index)
                 metadata = {"part": pname, "rank": str(rank), "world": str(comm.world),
                             "replicated": json.dumps({k: v for k, v in rep.items() if not isinstance(v, torch.Tensor)}),
                             "tensors": json.dumps(recs)}
@@ -243,7 +241,6 @@ class Checkpointer:
             self._raise()
             comm.barrier()
             self.stats["block_s"] = time.perf_counter() - t0
-        self.stats["total_s_started"] = t0
         self.last_saved = final
         return final
 
@@ -361,114 +358,3 @@ def _save_pt(path: Path, sd) -> dict:
 def _save_text(path: Path, text: str) -> dict:
     _fsync_write(path, text)
     return hash_file(path)
-
-
-def load_sharded(ck: Path, manifest: dict, pname: str, part, counter: dict) -> None:
-    """Re-slice a sharded part to this rank's rows, reading only the overlapping byte ranges."""
-    entries = manifest.get("shards", {}).get(pname)
-    if not entries:
-        raise CheckpointError(f"checkpoint {ck} holds no shards of part {pname!r}")
-    saved = entries[0]["tensors"]
-    dest = part.sharded_tensors(loading=frozenset(saved))
-    readers: dict[str, ShardReader] = {}
-
-    def reader(entry) -> ShardReader:
-        rel = entry["file"]
-        if rel not in readers:
-            if rel not in manifest["files"]:
-                raise CheckpointError(f"checkpoint {ck}: shard {rel} is not in its manifest")
-            if not (ck / rel).is_file():
-                raise CheckpointError(f"checkpoint {ck} is missing {rel}")
-            readers[rel] = ShardReader(ck / rel, manifest["files"][rel])
-        return readers[rel]
-
-    try:
-        for tname, out in dest.items():
-            if tname not in saved:
-                continue
-            index = part.row_index(tname)
-            kind = saved[tname]["index"]
-            if (kind == "ids") != (index[0] == "ids"):
-                raise CheckpointError(
-                    f"checkpoint {ck} has {'structured' if kind == 'ids' else 'unstructured'} masks, this run has "
-                    f"method.sparsity.structured={index[0] == 'ids'}")
-            if index[0] == "range":
-                _read_range(ck, entries, tname, index, out, reader)
-            else:
-                _read_ids(ck, entries, tname, index, out, reader)
-        first = None
-        lo_hi = part.row_index("delta")
-        for e in entries:   # replicated state: from a shard this rank opens anyway, else the first one
-            rec = e["tensors"].get("delta", {})
-            if rec.get("lo", 0) < lo_hi[2] and rec.get("hi", 0) > lo_hi[1]:
-                first = e
-                break
-        r = reader(first or entries[0])
-        rep: dict = json.loads(r.metadata.get("replicated", "{}"))
-        for name in r.header:
-            if name.startswith("_replicated."):
-                rep[name[len("_replicated."):]] = r.read(name)
-        part.load_replicated(rep)
-    finally:
-        for r in readers.values():
-            counter["hashed"] += r.hashed
-            r.close()
-
-
-def _check_row_shape(ck, r: ShardReader, tname: str, out: torch.Tensor) -> None:
-    shape = r.shape(tname)
-    if list(shape[1:]) != list(out.shape[1:]):
-        raise CheckpointError(f"checkpoint {ck}: {tname} rows have shape {shape[1:]} in {r.path.name}, this run "
-                              f"has {list(out.shape[1:])} (a different number of experts?)")
-
-
-def _read_range(ck, entries, tname, index, out, reader) -> None:
-    lo, hi, numel = index[1:]
-    want_hi = min(hi, numel)
-    covered = 0
-    for e in entries:
-        rec = e["tensors"][tname]
-        a, b = max(lo, rec["lo"]), min(want_hi, rec["hi"])
-        if a >= b:
-            continue
-        r = reader(e)
-        _check_row_shape(ck, r, tname, out)
-        r.read_rows_into(tname, a - rec["lo"], b - rec["lo"], out[a - lo:b - lo])
-        covered += b - a
-    if covered != max(0, want_hi - lo):
-        raise CheckpointError(f"checkpoint {ck}: the shards of {tname} cover {covered} of entries [{lo}, {want_hi}) "
-                              "(a different backbone layout?)")
-
-
-def _read_ids(ck, entries, tname, index, out, reader) -> None:
-    ids, total = index[1], index[2]
-    want = ids < total                       # padding groups keep their initial rows
-    found = torch.zeros(ids.numel(), dtype=torch.bool)
-    if ids.numel() == 0:
-        return
-    lo_id, hi_id = int(ids[0]), int(ids[want].max()) if bool(want.any()) else -1
-    for e in entries:
-        rec = e["tensors"][tname]
-        if rec["rows"] == 0 or rec["last"] < lo_id or rec["first"] > hi_id:
-            continue
-        r = reader(e)
-        _check_row_shape(ck, r, tname, out)
-        src_ids = r.read(f"{tname}.ids")
-        pos = torch.searchsorted(src_ids, ids).clamp_max(src_ids.numel() - 1)
-        hit = (src_ids[pos] == ids) & ~found & want
-        dst = torch.nonzero(hit).flatten()
-        if dst.numel() == 0:
-            continue
-        src = pos[dst]
-        # contiguous runs in both source and destination rows: one read each
-        brk = torch.nonzero((dst[1:] != dst[:-1] + 1) | (src[1:] != src[:-1] + 1)).flatten() + 1
-        starts = [0] + brk.tolist()
-        ends = brk.tolist() + [dst.numel()]
-        for s, t in zip(starts, ends):
-            d0, s0, n = int(dst[s]), int(src[s]), t - s
-            r.read_rows_into(tname, s0, s0 + n, out[d0:d0 + n])
-        found |= hit
-    missing = want & ~found
-    if bool(missing.any()):
-        raise CheckpointError(f"checkpoint {ck} holds no mask row for gate group {int(ids[missing][0])} "
-                              "(a different backbone layout?)")
