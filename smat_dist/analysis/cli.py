@@ -2,10 +2,13 @@
 
   smat-analyze runs/2026-01-01_12-00-00            # capacity, mask overlap, expert-selection dendrogram
   smat-analyze runs/sweep_2026-01-01_12-00-00      # ID vs OOD by sparsity and experts (runs with results.json)
+  smat-analyze runs/demo/sweep --reference runs/demo/eval   # + paired differences against P>M>F, pre-trained
 
 A run folder (config.yaml + checkpoints) gives the mask figures; the dendrogram uses --episodes fixed
 episodes of each domain in data.sources + data.eval_sources (split --split). A folder of run folders that
-hold results.json + config.yaml gives the trade-off plot. PNGs and analysis.json go to --out
+hold config.yaml and an evaluation (results.json + episodes.json, in the folder or its eval/) gives the
+trade-off plot, the sweep table (sweep.md: reached sparsity, averages, paired differences against the
+--reference evaluation) and every run's sparsity trajectories. PNGs and analysis.json go to --out
 (default RUN_DIR/analysis); one JSON line with the figure paths is printed.
 """
 from __future__ import annotations
@@ -64,15 +67,20 @@ def _init_from_env() -> None:
         dist.init_process_group("nccl" if __import__("torch").cuda.is_available() else "gloo")
 
 
-def analyze_sweep(sweep_dir: Path, out: Path, method: str, mode: str) -> dict:
-    from smat_dist.analysis.figures import plot_tradeoff, sweep_points
+def analyze_sweep(sweep_dir: Path, out: Path, method: str, mode: str, reference: Path | None = None) -> dict:
+    """The sweep's table, trade-off figure and sparsity trajectories; with `reference` (an evaluation of
+    P>M>F / the pre-trained model on the same episodes) every run's paired differences against them."""
+    from smat_dist.analysis import sweep
 
-    pts = sweep_points(sweep_dir, method, mode)
-    return {"sweep": pts, "figures": {"tradeoff": plot_tradeoff(pts, out / "tradeoff.png")}}
+    res = sweep.collect(sweep.scan(sweep_dir), reference=reference, method=method, mode=mode)
+    files = sweep.write(res, out)
+    return {"sweep": res, "figures": {k: files[k] for k in ("tradeoff", "trajectories")}}
 
 
 def _is_sweep(d: Path) -> bool:
-    return any((c / "results.json").is_file() for c in d.iterdir() if c.is_dir())
+    from smat_dist.analysis.sweep import results_dir
+
+    return any((c / "config.yaml").is_file() and results_dir(c) is not None for c in d.iterdir() if c.is_dir())
 
 
 def _log_to_wandb(run_dir: Path, figures: dict) -> None:
@@ -103,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="test", help="split of the expert-selection episodes")
     ap.add_argument("--method", default="smat", help="sweep: which method's results to plot")
     ap.add_argument("--mode", default="zeroshot", help="sweep: which eval mode's results to plot")
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="sweep: an evaluation folder of P>M>F / pre-trained on the same episodes (paired differences)")
     ap.add_argument("--nproc", type=int, default=1,
                     help="local CPU ranks that each hold 1/N of the pool (for pools larger than one process)")
     args = ap.parse_args(argv)
@@ -116,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"{d}: no such folder")
         res = {}
         if _is_sweep(d):
-            res.update(analyze_sweep(d, out, args.method, args.mode))
+            res.update(analyze_sweep(d, out, args.method, args.mode, args.reference))
         if (d / "config.yaml").is_file():
             if args.nproc < 1:
                 raise ValueError(f"--nproc must be >= 1, got {args.nproc}")

@@ -3,13 +3,11 @@
 - capacity: fraction of non-zero entries of the experts' eval-mode masks, by layer type and by block depth;
 - expert selection: mean merging weights w per domain, clustered into a dendrogram (scipy, average linkage);
 - overlap: pairwise IoU of the experts' non-zero sets;
-- trade-off: ID vs OOD average accuracy of the runs of a sweep, by target sparsity and number of experts.
 Masks are computed one parameter tensor at a time, so an [n, M] mask of the whole pool is never held.
 The statistics are per slice and summed over ranks, so no process holds the whole pool (smat-analyze --nproc).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -105,31 +103,6 @@ def selection_by_domain(setup, episodes_by_domain: dict) -> dict[str, np.ndarray
     return out
 
 
-def sweep_points(sweep_dir, method: str = "smat", mode: str = "zeroshot") -> list[dict]:
-    """(sparsity target, experts, ID avg, OOD avg) of every run folder under `sweep_dir` that has both a
-    results.json and a config.yaml (folders missing either are skipped with a warning)."""
-    from smat_dist.config.hydra import load_yaml
-
-    pts = []
-    for d in sorted(Path(sweep_dir).iterdir()):
-        if not d.is_dir():
-            continue
-        rj, cy = d / "results.json", d / "config.yaml"
-        if not (rj.is_file() and cy.is_file()):
-            log.warning("sweep: skipping %s (needs results.json and config.yaml)", d)
-            continue
-        cfg = load_yaml(cy)
-        try:
-            r = json.loads(rj.read_text())["results"][method][mode]
-        except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{rj}: no results for {method}/{mode} ({e})") from e
-        pts.append({"run": d.name, "sparsity": cfg.method.sparsity.target, "experts": cfg.method.experts,
-                    "id_avg": r["id_avg"], "ood_avg": r["ood_avg"]})
-    if not pts:
-        raise ValueError(f"{sweep_dir}: no run folder with results.json and config.yaml")
-    return pts
-
-
 # ---------------------------------------------------------------- figures
 
 def _save(fig, path) -> str:
@@ -194,24 +167,6 @@ def plot_overlap(iou: np.ndarray, path) -> str:
     ax.set_ylabel("expert")
     ax.set_title("mask overlap (IoU of non-zeros)")
     fig.colorbar(im, ax=ax)
-    return _save(fig, path)
-
-
-def plot_tradeoff(points: list[dict], path) -> str:
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    markers = ["o", "s", "^", "D", "v", "P", "X"]
-    experts = sorted({p["experts"] for p in points})
-    sc = None
-    for k, m in enumerate(experts):
-        ps = [p for p in points if p["experts"] == m]
-        sc = ax.scatter([100 * p["id_avg"] for p in ps], [100 * (p["ood_avg"] or 0) for p in ps],
-                        c=[p["sparsity"] for p in ps], cmap="viridis", vmin=0, vmax=1,
-                        marker=markers[k % len(markers)], s=60, edgecolors="k", label=f"{m} experts")
-    ax.set_xlabel("ID average accuracy (%)")
-    ax.set_ylabel("OOD average accuracy (%)")
-    ax.set_title("ID vs OOD by sparsity and number of experts")
-    ax.legend()
-    fig.colorbar(sc, ax=ax, label="target sparsity")
     return _save(fig, path)
 
 

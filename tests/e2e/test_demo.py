@@ -1,7 +1,8 @@
 """smat-demo --quick end to end through its console entry point: real offline domains (Noto scripts, textures,
 digits) from the package cache, real EfficientNet-Lite0 ImageNet weights, SMAT and P>M>F trained on 2 local
 ranks through DeepSpeed, zero-shot meta-testing of three methods, figures and the report; then a rerun that
-must skip every finished phase. About 2-3 minutes on 2 CPU cores."""
+must skip every finished phase; then --sweep on the same folder (two more SMAT runs). About 4 minutes on 2 CPU
+cores."""
 from __future__ import annotations
 
 import json
@@ -99,3 +100,36 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
     assert all(t["status"].startswith("skipped") for t in timings.values()), timings
     assert "already trained" in r2.stderr and "launched" not in r2.stderr
     assert seconds < 60
+    _check_sweep(out, tree)
+
+
+def _check_sweep(out: Path, tree: Path) -> None:
+    """smat-demo --quick --sweep on a finished demo: SMAT at two targets and with random masks, each trained on
+    2 ranks and evaluated on the demo's episodes; the table pairs each with the demo's P>M>F and pre-trained
+    results. Only the sweep phase runs."""
+    r, _ = _demo(out, "--extra-ood", str(tree), "--sweep", "--sweep-taus", "0.5,0.9", "--sweep-experts", "2",
+                 "--sweep-baselines", "random")
+    assert r.returncode == 0, f"smat-demo --sweep failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    assert "== phase sweep" in r.stderr
+    # tau=0.9, M=2 is the demo's own SMAT run (not trained twice); the other two are new run folders
+    assert sorted(p.name for p in (out / "sweep").iterdir() if p.is_dir()) == ["tau0.5_M2", "tau0.9_M2_random"]
+    assert "tau0.9_M2 is the demo's SMAT run" in r.stderr
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    pts = {p["run"]: p for p in sweep["points"]}
+    assert set(pts) == {"smat", "tau0.5_M2", "tau0.9_M2_random"}
+    assert (pts["tau0.5_M2"]["tau"], pts["tau0.9_M2_random"]["pattern"]) == (0.5, "random")
+    # random masks are fixed at tau from the first step, in both gates
+    rnd = pts["tau0.9_M2_random"]["reached"]
+    assert all(abs(v - 0.9) < 0.01 for v in rnd["train"] + rnd["eval"]), rnd
+    assert set(sweep["reference"]) == {"pmf", "pretrained"}
+    base = json.loads((out / "eval" / "episodes.json").read_text())
+    for name, p in pts.items():
+        ev = out / "eval" if name == "smat" else out / "sweep" / name / "eval"
+        per = json.loads((ev / "episodes.json").read_text())["smat"]["zeroshot"]
+        d = [a - b for a, b in zip(per["digits"], base["pmf"]["zeroshot"]["digits"])]
+        assert p["paired"]["pmf"]["ood"]["diff"] == pytest.approx(sum(d) / len(d))
+        assert p["trajectory"]["tasks"] == [2, 4]      # one point per step: 4 tasks, 2 ranks x 1 task per step
+    for fig in ("tradeoff.png", "sparsity_trajectories.png"):
+        assert (out / "sweep" / fig).stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "## Sparsity sweep" in report and "| 0.9 | 2 | random |" in report and "sweep/tradeoff.png" in report

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from smat_dist.analysis import figures
+from smat_dist.analysis import sweep as sweep_mod
 from smat_dist.analysis.cli import main as analyze_main
 from smat_dist.config.hydra import to_yaml
 from smat_dist.config.schema import Config, EvalConfig, MethodConfig, ModelConfig
@@ -33,7 +34,7 @@ def data(tmp_path_factory):
     return [str(make_dataset(root, "alpha", images=8)), str(make_dataset(root, "beta", images=8))]
 
 
-def trained(data, experts: int, target: float, steps: int = 3):
+def trained(data, experts: int, target: float, steps: int = 3, rows: list | None = None):
     mcfg = MethodConfig(experts=experts)
     mcfg.sparsity.target = target
     mcfg.sparsity.lambda_lr = LAMBDA_LR
@@ -42,7 +43,9 @@ def trained(data, experts: int, target: float, steps: int = 3):
     stream = EpisodeStream(data, "train", EP_CFG, seed=0, train_aug=True)
     for step in range(steps):
         eps = [stream.episode(2 * step + j) for j in range(2)]
-        smat_step(s.method, s.pool, s.hyper, eps, 2 * step, 2 * step)
+        m = smat_step(s.method, s.pool, s.hyper, eps, 2 * step, 2 * step)
+        if rows is not None:
+            rows.append({**m, "tasks": 2 * step + 2, "step": step + 1})
     return s
 
 
@@ -90,21 +93,54 @@ def test_tradeoff_figure_from_a_real_sweep(data, tmp_path):
     sweep = tmp_path / "sweep"
     domains = [Domain("alpha", data[0], "id"), Domain("beta", data[1], "ood")]
     for k, (experts, target) in enumerate([(4, 0.9), (2, 0.5)]):
-        s = trained(data, experts, target, steps=2)
+        rows: list = []
+        s = trained(data, experts, target, steps=2, rows=rows)
         res, per = evaluate({"smat": s}, domains, EvalConfig(episodes=3, modes=["zeroshot"]), EP_CFG)
         d = sweep / str(k)
-        write_results(d, res, per)
+        write_results(d / "eval", res, per)     # the demo's layout: the run's evaluation in its eval/
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         cfg = Config()
         cfg.method.experts, cfg.method.sparsity.target = experts, target
         (d / "config.yaml").write_text(to_yaml(cfg))
     (sweep / "not_a_run").mkdir()
-    pts = figures.sweep_points(sweep)
-    assert [(p["experts"], p["sparsity"]) for p in pts] == [(4, 0.9), (2, 0.5)]
+    pts = sweep_mod.collect(sweep_mod.scan(sweep))["points"]
+    assert [(p["experts"], p["tau"]) for p in pts] == [(4, 0.9), (2, 0.5)]
     assert all(0 <= p["id_avg"] <= 1 and 0 <= p["ood_avg"] <= 1 for p in pts)
     assert analyze_main([str(sweep)]) == 0
     out = json.loads((sweep / "analysis" / "analysis.json").read_text())
-    assert out["sweep"] == pts
-    assert (sweep / "analysis" / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert [(p["run"], p["id_avg"], p["ood_avg"]) for p in out["sweep"]["points"]] == [
+        (p["run"], p["id_avg"], p["ood_avg"]) for p in pts]
+    for fig in ("tradeoff.png", "sparsity_trajectories.png"):
+        assert (sweep / "analysis" / fig).read_bytes()[:4] == b"\x89PNG"
+    assert "| 0.9 | 4 | learned |" in (sweep / "analysis" / "sweep.md").read_text()
+    # the reached sparsity is the last logged step's, the trajectory has one point per step
+    assert pts[1]["reached"]["train"] == [rows[-1][f"sparsity/expert{i}"] for i in range(2)]
+    assert pts[1]["reached"]["eval"] == [rows[-1][f"sparsity_eval/expert{i}"] for i in range(2)]
+    assert pts[1]["trajectory"]["tasks"] == [2, 4] and len(pts[1]["trajectory"]["train"]) == 2
+
+    # paired against a reference evaluation of the pre-trained model on the same episodes: by hand
+    ref = tmp_path / "ref"
+    pre = build_local(MODEL, MethodConfig(name="pretrained"), seed=0)
+    rres, rper = evaluate({"pretrained": pre}, domains, EvalConfig(episodes=3, modes=["zeroshot"]), EP_CFG)
+    write_results(ref, rres, rper)
+    got = sweep_mod.collect(sweep_mod.scan(sweep), reference=ref)
+    per0 = json.loads((sweep / "0" / "eval" / "episodes.json").read_text())["smat"]["zeroshot"]
+    for kind, dom in (("id", "alpha"), ("ood", "beta")):
+        d = [a - b for a, b in zip(per0[dom], rper["pretrained"]["zeroshot"][dom])]
+        c = got["points"][0]["paired"]["pretrained"][kind]
+        assert c["diff"] == pytest.approx(sum(d) / len(d))
+        sd = float(np.std(d, ddof=1))
+        assert c["ci95"] == pytest.approx(4.302653 * sd / 3 ** 0.5, rel=1e-5)  # t(0.975, 2 dof)
+    assert got["reference"]["pretrained"]["id_avg"] == rres["results"]["pretrained"]["zeroshot"]["id_avg"]
+    assert analyze_main([str(sweep), "--reference", str(ref), "--out", str(tmp_path / "an2")]) == 0
+    assert "ID − pretrained" in (tmp_path / "an2" / "sweep.md").read_text()
+
+    # other episodes cannot be paired: refused, naming both evaluations
+    other = tmp_path / "other"
+    ores, oper = evaluate({"pretrained": pre}, domains, EvalConfig(episodes=2, modes=["zeroshot"]), EP_CFG)
+    write_results(other, ores, oper)
+    with pytest.raises(ValueError, match="different episodes"):
+        sweep_mod.collect(sweep_mod.scan(sweep), reference=other)
 
 
 def test_cli_rejects_a_folder_that_is_neither(tmp_path, capsys):

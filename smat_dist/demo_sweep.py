@@ -1,0 +1,95 @@
+"""smat-demo --sweep: the sparsity trade-off (the paper's Figure 3) on the demo's data and schedule.
+
+Trains SMAT at every (tau, M) of the grid and, at the demo's own (tau, M), with hand-designed masks (random
+at tau; top-(1 - tau) by |delta|), each on 2 local ranks with the demo's episodes and schedule; evaluates each
+SMAT model zero-shot on the demo's fixed test episodes; pairs its per-episode accuracies with the demo's
+P>M>F and pre-trained results on those same episodes. The demo's own SMAT run is the grid point it matches,
+so it is not trained twice. Every point is a run folder <out>/sweep/<tau..._M..>/ (its eval in eval/), so an
+interrupted sweep resumes where it stopped and a rerun skips what is done.
+
+Writes <out>/sweep/: sweep.md (the table), sweep.json, tradeoff.png (ID vs OOD, tau as colour, M as marker),
+sparsity_trajectories.png (every expert's sparsity over training, per run).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from smat_dist.analysis.sweep import Point, collect, grid, write
+from smat_dist.utils.log import get_logger
+
+log = get_logger("smat_dist.demo")
+
+TAUS = (0.5, 0.8, 0.9, 0.95, 0.99)
+EXPERTS = (4, 8, 16)
+BASELINES = ("random", "magnitude")
+# --quick --sweep: two targets at the quick run's 2 experts, one hand-designed baseline
+QUICK = {"taus": (0.5, 0.9), "experts": (2,), "baselines": ("random",)}
+
+
+def _floats(text: str | None, default) -> tuple:
+    if text is None:
+        return tuple(default)
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--sweep-taus {text}: expected comma-separated numbers, e.g. 0.5,0.9") from None
+
+
+def _ints(text: str | None, default) -> tuple:
+    if text is None:
+        return tuple(default)
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--sweep-experts {text}: expected comma-separated integers, e.g. 4,8,16") from None
+
+
+def sweep_grid(args, main: Point) -> list[Point]:
+    """The points from --sweep-taus / --sweep-experts / --sweep-baselines (defaults: the paper's grid)."""
+    d = QUICK if args.quick else {"taus": TAUS, "experts": EXPERTS, "baselines": BASELINES}
+    taus = _floats(args.sweep_taus, d["taus"])
+    experts = _ints(args.sweep_experts, d["experts"])
+    base = tuple(b for b in (args.sweep_baselines.split(",") if args.sweep_baselines is not None
+                             else d["baselines"]) if b.strip())
+    return grid(taus, experts, base, baseline_tau=main.tau, baseline_experts=main.experts)
+
+
+def main_point(cfg) -> Point:
+    return Point(float(cfg.method.sparsity.target), int(cfg.method.experts),
+                 str(getattr(cfg.method.sparsity, "pattern", "learned")))
+
+
+def check_points(points: list[Point], base: list[str]) -> None:
+    """Compose every point's config before the first trains, so a bad point fails in a second, not after an hour."""
+    from smat_dist.config.hydra import compose
+
+    for p in points:
+        compose("demo", base + p.overrides())  # the schema's checks (config/checks.py) run here
+
+
+def run_sweep(out: Path, base: list[str], data: list[str], eval_extra: list[str], points: list[Point],
+              main: Point) -> tuple[dict, bool]:
+    """Train and evaluate every point not done yet; returns ({"files": ..., "points": n}, whether anything ran)."""
+    from smat_dist.config.hydra import compose
+    from smat_dist.demo import evaluate, train_method
+
+    ran = False
+    entries = []
+    for k, p in enumerate(points):
+        if p == main:
+            log.info("sweep %d/%d: %s is the demo's SMAT run (%s)", k + 1, len(points), p.name, out / "smat")
+            entries.append((out / "smat", out / "eval"))
+            continue
+        d = out / "sweep" / p.name
+        log.info("sweep %d/%d: %s", k + 1, len(points), p.name)
+        cfg = compose("demo", base + data + p.overrides())
+        trained = train_method(cfg, d)
+        ecfg = compose("demo", base + data + p.overrides() + eval_extra
+                       + [f"run_dir={d / 'eval'}", f"eval.checkpoint={d}", "eval.methods=[smat]"])
+        _, evaluated = evaluate(ecfg, d / "eval", trained)
+        ran = ran or trained or evaluated
+        entries.append((d, d / "eval"))
+    sweep = collect(entries, reference=out / "eval")
+    files = write(sweep, out / "sweep")
+    log.info("sweep: %d runs; table %s, figure %s", len(entries), files["table"], files["tradeoff"])
+    return {"files": files, "points": len(entries), "table": (out / "sweep" / "sweep.md").read_text()}, ran
