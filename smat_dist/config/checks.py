@@ -24,6 +24,7 @@ from smat_dist.config.schema import (
     PoolPath,
     Precision,
     SparsityInit,
+    SparsityPattern,
     WandbMode,
 )
 
@@ -47,6 +48,7 @@ ENUMS: list[tuple[str, type[Enum], bool, bool]] = [
     ("method.sparsity.init", SparsityInit, False, False),
     ("method.sparsity.eval_gate", EvalGate, False, False),
     ("method.sparsity.lambda_lr_scale", LambdaScale, False, False),
+    ("method.sparsity.pattern", SparsityPattern, False, False),
     ("data.on_corrupt", OnCorrupt, False, False),
     ("dist.pool", PoolPath, False, False),
     ("dist.backend", Backend, False, True),
@@ -92,6 +94,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method.sparsity.mask_lr": gt(0),
     "method.sparsity.mask_clip": ge(0),
     "method.sparsity.schedule_share": between(0, 1),
+    "method.sparsity.pattern_share": between(0, 1, lo_open=True, hi_open=True),
     "method.hypernet.tokens": ge(1),
     "method.hypernet.heads": ge(1),
     "method.hypernet.mlp_ratio": gt(0),
@@ -212,6 +215,8 @@ def _cross(cfg: Any) -> None:
                           f"got {sp.noise_eps}")
     if sp.init == SparsityInit.hard and sp.init_std <= 0:
         raise ConfigError(f"method.sparsity.init=hard needs method.sparsity.init_std > 0, got {sp.init_std}")
+    if sp.pattern != SparsityPattern.learned:
+        _check_fixed_pattern(sp)
     if sp.lean and sp.structured:
         raise ConfigError("method.sparsity.lean=true: allowed only with method.sparsity.structured=false")
     if m.teacher.blockwise and m.teacher.top_fraction < 1:
@@ -231,6 +236,20 @@ def _cross(cfg: Any) -> None:
         bad = [s for s in _get(cfg, key) if not isinstance(s, str) or not s.strip()]
         if bad:
             raise ConfigError(f"{key}: every entry must be a folder or URL, got {bad[0]!r}")
+
+
+def _check_fixed_pattern(sp: Any) -> None:
+    """A hand-designed pattern (random, magnitude) holds its logits at +-clamp, which must put both gates at
+    exactly 0 / 1; magnitude ranks single entries by |delta|, so it has no structured form."""
+    from smat_dist.method import hard_concrete as hc   # pure torch; only needed for these patterns
+
+    if sp.pattern == SparsityPattern.magnitude and sp.structured:
+        raise ConfigError("method.sparsity.pattern=magnitude: allowed only with method.sparsity.structured=false "
+                          "(top-k by |delta| is per entry; use pattern=random for structured gates)")
+    need = max(hc.threshold(train=True), hc.threshold(train=False, eval_beta=hc.eval_beta(sp)))
+    if sp.clamp <= need:
+        raise ConfigError(f"method.sparsity.clamp={sp.clamp}: must be > {need:.4f} with method.sparsity.pattern="
+                          f"{_show(sp.pattern)} (the fixed logits +-clamp must close / open both gates exactly)")
 
 
 def validate(cfg: Any) -> None:

@@ -43,6 +43,12 @@ class SparsityInit(StrEnum):
     l0 = "l0"               # mean chosen so the expected L0 density starts at 1 - tau
 
 
+class SparsityPattern(StrEnum):
+    learned = "learned"     # SMAT: the masks are learned (hard-concrete logits, Lagrangian controller)
+    random = "random"       # baseline: each gate row of each expert fixed open with probability 1 - tau
+    magnitude = "magnitude"  # baseline: dense, then (at pattern_share of the run) top 1 - tau of |delta|, fixed
+
+
 class LambdaScale(StrEnum):
     none = "none"           # the multipliers' lr is method.sparsity.lambda_lr (upstream)
     numel = "numel"         # lambda_lr per million pool entries: lr = lambda_lr * numel / 1e6
@@ -133,6 +139,12 @@ class SparsityConfig:
     # per step, so the lr that reaches tau without overshoot grows with the pool (measured, README "Sparsity")
     lambda_lr_scale: LambdaScale = LambdaScale.none
     eval_gate: EvalGate = EvalGate.upstream
+    # Hand-designed mask patterns, the paper's baselines for the learned ones (README, "Sparsity"): random and
+    # magnitude fix the logits at +-clamp (gates exactly 1 / 0) and never update them nor the multipliers.
+    pattern: SparsityPattern = SparsityPattern.learned
+    # magnitude: the masks stay dense for this share of method.total_tasks, then every expert's mask becomes the
+    # top 1 - tau share of the entries by |delta| (the same mask for all experts: delta is shared)
+    pattern_share: float = 0.5
 
 
 @dataclass

@@ -65,7 +65,7 @@ class ShardedMerger(LocalMerger):
         train = self._active and self._train
         sq = super().end_step(penalty_coef)
         pool = self.pool
-        if train and pool.structured and pool.layout.num_shared:
+        if train and pool.structured and pool.layout.num_shared and not pool.frozen:  # frozen: no mask gradient
             # Gate groups cut by a shard boundary: every rank touching one holds its row and has added the
             # gradient of its own entries; the sum over those ranks is the row's gradient (one exchange of
             # at most x (widest input) rows per step, independent of the tasks).

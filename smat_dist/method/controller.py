@@ -48,4 +48,10 @@ class LagrangeController(nn.Module):
         """The multipliers' step; `tasks` (the step's global task count) advances the schedule."""
         step = self.lr * lr_factor * (self.current_target() - sparsity) * w_mean.double()
         self.multipliers.add_(step).clamp_(min=0.0)
+        self.advance(tasks)
+
+    @torch.no_grad()
+    def advance(self, tasks: float) -> None:
+        """Count the step's global tasks without touching the multipliers (fixed mask patterns: the counter
+        still places the magnitude pattern's switch)."""
         self.tasks.add_(float(tasks))

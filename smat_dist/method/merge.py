@@ -6,7 +6,9 @@ backward needs, for the masks, dL/dz = u w^T with u = (dL/dd * delta) summed per
 matrix. The merger records the factors (u, w) instead of forming and accumulating [rows, M] gradients,
 and `end_step` pushes sum_t u_t w_t^T through the gate into the logits in one fused chunked pass,
 together with the sparsity penalty's gradient. A lean pool (method.sparsity.lean) stores no z at all: every
-use recomputes the gates chunk by chunk from the logits.
+use recomputes the gates chunk by chunk from the logits. A fixed mask pattern (method.sparsity.pattern random /
+magnitude: frozen logits) records no factors and skips the gate backward altogether; the merge's gradients
+for w and delta are unchanged.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class LocalMerger:
     def __init__(self, pool: ExpertPool, padded: int):
         self.pool, self.padded = pool, padded
         self.lean = bool(pool.cfg.lean)
+        self.frozen = bool(getattr(pool, "frozen", False))   # fixed mask pattern: no mask gradient at all
         self._z: torch.Tensor | None = None
         self._active = False
         self._train = False
@@ -97,7 +100,7 @@ class LocalMerger:
 
     def record(self, u: torch.Tensor, w: torch.Tensor) -> None:
         """One merge's mask gradient, dL/dz = u @ w (u [rows, K], w [K, M]), summed at end_step."""
-        if self._train:
+        if self._train and not self.frozen:
             self._factors.append((u, w))
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
@@ -121,7 +124,7 @@ class LocalMerger:
         pool defers it to the optimiser step, which recomputes it chunk by chunk. Returns the squared norm of
         this slice's logit gradient when the pass computed it (None: the optimiser computes it)."""
         sq = None
-        if self._active and self._train:
+        if self._active and self._train and not self.frozen:
             if self.lean:
                 sq = self.pool.defer_mask_grad_(self.mask_grad(), penalty_coef)
             else:

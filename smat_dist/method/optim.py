@@ -37,6 +37,8 @@ class PoolOptimizer:
         """`reduce` sums a tensor over ranks (the clip norm is global over the whole pool); `grad_sq` is this
         slice's squared gradient norm when the gate backward already computed it."""
         pool = self.pool
+        if getattr(pool, "frozen", False):   # a fixed mask pattern: the logits never step (drops the gather
+            pool.log_alpha.grad = None       # path's autograd gradient; the other paths form none)
         g = pool.log_alpha.grad
         deferred = pool.has_deferred
         out = {}

@@ -21,27 +21,75 @@ from smat_dist.method.pool_passes import FusedPoolPasses
 _INIT_CHUNK = 1 << 18
 
 
-def _chunked_normal(seed: int, lo: int, hi: int, m: int, mean: float, std: float) -> torch.Tensor:
+def _chunked(seed: int, lo: int, hi: int, m: int, draw, salt: int = 17) -> torch.Tensor:
+    """Rows [lo, hi) of a [*, m] array drawn chunk by chunk: `draw(block, generator)` fills each whole chunk."""
     out = torch.empty(hi - lo, m)
     c0, c1 = lo // _INIT_CHUNK, (hi - 1) // _INIT_CHUNK
     for c in range(c0, c1 + 1):
-        g = torch.Generator().manual_seed((seed * 1_000_003 + c * 7919 + 17) & 0x7FFFFFFFFFFF)
-        block = torch.empty(_INIT_CHUNK, m).normal_(mean, std, generator=g)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + c * 7919 + salt) & 0x7FFFFFFFFFFF)
+        block = draw(torch.empty(_INIT_CHUNK, m), g)
         a, b = max(lo, c * _INIT_CHUNK), min(hi, (c + 1) * _INIT_CHUNK)
         out[a - lo:b - lo] = block[a - c * _INIT_CHUNK:b - c * _INIT_CHUNK]
     return out
 
 
-def _rows_normal(seed: int, ids: torch.Tensor, m: int, mean: float, std: float) -> torch.Tensor:
-    """Initial logits of the rows with global ids `ids` (sorted): each contiguous run drawn by `_chunked_normal`."""
+def _chunked_normal(seed: int, lo: int, hi: int, m: int, mean: float, std: float) -> torch.Tensor:
+    return _chunked(seed, lo, hi, m, lambda t, g: t.normal_(mean, std, generator=g))
+
+
+def _chunked_uniform(seed: int, lo: int, hi: int, m: int) -> torch.Tensor:
+    """U[0, 1) draws for the random mask pattern (their own generators: salt 101)."""
+    return _chunked(seed, lo, hi, m, lambda t, g: t.uniform_(0.0, 1.0, generator=g), salt=101)
+
+
+def _rows(ids: torch.Tensor, m: int, chunked) -> torch.Tensor:
+    """Rows with global ids `ids` (sorted): each contiguous run drawn by `chunked(lo, hi)`."""
     out = torch.empty(ids.numel(), m)
     if ids.numel() == 0:
         return out
     breaks = (torch.nonzero(ids[1:] != ids[:-1] + 1).flatten() + 1).tolist()
     for a, b in zip([0] + breaks, breaks + [ids.numel()]):
         s = int(ids[a])
-        out[a:b] = _chunked_normal(seed, s, s + (b - a), m, mean, std)
+        out[a:b] = chunked(s, s + (b - a))
     return out
+
+
+def _rows_normal(seed: int, ids: torch.Tensor, m: int, mean: float, std: float) -> torch.Tensor:
+    """Initial logits of the rows with global ids `ids` (sorted): each contiguous run drawn by `_chunked_normal`."""
+    return _rows(ids, m, lambda lo, hi: _chunked_normal(seed, lo, hi, m, mean, std))
+
+
+def _initial_logits(seed: int, lo: int, hi: int, ids: torch.Tensor | None, m: int, cfg: SparsityConfig
+                    ) -> torch.Tensor:
+    """Initial logits of rows [lo, hi) (unstructured) or of the gate groups `ids` (structured), by
+    method.sparsity.pattern: learned draws N(mean, std^2); random opens each row of each expert independently
+    with probability 1 - tau (logit +clamp, else -clamp: both gates exactly 1 / 0); magnitude starts dense
+    (+clamp everywhere) until SparsePool fixes it (patterns.py)."""
+    pattern = str(getattr(cfg, "pattern", "learned"))
+    if pattern == "learned":
+        mean = hc.init_mean(cfg)  # cfg.init_mean, or chosen from the target (method.sparsity.init)
+        if ids is None:
+            return _chunked_normal(seed, lo, hi, m, mean, cfg.init_std)
+        return _rows_normal(seed, ids, m, mean, cfg.init_std)
+    n = hi - lo if ids is None else ids.numel()
+    if pattern == "magnitude":
+        return torch.full((n, m), float(cfg.clamp))
+    if pattern != "random":
+        raise ValueError(f"method.sparsity.pattern={pattern}: expected one of learned, random, magnitude")
+    u = (_chunked_uniform(seed, lo, hi, m) if ids is None
+         else _rows(ids, m, lambda a, b: _chunked_uniform(seed, a, b, m)))
+    c = float(cfg.clamp)
+    return torch.where(u >= float(cfg.target), c, -c)
+
+
+def _check_exact_gates(cfg: SparsityConfig, structured: bool) -> None:
+    """A fixed pattern's logits +-clamp must give exactly 1 / 0 in the training and the eval gate."""
+    if str(cfg.pattern) == "magnitude" and structured:
+        raise ValueError("method.sparsity.pattern=magnitude is per entry: it needs structured=false")
+    need = max(hc.threshold(train=True), hc.threshold(train=False, eval_beta=hc.eval_beta(cfg)))
+    if cfg.clamp <= need:
+        raise ValueError(f"method.sparsity.pattern={cfg.pattern} needs method.sparsity.clamp > {need:.4f}, "
+                         f"got {cfg.clamp}")
 
 
 class ExpertPool(FusedPoolPasses, nn.Module):
@@ -63,16 +111,21 @@ class ExpertPool(FusedPoolPasses, nn.Module):
         self.lo, self.hi, self.numel, self.experts, self.cfg = lo, hi, numel, experts, cfg
         self.layout = layout
         self.delta = nn.Parameter(torch.zeros(hi - lo))
-        mean = hc.init_mean(cfg)  # cfg.init_mean, or chosen from the target (method.sparsity.init)
+        # random / magnitude: hand-designed masks, the logits never take a gradient step (frozen)
+        self.frozen = str(getattr(cfg, "pattern", "learned")) != "learned"
+        if self.frozen:
+            _check_exact_gates(cfg, layout is not None)
         if layout is None:
-            self.log_alpha = nn.Parameter(_chunked_normal(seed, lo, hi, experts, mean, cfg.init_std))
+            self.log_alpha = nn.Parameter(_initial_logits(seed, lo, hi, None, experts, cfg),
+                                          requires_grad=not self.frozen)
             # Padding entries beyond the real parameters must never count towards sparsity nor move.
             self.register_buffer("valid", (torch.arange(lo, hi) < numel), persistent=False)
             self.index = self.sizes = self.owned = None
         else:
             if layout.index.numel() != hi - lo:
                 raise ValueError(f"group layout covers {layout.index.numel()} entries, the slice {hi - lo}")
-            self.log_alpha = nn.Parameter(_rows_normal(seed, layout.ids, experts, mean, cfg.init_std))
+            self.log_alpha = nn.Parameter(_initial_logits(seed, lo, hi, layout.ids, experts, cfg),
+                                          requires_grad=not self.frozen)
             self.register_buffer("valid", layout.ids < layout.total_groups, persistent=False)
             self.register_buffer("index", layout.index, persistent=False)
             self.register_buffer("sizes", layout.sizes, persistent=False)

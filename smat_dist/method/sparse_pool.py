@@ -12,6 +12,12 @@ optimiser). Here the step's order lives in one place:
 
 Pure torch: the merger and `reduce` (sum over ranks) are handed in, so the same component runs in one
 process and across ranks (smat_dist.distributed.build builds it for every command).
+
+Hand-designed mask patterns (method.sparsity.pattern, the baselines for the learned masks): `random` is fixed
+when the store is built; `magnitude` is dense until pattern_share * total_tasks tasks (the controller's saved
+counter), and at the first training step at or after that point begin_step fixes every expert's mask to the
+top 1 - tau of |delta| (patterns.py). Either way the logits stay frozen: no mask gradient, no multiplier update
+(they stay 0), while delta and the hypernetwork train; the sparsity statistics are still counted and logged.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from smat_dist.config.schema import MethodConfig
 from smat_dist.method.controller import LagrangeController
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.optim import PoolOptimizer
+from smat_dist.method.patterns import top_magnitude
 from smat_dist.method.pool import ExpertPool
 from smat_dist.utils.spans import span
 
@@ -48,11 +55,38 @@ class SparsePool:
                                              schedule_tasks=sp.schedule_share * cfg.total_tasks)
         self.optimizer = PoolOptimizer(store, cfg)
         self._train = False
+        self.pattern = str(sp.pattern)
+        if self.pattern == "magnitude" and store.structured:
+            raise ValueError("method.sparsity.pattern=magnitude is per entry: it needs structured=false")
+        # whether the pattern's masks are in place (random: from construction; magnitude: after the switch);
+        # part of the replicated state, so a resumed run neither repeats nor skips the switch
+        self.masks_fixed = self.pattern == "random"
+        self.switch_tasks = float(sp.pattern_share) * cfg.total_tasks
 
     # ---- the step ----
     def begin_step(self, train: bool = True) -> None:
         self._train = train
+        if (train and self.pattern == "magnitude" and not self.masks_fixed
+                and float(self.controller.tasks) >= self.switch_tasks):
+            with span("magnitude_masks"):
+                self.fix_magnitude_masks()
         self.merger.begin_step(train=train)
+
+    @torch.no_grad()
+    def fix_magnitude_masks(self) -> None:
+        """The magnitude pattern's switch (collective: every rank calls it in the same step): open exactly the
+        round((1 - tau) * numel) entries of largest |delta| over all ranks' slices, closed elsewhere. delta is
+        shared by the experts, so every expert gets this same mask."""
+        s = self.store
+        keep = round((1.0 - float(self.cfg.sparsity.target)) * s.numel)
+        keep_open = top_magnitude(s.delta, s.lo, s.n_valid, s.numel, keep, self.reduce)
+        c = float(s.cfg.clamp)
+        s.log_alpha.copy_(torch.where(keep_open, c, -c).to(s.log_alpha).unsqueeze(1).expand_as(s.log_alpha))
+        self.masks_fixed = True
+
+    def pattern_target(self) -> float:
+        """The share of zeros a fixed pattern holds now (tau; 0 for the magnitude pattern before its switch)."""
+        return float(self.cfg.sparsity.target) if self.masks_fixed else 0.0
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         """The task's merged delta over the whole (padded) flat space, differentiable w.r.t. w and the pool."""
@@ -89,13 +123,19 @@ class SparsePool:
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
         w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
         ctl = self.controller
-        ctl.reset_satisfied(sparsity)
-        coef = (ctl.multipliers * w_mean / numel).float()
-        lag = ctl.lagrangian(sparsity, w_mean)
-        penalty = float(ctl.penalty(density, w_mean))
-        out = {"loss/sparsity_penalty": penalty, "loss/lagrangian": lag, "sparsity/target": ctl.current_target()}
-        if update:
-            ctl.update(sparsity, w_mean, lr_factor, tasks=float(stats[4 * M]))
+        if self.store.frozen:     # a fixed pattern: no penalty, the multipliers stay 0, the counter advances
+            coef = None
+            out = {"loss/sparsity_penalty": 0.0, "loss/lagrangian": 0.0, "sparsity/target": self.pattern_target()}
+            if update:
+                ctl.advance(float(stats[4 * M]))
+        else:
+            ctl.reset_satisfied(sparsity)
+            coef = (ctl.multipliers * w_mean / numel).float()
+            lag = ctl.lagrangian(sparsity, w_mean)
+            penalty = float(ctl.penalty(density, w_mean))
+            out = {"loss/sparsity_penalty": penalty, "loss/lagrangian": lag, "sparsity/target": ctl.current_target()}
+            if update:
+                ctl.update(sparsity, w_mean, lr_factor, tasks=float(stats[4 * M]))
         values = torch.stack([sparsity, eval_sparsity, density, ctl.multipliers, w_mean]).cpu().tolist()
         for name, row in zip(("sparsity", "sparsity_eval", "density_l0", "lambda", "w_mean"), values):
             for i, v in enumerate(row):
@@ -134,9 +174,16 @@ class SparsePool:
         """State that is identical on every rank (the multipliers are updated from all-reduced counts)."""
         return {"multipliers": self.controller.multipliers.detach().clone(),
                 "sparsity_tasks": self.controller.tasks.detach().clone(), "experts": self.cfg.experts,
-                "structured": self.store.structured, "numel": self.store.numel}
+                "structured": self.store.structured, "numel": self.store.numel,
+                "pattern": self.pattern, "masks_fixed": bool(self.masks_fixed)}
 
     def load_replicated(self, replicated: dict) -> None:
+        saved = str(replicated.get("pattern", "learned"))   # checkpoints before the patterns: learned masks
+        if saved != self.pattern:
+            raise ValueError(f"the checkpoint's pool has method.sparsity.pattern={saved}, this run has "
+                             f"method.sparsity.pattern={self.pattern}")
+        if "masks_fixed" in replicated:
+            self.masks_fixed = bool(replicated["masks_fixed"])
         with torch.no_grad():
             self.controller.multipliers.copy_(replicated["multipliers"].to(self.controller.multipliers))
             if "sparsity_tasks" in replicated:  # checkpoints before the sparsity schedule have none

@@ -24,7 +24,8 @@ def test_groups_present():
     assert GROUPS["model"] == sorted(["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant",
                                       "efficientnet_lite0", "user_checkpoint", *dinov2])
     assert GROUPS["data"] == ["imagefolder", "metadataset", "offline"]
-    assert GROUPS["method"] == ["pmf", "pretrained", "smat", "smat_structured", "smat_top_teacher"]
+    assert GROUPS["method"] == ["pmf", "pretrained", "smat", "smat_magnitude_masks", "smat_random_masks",
+                                "smat_structured", "smat_top_teacher"]
     assert GROUPS["dist"] == ["zero0", "zero1", "zero2", "zero3"]
     assert GROUPS["launcher"] == ["local", "slurm"]
 
