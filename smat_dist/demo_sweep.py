@@ -5,7 +5,8 @@ at tau; top-(1 - tau) by |delta|), each on 2 local ranks with the demo's episode
 SMAT model zero-shot on the demo's fixed test episodes; pairs its per-episode accuracies with the demo's
 P>M>F and pre-trained results on those same episodes. The demo's own SMAT run is the grid point it matches,
 so it is not trained twice. Every point is a run folder <out>/sweep/<tau..._M..>/ (its eval in eval/), so an
-interrupted sweep resumes where it stopped and a rerun skips what is done.
+interrupted sweep resumes where it stopped, a rerun skips what is done, and a later --sweep with other points
+adds them to the same table and figure (e.g. all tau at M=8, then M=4,16 at one tau).
 
 Writes <out>/sweep/: sweep.md (the table), sweep.json, tradeoff.png (ID vs OOD, tau as colour, M as marker),
 sparsity_trajectories.png (every expert's sparsity over training, per run).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smat_dist.analysis.sweep import Point, collect, grid, write
+from smat_dist.analysis.sweep import Point, collect, grid, scan, write
 from smat_dist.utils.log import get_logger
 
 log = get_logger("smat_dist.demo")
@@ -74,11 +75,9 @@ def run_sweep(out: Path, base: list[str], data: list[str], eval_extra: list[str]
     from smat_dist.demo import evaluate, train_method
 
     ran = False
-    entries = []
     for k, p in enumerate(points):
         if p == main:
             log.info("sweep %d/%d: %s is the demo's SMAT run (%s)", k + 1, len(points), p.name, out / "smat")
-            entries.append((out / "smat", out / "eval"))
             continue
         d = out / "sweep" / p.name
         log.info("sweep %d/%d: %s", k + 1, len(points), p.name)
@@ -88,7 +87,8 @@ def run_sweep(out: Path, base: list[str], data: list[str], eval_extra: list[str]
                        + [f"run_dir={d / 'eval'}", f"eval.checkpoint={d}", "eval.methods=[smat]"])
         _, evaluated = evaluate(ecfg, d / "eval", trained)
         ran = ran or trained or evaluated
-        entries.append((d, d / "eval"))
+    # the table holds every evaluated run of the folder: a later --sweep with other points extends it
+    entries = [(out / "smat", out / "eval")] + scan(out / "sweep")
     sweep = collect(entries, reference=out / "eval")
     files = write(sweep, out / "sweep")
     log.info("sweep: %d runs; table %s, figure %s", len(entries), files["table"], files["tradeoff"])

@@ -65,6 +65,8 @@ def results_dir(run_dir: Path) -> Path | None:
 def scan(sweep_dir) -> list[tuple[Path, Path]]:
     """(run folder, results folder) of every evaluated run folder under `sweep_dir` (others are skipped)."""
     out = []
+    if not Path(sweep_dir).is_dir():
+        return out
     for d in sorted(Path(sweep_dir).iterdir()):
         if not d.is_dir() or d.name in ("analysis",):
             continue
