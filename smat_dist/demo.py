@@ -155,10 +155,11 @@ def evaluate(cfg, d: Path, force: bool) -> tuple[dict, bool]:
     """Phase 4: results.json + results.md in `d` (<out>/eval; episodes split over the local ranks)."""
     from smat_dist.config.hydra import to_yaml
     from smat_dist.launch.local import launch_local
+    from smat_dist.train.run_folder import same_config
 
     stamp = d / "demo_eval_config.yaml"
     text = to_yaml(cfg)
-    if not force and (d / "results.json").is_file() and stamp.is_file() and stamp.read_text() == text:
+    if not force and (d / "results.json").is_file() and stamp.is_file() and same_config(stamp, text):
         log.info("eval: already done (%s)", d / "results.json")
         return json.loads((d / "results.json").read_text()), False
     d.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,19 @@ def resumed_config(run_dir: str, composed: Config, overrides: list[str]) -> Conf
     return cfg
 
 
+def same_config(path: Path, text: str) -> bool:
+    """Whether the config saved at `path` is the resolved config `text`. A config saved before a key was added
+    to the schema reads back with that key's default (which is what the code that wrote it did), so a run folder
+    stays usable after an upgrade that only adds keys; a removed or retyped key makes it different."""
+    old = path.read_text()
+    if old == text:
+        return True
+    try:
+        return to_yaml(load_yaml(path)) == text
+    except Exception:  # noqa: BLE001 - any config that no longer loads is a different run
+        return False
+
+
 def prepare_run_dir(cfg: Config, run_dir: str, resuming: bool) -> None:
     """Create the run folder and save the resolved config. A fresh run may not reuse a folder that holds a
     different run (it would silently resume someone else's checkpoint); resuming keeps the previous
@@ -60,7 +73,7 @@ def prepare_run_dir(cfg: Config, run_dir: str, resuming: bool) -> None:
     d = Path(run_dir)
     path = d / CONFIG_FILE
     text = to_yaml(cfg)
-    if path.is_file() and path.read_text() != text and not resuming:
+    if path.is_file() and not same_config(path, text) and not resuming:
         raise ConfigError(f"run_dir={run_dir} already holds a run with a different {CONFIG_FILE}: "
                           f"continue it with resume={run_dir}, or choose another run_dir")
     d.mkdir(parents=True, exist_ok=True)

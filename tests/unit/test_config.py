@@ -213,3 +213,22 @@ def test_dead_checkpoint_resume_key_is_gone_and_old_configs_still_load(tmp_path)
     old = to_yaml(compose("train", SRC)).replace("checkpoint:\n", "checkpoint:\n  resume: null\n")
     (tmp_path / "config.yaml").write_text(old)
     assert load_yaml(tmp_path / "config.yaml") == compose("train", SRC)
+
+
+def test_run_folder_saved_before_a_new_key_is_the_same_run(tmp_path):
+    """A run folder written by code that did not have a key yet (here method.sparsity.pattern) is the same run
+    as today's config with that key at its default; any changed value is a different run."""
+    from smat_dist.train.run_folder import prepare_run_dir, same_config
+
+    cfg = Config()
+    text = to_yaml(cfg)
+    old = tmp_path / "config.yaml"
+    old.write_text("\n".join(line for line in text.splitlines()
+                             if not line.strip().startswith(("pattern:", "pattern_share:"))) + "\n")
+    assert old.read_text() != text and same_config(old, text)
+    prepare_run_dir(cfg, str(tmp_path), resuming=False)     # accepted, the saved config is brought up to date
+    assert old.read_text() == text
+    cfg.method.experts = 3
+    assert not same_config(old, to_yaml(cfg))
+    with pytest.raises(ConfigError, match="different config.yaml"):
+        prepare_run_dir(cfg, str(tmp_path), resuming=False)
