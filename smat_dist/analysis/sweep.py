@@ -121,7 +121,7 @@ def collect(entries: list[tuple[Path, Path]], reference: Path | None = None, met
     if reference is not None:
         ref, ref_per = _load_eval(Path(reference))
         refs = {m: ref["results"][m][mode] for m in REFERENCES if m in ref["results"] and mode in ref["results"][m]}
-    pts = []
+    pts, pers = [], []
     for run_dir, res_dir in entries:
         cfg = load_yaml(run_dir / "config.yaml")
         res, per = _load_eval(res_dir)
@@ -142,8 +142,18 @@ def collect(entries: list[tuple[Path, Path]], reference: Path | None = None, met
             for m in refs:
                 p["paired"][m] = paired_against(per[method][mode], ref_per[m][mode], kinds)
         pts.append(p)
+        pers.append((per[method][mode], {d["name"]: d["kind"] for d in res["meta"]["domains"]}, res, res_dir))
     if not pts:
         raise ValueError("no evaluated run in the sweep")
+    # the paper's comparison: learned masks against hand-designed ones at the same tau and M, paired
+    for p, (per, kinds, res, res_dir) in zip(pts, pers):
+        if p["pattern"] == "learned":
+            continue
+        for q, (qper, _, qres, qdir) in zip(pts, pers):
+            if q["pattern"] == "learned" and (q["tau"], q["experts"]) == (p["tau"], p["experts"]):
+                _same_episodes(qres, qdir, res, res_dir)
+                p["learned_minus_this"] = {"run": q["run"], **paired_against(qper, per, kinds)}
+                break
     return {"points": pts, "reference": {m: {"id_avg": v["id_avg"], "ood_avg": v["ood_avg"]}
                                          for m, v in refs.items()}}
 
@@ -184,6 +194,15 @@ def markdown(sweep: dict) -> str:
               f"logged step; \"at τ?\": every expert within {SPARSITY_TOL} of τ in both gates. Differences: paired "
               "per-episode differences on the same fixed test episodes, averaged over domains, ± their 95% CI."
               + (f" References: {ref_txt}." if ref_txt else "")]
+    base = [p for p in order if "learned_minus_this" in p]
+    if base:
+        lines += ["", "Learned masks against hand-designed ones at the same τ and M (learned − hand-designed, "
+                  "paired, points ± 95% CI):", "",
+                  "| τ | M | masks | learned run | ID | OOD |", "|---|---|---|---|---|---|"]
+        for p in base:
+            c = p["learned_minus_this"]
+            lines.append(f"| {p['tau']:g} | {p['experts']} | {p['pattern']} | {c['run']} | {_pm(c['id'])} | "
+                         f"{_pm(c['ood'])} |")
     return "\n".join(lines) + "\n"
 
 

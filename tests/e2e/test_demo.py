@@ -1,7 +1,7 @@
 """smat-demo --quick end to end through its console entry point: real offline domains (Noto scripts, textures,
 digits) from the package cache, real EfficientNet-Lite0 ImageNet weights, SMAT and P>M>F trained on 2 local
 ranks through DeepSpeed, zero-shot meta-testing of three methods, figures and the report; then a rerun that
-must skip every finished phase; then --sweep on the same folder (two more SMAT runs). About 4 minutes on 2 CPU
+must skip every finished phase; then --sweep on the same folder (one more SMAT run). About 4 minutes on 2 CPU
 cores."""
 from __future__ import annotations
 
@@ -104,20 +104,21 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
 
 
 def _check_sweep(out: Path, tree: Path) -> None:
-    """smat-demo --quick --sweep on a finished demo: SMAT at two targets and with random masks, each trained on
-    2 ranks and evaluated on the demo's episodes; the table pairs each with the demo's P>M>F and pre-trained
-    results. Only the sweep phase runs."""
-    r, _ = _demo(out, "--extra-ood", str(tree), "--sweep", "--sweep-taus", "0.5,0.9", "--sweep-experts", "2",
+    """smat-demo --quick --sweep on a finished demo, at the smallest grid that still has two points: the demo's
+    own SMAT run (tau 0.9, M 2, reused) and SMAT with random masks at the same tau and M, trained on 2 ranks and
+    evaluated on the demo's episodes; the table pairs each with the demo's P>M>F and pre-trained results. Only
+    the sweep phase runs."""
+    r, _ = _demo(out, "--extra-ood", str(tree), "--sweep", "--sweep-taus", "0.9", "--sweep-experts", "2",
                  "--sweep-baselines", "random")
     assert r.returncode == 0, f"smat-demo --sweep failed:\n{r.stdout}\n{r.stderr[-4000:]}"
     assert "== phase sweep" in r.stderr
-    # tau=0.9, M=2 is the demo's own SMAT run (not trained twice); the other two are new run folders
-    assert sorted(p.name for p in (out / "sweep").iterdir() if p.is_dir()) == ["tau0.5_M2", "tau0.9_M2_random"]
+    # tau=0.9, M=2 is the demo's own SMAT run (not trained twice); the baseline is a new run folder
+    assert sorted(p.name for p in (out / "sweep").iterdir() if p.is_dir()) == ["tau0.9_M2_random"]
     assert "tau0.9_M2 is the demo's SMAT run" in r.stderr
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
     pts = {p["run"]: p for p in sweep["points"]}
-    assert set(pts) == {"smat", "tau0.5_M2", "tau0.9_M2_random"}
-    assert (pts["tau0.5_M2"]["tau"], pts["tau0.9_M2_random"]["pattern"]) == (0.5, "random")
+    assert set(pts) == {"smat", "tau0.9_M2_random"}
+    assert (pts["smat"]["pattern"], pts["tau0.9_M2_random"]["pattern"]) == ("learned", "random")
     # random masks are fixed at tau from the first step, in both gates
     rnd = pts["tau0.9_M2_random"]["reached"]
     assert all(abs(v - 0.9) < 0.01 for v in rnd["train"] + rnd["eval"]), rnd
@@ -129,7 +130,14 @@ def _check_sweep(out: Path, tree: Path) -> None:
         d = [a - b for a, b in zip(per["digits"], base["pmf"]["zeroshot"]["digits"])]
         assert p["paired"]["pmf"]["ood"]["diff"] == pytest.approx(sum(d) / len(d))
         assert p["trajectory"]["tasks"] == [2, 4]      # one point per step: 4 tasks, 2 ranks x 1 task per step
+    # learned - random at the same tau and M, paired on the same episodes
+    lm = pts["tau0.9_M2_random"]["learned_minus_this"]
+    own = json.loads((out / "eval" / "episodes.json").read_text())["smat"]["zeroshot"]["digits"]
+    rnd_per = json.loads((out / "sweep" / "tau0.9_M2_random" / "eval" / "episodes.json").read_text())
+    d = [a - b for a, b in zip(own, rnd_per["smat"]["zeroshot"]["digits"])]
+    assert lm["run"] == "smat" and lm["domains"]["digits"]["diff"] == pytest.approx(sum(d) / len(d))
     for fig in ("tradeoff.png", "sparsity_trajectories.png"):
         assert (out / "sweep" / fig).stat().st_size > 1000
     report = (out / "report.md").read_text()
-    assert "## Sparsity sweep" in report and "| 0.9 | 2 | random |" in report and "sweep/tradeoff.png" in report
+    assert "## Sparsity sweep" in report and "sweep/tradeoff.png" in report
+    assert "| 0.9 | 2 | learned |" in report and "| 0.9 | 2 | random |" in report
