@@ -157,12 +157,13 @@ def evaluate(cfg, d: Path, force: bool) -> tuple[dict, bool]:
     from smat_dist.launch.local import launch_local
     from smat_dist.train.run_folder import same_config
 
+    stamp = d / "demo_eval_config.yaml"
+    text = to_yaml(cfg)
     # Decode test episodes in the rank itself: a loader worker is started per domain and rank, and its start
     # delayed the first episode of every domain (measured 10-20 s with a worker, 4 s without, 2 ranks on 2
     # cores, 8 domains per evaluation); with 2 ranks on 2 cores there is no idle core for it to overlap with.
+    # Set after the stamp: the worker count changes no result (an episode is a pure function of its index).
     cfg.data.workers = 0
-    stamp = d / "demo_eval_config.yaml"
-    text = to_yaml(cfg)
     if not force and (d / "results.json").is_file() and stamp.is_file() and same_config(stamp, text):
         log.info("eval: already done (%s)", d / "results.json")
         return json.loads((d / "results.json").read_text()), False
