@@ -136,6 +136,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.val_every_tasks": ge(0),
     "logging.project": _rule(lambda v: isinstance(v, str) and v.strip() != "", "must be a non-empty name"),
     "launcher.nproc": ge(1),
+    "launcher.threads": ge(0),
     "launcher.nodes": ge(1),
     "launcher.tasks_per_node": ge(1),
     "launcher.gpus_per_node": ge(0),

@@ -265,6 +265,15 @@ class LauncherConfig:
     signal_delay_s: int = 60
     max_requeues: int = 3
     folder: Optional[str] = None  # submitit log folder (default: <run_dir>/submitit)
+    # CPU math of the rank processes a launcher starts (README "Reproducibility"; smat_dist/launch/env.py
+    # rank_math_env). threads: intra-op threads per rank (OMP/MKL/torch), fixed so that the same config splits
+    # its reductions the same way on every machine; 0 = derived from the machine (local: cpu_count // nproc,
+    # slurm: cpus_per_task), which changes the bits from one machine to another.
+    threads: int = 1
+    # portable_math: cap the CPU kernels' instruction set for those ranks (ATen's default kernels, oneDNN up to
+    # SSE4.1, MKL's COMPATIBLE branch) so that an AVX2 and an AVX-512 machine run the same kernels; ~1.3x slower
+    # per SMAT task; not verified on a second CPU model
+    portable_math: bool = False
 
 
 @dataclass

@@ -24,6 +24,7 @@ from smat_dist.launch.env import (
     LaunchError,
     RankFnSpec,
     StopFlag,
+    apply_rank_math,
     describe_exit,
     free_port,
     last_error_line,
@@ -48,10 +49,13 @@ def _rank_main(rank: int, world: int, port: int, cfg: Config, run_dir: str, rank
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ.update(rank_env(rank, world, rank, world, "127.0.0.1", port))
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # threads/ISA from the config (launcher.threads, launcher.portable_math) before torch runs anything;
+    # `threads` is only the machine's share, used when launcher.threads=0
+    math_line = apply_rank_math(cfg.launcher, threads)
     from smat_dist.utils.log import setup_logging
 
     setup_logging(all_ranks=True)   # each rank has its own file: log INFO on every rank
+    log.info("%s", math_line)
     flag = StopFlag().install()
     try:
         result = resolve_rank_fn(rank_fn)(cfg, run_dir, flag)
@@ -80,7 +84,7 @@ def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_F
     logs = Path(run_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = max(1, (os.cpu_count() or 1) // nproc)   # launcher.threads=0 only (machine-dependent)
     ctx = mp.get_context("spawn")
     procs, paths = [], []
     relay = None

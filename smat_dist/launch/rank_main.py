@@ -14,7 +14,7 @@ import os
 import sys
 
 from smat_dist.config.hydra import ConfigError, compose
-from smat_dist.launch.env import DEFAULT_RANK_FN, StopFlag, export_slurm_env, resolve_rank_fn
+from smat_dist.launch.env import DEFAULT_RANK_FN, StopFlag, apply_rank_math, export_slurm_env, resolve_rank_fn
 from smat_dist.train.run_folder import prepare_run_dir
 from smat_dist.utils.log import get_logger, setup_logging
 
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print("rank_main: error: run_dir=... is required (all ranks and requeued attempts must share it)",
               file=sys.stderr)
         return 2
+    # launcher.threads / launcher.portable_math before torch runs anything (threads=0: this node's share)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    log.info("%s", apply_rank_math(cfg.launcher, (os.cpu_count() or 1) // max(1, local_world)))
     if int(os.environ.get("RANK", "0")) == 0:
         prepare_run_dir(cfg, cfg.run_dir, resuming=True)
     flag = StopFlag().install()

@@ -28,6 +28,7 @@ from smat_dist.launch.env import (
     LaunchError,
     RankFnSpec,
     StopFlag,
+    apply_rank_math,
     last_error_line,
     resolve_rank_fn,
 )
@@ -60,6 +61,8 @@ class SlurmTrainTask(submitit.helpers.Checkpointable):
         from smat_dist.utils.log import setup_logging
 
         setup_logging()
+        # launcher.threads / launcher.portable_math before torch runs anything (threads=0: cpus_per_task)
+        log.info("%s", apply_rank_math(self.cfg.launcher, self.cfg.launcher.cpus_per_task))
         # multi-node torch.distributed from SLURM's variables (MASTER_ADDR = first node, port from job id)
         denv = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
