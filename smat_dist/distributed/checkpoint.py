@@ -57,6 +57,15 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def write_receipt(path: Path, receipt: dict) -> None:
+    """A rank's `done-rank<r>.json`, written beside and renamed into place: rank 0's writer polls for the name and
+    reads it at once, so it must never see the file before its content (it did: a JSONDecodeError on an
+    empty receipt that failed a save, seen once in a demo run on a loaded machine)."""
+    part = path.with_name(path.name + ".part")
+    _fsync_write(part, json.dumps(receipt))
+    os.replace(part, path)
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -226,7 +235,7 @@ class Checkpointer:
                     files[rel] = rec
                     self.stats["hashed"] += rec["size"]
                 receipt["files"] = files
-                _fsync_write(tmp / f"done-rank{rank:05d}.json", json.dumps(receipt))
+                write_receipt(tmp / f"done-rank{rank:05d}.json", receipt)
                 if rank == 0:
                     self._finalize(tmp, final, name, header)
             except BaseException as e:  # surfaced by wait() on the main thread
