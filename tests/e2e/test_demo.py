@@ -128,7 +128,9 @@ def _check_sweep(out: Path, tree: Path) -> None:
         ev = out / "eval" if name == "smat" else out / "sweep" / name / "eval"
         per = json.loads((ev / "episodes.json").read_text())["smat"]["zeroshot"]
         d = [a - b for a, b in zip(per["digits"], base["pmf"]["zeroshot"]["digits"])]
-        assert p["paired"]["pmf"]["ood"]["diff"] == pytest.approx(sum(d) / len(d))
+        assert p["paired"]["pmf"]["domains"]["digits"]["diff"] == pytest.approx(sum(d) / len(d))
+        ood = [p["paired"]["pmf"]["domains"][n]["diff"] for n in ("digits", "shapes")]
+        assert p["paired"]["pmf"]["ood"]["diff"] == pytest.approx(sum(ood) / 2)   # the OOD average of domains
         assert p["trajectory"]["tasks"] == [2, 4]      # one point per step: 4 tasks, 2 ranks x 1 task per step
     # learned - random at the same tau and M, paired on the same episodes
     lm = pts["tau0.9_M2_random"]["learned_minus_this"]
