@@ -27,29 +27,21 @@ BASELINES = ("random", "magnitude")
 QUICK = {"taus": (0.5, 0.9), "experts": (2,), "baselines": ("random",)}
 
 
-def _floats(text: str | None, default) -> tuple:
+def _numbers(text: str | None, default, kind: type, flag: str, example: str) -> tuple:
+    """A comma-separated list of `kind` from the command line (`default` when the flag is not given)."""
     if text is None:
         return tuple(default)
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(kind(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--sweep-taus {text}: expected comma-separated numbers, e.g. 0.5,0.9") from None
-
-
-def _ints(text: str | None, default) -> tuple:
-    if text is None:
-        return tuple(default)
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--sweep-experts {text}: expected comma-separated integers, e.g. 4,8,16") from None
+        raise ValueError(f"{flag} {text}: expected comma-separated {kind.__name__} values, e.g. {example}") from None
 
 
 def sweep_grid(args, main: Point) -> list[Point]:
     """The points from --sweep-taus / --sweep-experts / --sweep-baselines (defaults: the paper's grid)."""
     d = QUICK if args.quick else {"taus": TAUS, "experts": EXPERTS, "baselines": BASELINES}
-    taus = _floats(args.sweep_taus, d["taus"])
-    experts = _ints(args.sweep_experts, d["experts"])
+    taus = _numbers(args.sweep_taus, d["taus"], float, "--sweep-taus", "0.5,0.9")
+    experts = _numbers(args.sweep_experts, d["experts"], int, "--sweep-experts", "4,8,16")
     base = tuple(b for b in (args.sweep_baselines.split(",") if args.sweep_baselines is not None
                              else d["baselines"]) if b.strip())
     return grid(taus, experts, base, baseline_tau=main.tau, baseline_experts=main.experts)

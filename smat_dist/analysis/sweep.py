@@ -136,13 +136,13 @@ def collect(entries: list[tuple[Path, Path]], reference: Path | None = None, met
              "pattern": str(getattr(cfg.method.sparsity, "pattern", "learned")),
              "tasks": int(cfg.train.tasks), "id_avg": r["id_avg"], "ood_avg": r["ood_avg"],
              "reached": reached, "trajectory": trajectory(rows, M), "paired": {}}
+        kinds = {d["name"]: d["kind"] for d in res["meta"]["domains"]}
         if ref is not None:
             _same_episodes(res, res_dir, ref, Path(reference))
-            kinds = {d["name"]: d["kind"] for d in res["meta"]["domains"]}
             for m in refs:
                 p["paired"][m] = paired_against(per[method][mode], ref_per[m][mode], kinds)
         pts.append(p)
-        pers.append((per[method][mode], {d["name"]: d["kind"] for d in res["meta"]["domains"]}, res, res_dir))
+        pers.append((per[method][mode], kinds, res, res_dir))
     if not pts:
         raise ValueError("no evaluated run in the sweep")
     # the paper's comparison: learned masks against hand-designed ones at the same tau and M, paired
