@@ -41,6 +41,10 @@ class LogRelay:
         self.progress: Progress | None = None
         self.seen = 0          # progress lines relayed (tests read it)
         self._buf = ""
+        # poll() runs in the relay's thread and may also be called by its owner (a last read after the job
+        # ends): unserialised, one caller's stale size against the other's advanced position looked like a
+        # rewritten file and re-read it from the start (seen on CI: lines relayed 3 times)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="smat-log-relay", daemon=True)
 
@@ -67,6 +71,10 @@ class LogRelay:
             self._stop.wait(self.poll_s)
 
     def poll(self) -> None:
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
         if not self.path.is_file():
             return
         size = self.path.stat().st_size

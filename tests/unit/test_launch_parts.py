@@ -79,6 +79,22 @@ def test_relay_follows_rank0_log(tmp_path, caplog):
                for m in msgs), msgs
 
 
+def test_relay_polled_from_two_threads_reads_each_line_once(tmp_path):
+    """The owner's last poll() races the relay's own thread; each appended line is still relayed once."""
+    log_file = tmp_path / "rank0.log"
+    log_file.write_text("")
+    n = 400
+    relay = LogRelay(log_file, n, bar=False, every_s=3600.0, poll_s=0.0)
+    with relay:
+        with open(log_file, "a") as f:
+            for i in range(1, n + 1):
+                f.write(f"12:00:00 [r0] INFO smat_dist.train.metrics: tasks {i}/{n} loss 1 acc 0 1.00 tasks/s\n")
+                f.flush()
+                relay.poll()
+        relay.poll()
+    assert relay.seen == n
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text())
     out = set()
