@@ -14,7 +14,8 @@ from smat_dist.eval.report import markdown_table
 PAPER = {"train.tasks": "~50,000", "method.warmup_tasks": 400, "method.total_tasks": 50000, "method.delta_lr": 1e-4,
          "method.pmf_lr": 5e-4, "method.hypernet.t_decay": 4000.0, "method.hypernet.lr": 1e-4,
          "method.sparsity.lambda_lr": 0.002, "method.sparsity.lambda_lr_scale": "none",
-         "method.sparsity.schedule_share": 0.0, "method.sparsity.eval_gate": "upstream"}
+         "method.sparsity.schedule_share": 0.0, "method.sparsity.eval_gate": "upstream",
+         "method.sparsity.expert_weight": "merge"}
 
 def _sparsity_verdict(sp: dict) -> str:
     tau = sp["target"]

@@ -54,6 +54,11 @@ class LambdaScale(StrEnum):
     numel = "numel"         # lambda_lr per million pool entries: lr = lambda_lr * numel / 1e6
 
 
+class ExpertWeight(StrEnum):
+    merge = "merge"         # w_m, expert m's mean merging weight (upstream): ~1/M, so the controller slows with M
+    relative = "relative"   # M * w_m (mean 1 over the experts): the controller's speed does not depend on M
+
+
 class EvalGate(StrEnum):
     upstream = "upstream"   # eval gate at beta 1: zero only below log_alpha -2.398 (train: -1.599)
     train = "train"         # eval gate at the training gate's beta 2/3: eval masks = training masks
@@ -139,6 +144,10 @@ class SparsityConfig:
     # per step, so the lr that reaches tau without overshoot grows with the pool (measured, README "Sparsity")
     lambda_lr_scale: LambdaScale = LambdaScale.none
     eval_gate: EvalGate = EvalGate.upstream
+    # The weight of expert m in the multiplier's step and in the penalty. Upstream's w_m (~1/M) enters both, so a
+    # logit's pull grows with lambda_lr * w^2, ~1/M^2: the lr tuned at 8 experts is ~4x too slow at 16 (measured,
+    # README "Sparsity"). relative uses M * w_m; lambda_lr is then per expert at uniform weight.
+    expert_weight: ExpertWeight = ExpertWeight.merge
     # Hand-designed mask patterns, the paper's baselines for the learned ones (README, "Sparsity"): random and
     # magnitude fix the logits at +-clamp (gates exactly 1 / 0) and never update them nor the multipliers.
     pattern: SparsityPattern = SparsityPattern.learned

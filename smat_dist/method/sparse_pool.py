@@ -112,8 +112,8 @@ class SparsePool:
         """The step's sparsity terms from the counts of begin_step; one all-reduce of 4M+1 numbers.
 
         Returns the metrics and the per-expert coefficient of the penalty's gradient on the mask logits,
-        coef_m = lambda_m * w_m / numel (dL_sp/dlog_alpha = coef_m * dP(z != 0)/dlog_alpha), which the merger
-        applies with the task gradient in one pass."""
+        coef_m = lambda_m * w_m / numel (dL_sp/dlog_alpha = coef_m * dP(z != 0)/dlog_alpha; w_m times M with
+        expert_weight=relative), which the merger applies with the task gradient in one pass."""
         local = self.merger.stats
         if local is None:
             raise RuntimeError("end_step() without a training begin_step(): no sparsity counts for this step")
@@ -122,6 +122,8 @@ class SparsePool:
                                        torch.tensor([float(n_tasks)], dtype=torch.float64, device=local.device)]))
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
         w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
+        # the experts' weight in the controller's terms (method.sparsity.expert_weight); w_mean is logged as is
+        w_ctl = w_mean * M if str(self.cfg.sparsity.expert_weight) == "relative" else w_mean
         ctl = self.controller
         if self.store.frozen:     # a fixed pattern: no penalty, the multipliers stay 0, the counter advances
             coef = None
@@ -130,12 +132,12 @@ class SparsePool:
                 ctl.advance(float(stats[4 * M]))
         else:
             ctl.reset_satisfied(sparsity)
-            coef = (ctl.multipliers * w_mean / numel).float()
-            lag = ctl.lagrangian(sparsity, w_mean)
-            penalty = float(ctl.penalty(density, w_mean))
+            coef = (ctl.multipliers * w_ctl / numel).float()
+            lag = ctl.lagrangian(sparsity, w_ctl)
+            penalty = float(ctl.penalty(density, w_ctl))
             out = {"loss/sparsity_penalty": penalty, "loss/lagrangian": lag, "sparsity/target": ctl.current_target()}
             if update:
-                ctl.update(sparsity, w_mean, lr_factor, tasks=float(stats[4 * M]))
+                ctl.update(sparsity, w_ctl, lr_factor, tasks=float(stats[4 * M]))
         values = torch.stack([sparsity, eval_sparsity, density, ctl.multipliers, w_mean]).cpu().tolist()
         for name, row in zip(("sparsity", "sparsity_eval", "density_l0", "lambda", "w_mean"), values):
             for i, v in enumerate(row):
