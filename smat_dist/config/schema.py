@@ -57,6 +57,7 @@ class LambdaScale(StrEnum):
 class ExpertWeight(StrEnum):
     merge = "merge"         # w_m, expert m's mean merging weight (upstream): ~1/M, so the controller slows with M
     relative = "relative"   # M * w_m (mean 1 over the experts): the controller's speed does not depend on M
+    uniform = "uniform"     # 1: every expert pulled to tau alike, however much the hypernetwork uses it
 
 
 class EvalGate(StrEnum):

@@ -123,7 +123,9 @@ class SparsePool:
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
         w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
         # the experts' weight in the controller's terms (method.sparsity.expert_weight); w_mean is logged as is
-        w_ctl = w_mean * M if str(self.cfg.sparsity.expert_weight) == "relative" else w_mean
+        weight = str(self.cfg.sparsity.expert_weight)
+        w_ctl = (w_mean * M if weight == "relative" else torch.ones_like(w_mean) if weight == "uniform"
+                 else w_mean)
         ctl = self.controller
         if self.store.frozen:     # a fixed pattern: no penalty, the multipliers stay 0, the counter advances
             coef = None
