@@ -7,6 +7,7 @@ import math
 import time
 from pathlib import Path
 
+from smat_dist.analysis.pattern_origin import init_share
 from smat_dist.analysis.sparsity import SPARSITY_TOL, read_metrics, sparsity_reached
 from smat_dist.eval.report import markdown_table
 
@@ -29,6 +30,21 @@ def _sparsity_verdict(sp: dict) -> str:
             f"training gate {min(sp['train']):.3f}-{max(sp['train']):.3f}, eval gate {min(sp['eval']):.3f}-"
             f"{max(sp['eval']):.3f}), so the comparisons below are of a less sparse (or sparser) expert pool than "
             "the one the paper's claims are about")
+
+
+def _origin_line(run_dir: Path) -> list[str]:
+    """What the learned masks owe to their initial draw (analysis/pattern_origin.py); nothing for other pools."""
+    try:
+        o = init_share(run_dir)
+    except (OSError, ValueError, KeyError) as e:
+        return [f"- Mask pattern's origin: not measured ({e})."]
+    if o is None:
+        return []
+    fi, kept = o["from_init"], o["kept"]
+    return [f"- Mask pattern's origin: of the entries each expert keeps, {min(fi):.2f}–{max(fi):.2f} were in the top "
+            f"{min(kept):.2f}–{max(kept):.2f} of its initial logits (chance: that share; 1: the pattern is the "
+            "initial random draw, shifted by the penalty). A short run's \"learned\" pattern near 1 is mostly its "
+            "initialisation (README, \"Sparsity\")."]
 
 
 def _get(cfg, dotted: str):
@@ -147,6 +163,7 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
              f"{', '.join(f'{v:.3f}' for v in eval_sp)} (mean {sum(eval_sp) / M:.3f}); "
              f"final merge temperature {last.get('temperature', float('nan')):.2f}; "
              f"training query accuracy (last 20 logged steps) {100 * _mean(smat_m, 'acc/query'):.1f}%.",
+             ] + _origin_line(out / "smat") + [
              f"- P>M>F: {pmf_cfg.train.tasks} tasks, the same episodes and schedule, dense SGD lr "
              f"{pmf_cfg.method.pmf_lr:g}; training query accuracy (last 20 steps) "
              f"{100 * _mean(pmf_m, 'acc/query'):.1f}%.",

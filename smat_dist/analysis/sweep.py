@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from smat_dist.analysis.pattern_origin import init_share
 from smat_dist.analysis.sparsity import SPARSITY_TOL, read_metrics, sparsity_reached, trajectory
 from smat_dist.utils.log import get_logger
 
@@ -107,6 +108,16 @@ def paired_against(per_a: dict, per_b: dict, kinds: dict) -> dict:
                                 for k in ("id", "ood")}}
 
 
+def _from_init(run_dir: Path) -> list[float] | None:
+    """Per expert, the share of kept entries its initial draw ranked on top (None: not a learned pool, or no
+    checkpoint to read)."""
+    try:
+        o = init_share(run_dir)
+    except (OSError, ValueError):
+        return None
+    return None if o is None else o["from_init"]
+
+
 def collect(entries: list[tuple[Path, Path]], reference: Path | None = None, method: str = "smat",
             mode: str = "zeroshot") -> dict:
     """{"points": [...], "reference": {...}} for the (run folder, results folder) entries.
@@ -135,7 +146,8 @@ def collect(entries: list[tuple[Path, Path]], reference: Path | None = None, met
         p = {"run": run_dir.name, "run_dir": str(run_dir), "tau": tau, "experts": M,
              "pattern": str(getattr(cfg.method.sparsity, "pattern", "learned")),
              "tasks": int(cfg.train.tasks), "id_avg": r["id_avg"], "ood_avg": r["ood_avg"],
-             "reached": reached, "trajectory": trajectory(rows, M), "paired": {}}
+             "reached": reached, "trajectory": trajectory(rows, M), "paired": {},
+             "from_init": _from_init(run_dir)}
         kinds = {d["name"]: d["kind"] for d in res["meta"]["domains"]}
         if ref is not None:
             _same_episodes(res, res_dir, ref, Path(reference))
@@ -173,7 +185,8 @@ def markdown(sweep: dict) -> str:
     """The sweep table: (tau, M, pattern) -> reached sparsity (range over experts, both gates), ID / OOD
     averages and the paired differences against the references (points, mean ± 95% CI)."""
     refs = list(sweep["reference"])
-    head = ["τ", "M", "masks", "reached (train gate)", "reached (eval gate)", "at τ?", "ID avg", "OOD avg"]
+    head = ["τ", "M", "masks", "reached (train gate)", "reached (eval gate)", "at τ?", "kept from init", "ID avg",
+            "OOD avg"]
     for m in refs:
         head += [f"ID − {m}", f"OOD − {m}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -182,6 +195,7 @@ def markdown(sweep: dict) -> str:
         sp = p["reached"]
         row = [f"{p['tau']:g}", str(p["experts"]), p["pattern"], _range(sp["train"]), _range(sp["eval"]),
                "yes" if sp["ok"] else f"**no** (gap {sp['worst']:.3f})",
+               _range(p["from_init"]) if p.get("from_init") else "–",
                f"{100 * p['id_avg']:.2f}" if p["id_avg"] is not None else "–",
                f"{100 * p['ood_avg']:.2f}" if p["ood_avg"] is not None else "–"]
         for m in refs:
@@ -191,7 +205,9 @@ def markdown(sweep: dict) -> str:
                                                               is not None else "")
                         for m, v in sweep["reference"].items())
     lines += ["", f"Accuracy in %, zero-shot. \"reached\": the range over experts of the fraction of zeros at the last "
-              f"logged step; \"at τ?\": every expert within {SPARSITY_TOL} of τ in both gates. Differences: paired "
+              f"logged step; \"at τ?\": every expert within {SPARSITY_TOL} of τ in both gates; \"kept from init\": "
+              "of the entries each expert keeps, the share its initial logits ranked on top (chance: 1 − τ; near 1: "
+              "the pattern is the initial random draw). Differences: paired "
               "per-episode differences on the same fixed test episodes, averaged over domains, ± their 95% CI."
               + (f" References: {ref_txt}." if ref_txt else "")]
     base = [p for p in order if "learned_minus_this" in p]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -84,6 +85,9 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
 
     text = report.read_text()
     assert "SMAT ≥ P>M>F on OOD" in text and "SMAT > pre-trained on ID" in text
+    # 4 tasks barely move the logits: the kept entries are the initial draw's top (pattern_origin.py)
+    origin = re.search(r"Mask pattern's origin: of the entries each expert keeps, ([\d.]+)–([\d.]+) were", text)
+    assert origin and float(origin.group(1)) > 0.95, text
     for dom in kinds:
         assert f"| {dom} |" in text
     for fig in ("capacity.png", "mask_overlap.png", "expert_dendrogram.png"):
@@ -118,6 +122,7 @@ def _check_sweep(out: Path, tree: Path) -> None:
     sweep = json.loads((out / "sweep" / "sweep.json").read_text())
     pts = {p["run"]: p for p in sweep["points"]}
     assert set(pts) == {"smat", "tau0.9_M2_random"}
+    assert pts["tau0.9_M2_random"]["from_init"] is None and len(pts["smat"]["from_init"]) == 2
     assert (pts["smat"]["pattern"], pts["tau0.9_M2_random"]["pattern"]) == ("learned", "random")
     # random masks are fixed at tau from the first step, in both gates
     rnd = pts["tau0.9_M2_random"]["reached"]
