@@ -15,6 +15,7 @@ hand-designed patterns have no initial draw.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from statistics import NormalDist
 
@@ -37,8 +38,6 @@ def _pool_files(ck: Path, manifest: dict) -> list[tuple[Path, dict | None]]:
 
 def _blocks(path: Path, digest: dict | None, numel: int):
     """(global row offset, log alpha rows [ROWS, M] float32) of one shard's valid rows."""
-    import json
-
     with ShardReader(path, digest) as r:
         meta = json.loads(r.metadata.get("tensors", "{}")).get("log_alpha", {})
         if meta.get("index") != "range":
@@ -71,8 +70,6 @@ def init_share(run_dir: str | Path) -> dict | None:
         return None
     manifest = ckpt.read_manifest(ck)
     files = _pool_files(ck, manifest)
-    import json
-
     with ShardReader(*files[0]) as r:
         rep = json.loads(r.metadata.get("replicated", "{}"))
     numel, M = int(rep["numel"]), int(rep["experts"])
