@@ -5,7 +5,7 @@
 RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* come from the outer launcher (torchrun, deepspeed); under a plain
 `srun` (one task per rank) they are derived from SLURM's variables as the submitit path does (MASTER_ADDR the
 job's first node, MASTER_PORT from the job id). USR2/TERM/INT only set the stop flag; the trainer checkpoints
-at the next step. Errors: one line `rank_main: error: ...` on stderr, exit code 2.
+at the next step. Errors: one rank-prefixed log line `rank_main: error: ...` on stderr, exit code 2.
 """
 from __future__ import annotations
 
@@ -29,11 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = compose("train", args)
     except ConfigError as e:
-        print(f"rank_main: error: {e}", file=sys.stderr)
+        log.error("rank_main: error: %s", e)
         return 2
     if not cfg.run_dir:
-        print("rank_main: error: run_dir=... is required (all ranks and requeued attempts must share it)",
-              file=sys.stderr)
+        log.error("rank_main: error: run_dir=... is required (all ranks and requeued attempts must share it)")
         return 2
     # launcher.threads / launcher.portable_math before torch runs anything (threads=0: this node's share)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
