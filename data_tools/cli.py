@@ -27,6 +27,21 @@ OFFLINE_SEED = 0   # data_tools.offline.convert's default
 OFFLINE_CACHE = ".offline-cache"
 OFFLINE_IMAGE_SIZE = 84
 
+MD_RULES = 2  # version of the original-layout rules (2: MD's class names, ILSVRC's duplicate lists)
+MD_ORIGINALS = ("ilsvrc_2012", "omniglot", "aircraft", "cu_birds", "dtd", "quickdraw", "fungi", "vgg_flower",
+                "traffic_sign", "mscoco")
+# Options that only some sources read: any other source refuses them rather than ignoring them.
+APPLIES_TO = {
+    "--split-file": [s for s in MD_ORIGINALS if s not in ("omniglot", "ilsvrc_2012")],  # MD fixes those two
+    "--md-spec": list(MD_ORIGINALS),
+    "--keep-duplicates": ["ilsvrc_2012"],
+    "--md-duplicates": ["ilsvrc_2012"],
+    "--partial": list(MD_ORIGINALS),
+    "--seed": [*MD_ORIGINALS, "imagefolder"],
+    "--splits": ["imagefolder"],
+    "--name": ["imagefolder"],
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     lines = [f"  {k:<14} {v[1]}" for k, v in SOURCES.items()]
@@ -48,8 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-bytes", type=int, default=256 << 20, help="close a shard after the class that passes this")
     p.add_argument("--min-count", type=int, default=1, help="fail when a class has fewer readable images")
     p.add_argument("--max-classes", type=int, help="keep at most N classes of each split (smoke runs)")
-    p.add_argument("--split-file", type=Path, help="Meta-Dataset splits JSON to use instead of the seeded rule")
-    p.add_argument("--md-spec", type=Path, help="ilsvrc_2012: Meta-Dataset's ilsvrc_2012_dataset_spec.json")
+    p.add_argument("--split-file", type=Path,
+                   help="Meta-Dataset's <source>_splits.json (shipped in data_tools/md_aux/splits/) instead of its "
+                        "seeded rule; not for omniglot or ilsvrc_2012, whose splits are fixed")
+    p.add_argument("--md-spec", type=Path,
+                   help="Meta-Dataset's <source>_dataset_spec.json: ilsvrc_2012 needs it (the DAG split); other "
+                        "original-layout sources take their split from it and check names and counts against it")
+    p.add_argument("--keep-duplicates", action="store_true",
+                   help="ilsvrc_2012: keep the images Meta-Dataset leaves out as duplicates of Caltech/CUB images")
+    p.add_argument("--md-duplicates", type=Path, metavar="DIR",
+                   help="ilsvrc_2012: folder holding Meta-Dataset's ImageNet_*_duplicates.txt (default: the copies "
+                        "shipped in data_tools/md_aux)")
     p.add_argument("--splits", help="imagefolder: seeded class split, e.g. train=0.7,val=0.15,test=0.15")
     p.add_argument("--seed", type=int, default=None,
                    help=f"seed of the class split (default {MD_SEED}, as Meta-Dataset); offline: seed of the "
@@ -59,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None,
                    help=f"offline: side of the rendered square images (default {OFFLINE_IMAGE_SIZE})")
     p.add_argument("--partial", action="store_true",
-                   help="accept an input with fewer classes than Meta-Dataset (splits scaled proportionally)")
+                   help="accept an input with fewer classes than Meta-Dataset (MD's split kept for the classes "
+                        "present, or scaled when the input alone names the classes); reports how many are missing")
     p.add_argument("--name", help="imagefolder: dataset name (default: the input folder name)")
     return p
 
@@ -76,12 +101,21 @@ def _select(plan: Plan, max_classes: int | None) -> list:
     return out
 
 
-def _check_classes(plan: Plan, classes: list, full: bool) -> None:
+def _check_classes(plan: Plan, classes: list, full: bool, partial: bool) -> None:
     found = tuple(sum(1 for c in classes if c.split == s) for s in ("train", "val", "test"))
     log.info("%s: %d classes to write (train/val/test %d/%d/%d)", plan.name, len(classes), *found)
     if full and plan.expected_classes and found != tuple(plan.expected_classes):
         raise ConversionError(f"{plan.name}: expected train/val/test classes {tuple(plan.expected_classes)}, "
-                              f"the input gives {found}")
+                              f"the input gives {found}; pass --partial to convert a subset")
+    if partial and plan.expected_classes:
+        missing = sum(plan.expected_classes) - len(plan.classes)
+        plan.report["classes_missing"] = missing
+        if missing > 0:
+            msg = (f"{plan.name}: --partial: {missing} of {sum(plan.expected_classes)} Meta-Dataset classes are not "
+                   f"in the input (train/val/test {found[0]}/{found[1]}/{found[2]} of "
+                   f"{'/'.join(map(str, plan.expected_classes))} converted)")
+            log.warning(msg)
+            plan.warnings.append(msg)
 
 
 def _check_images(plan: Plan, spec: dict, full: bool) -> list[str]:
@@ -111,6 +145,13 @@ def convert(args: argparse.Namespace) -> dict:
     if offline_only:
         raise ConversionError(f"{', '.join(offline_only)} only apply to offline:<domain> and offline-all, "
                               f"not to {args.source}")
+    given = {"--split-file": args.split_file, "--md-spec": args.md_spec, "--keep-duplicates": args.keep_duplicates,
+             "--md-duplicates": args.md_duplicates, "--partial": args.partial, "--seed": args.seed,
+             "--splits": args.splits, "--name": args.name}
+    for flag, value in given.items():
+        if value not in (None, False) and args.source not in APPLIES_TO[flag]:
+            raise ConversionError(f"{flag} does not apply to {args.source}; it is for "
+                                  f"{', '.join(APPLIES_TO[flag])}")
     if args.seed is None:
         args.seed = MD_SEED
     if not args.input.is_dir():
@@ -122,18 +163,30 @@ def convert(args: argparse.Namespace) -> dict:
                               f"input tree")
     fractions = parse_fractions(args.splits) if args.splits else None
     opts = Options(max_classes=args.max_classes, split_file=args.split_file, md_spec=args.md_spec,
-                   fractions=fractions, seed=args.seed, extra={"partial": args.partial, "name": args.name})
-    converter = json.dumps({"source": args.source, "input": str(args.input.resolve()), "max_classes": args.max_classes,
-                            "split_file": str(args.split_file) if args.split_file else None,
-                            "md_spec": str(args.md_spec) if args.md_spec else None, "splits": fractions,
-                            "seed": args.seed, "partial": args.partial, "min_count": args.min_count,
-                            "strict": args.strict, "shard_bytes": args.shard_bytes}, sort_keys=True)
+                   fractions=fractions, seed=args.seed,
+                   extra={"partial": args.partial, "name": args.name, "keep_duplicates": args.keep_duplicates,
+                          "md_duplicates": args.md_duplicates})
+    settings = {"source": args.source, "input": str(args.input.resolve()), "max_classes": args.max_classes,
+                "split_file": str(args.split_file) if args.split_file else None,
+                "md_spec": str(args.md_spec) if args.md_spec else None, "splits": fractions,
+                "seed": args.seed, "partial": args.partial, "min_count": args.min_count,
+                "strict": args.strict, "shard_bytes": args.shard_bytes}
+    if args.source in MD_ORIGINALS:
+        # an output written under older rules (other class names, ILSVRC with MD's duplicates) is refused on a
+        # rerun, naming this key, instead of being reused; bump when the classes or images written change
+        settings["md_rules"] = MD_RULES
+    if args.source == "ilsvrc_2012":
+        settings["keep_duplicates"] = args.keep_duplicates
+        settings["md_duplicates"] = str(args.md_duplicates) if args.md_duplicates else None
+    converter = json.dumps(settings, sort_keys=True)
     plan = SOURCES[args.source][0](args.input, opts)
     for warning in plan.warnings:
         log.warning(warning)
     classes = _select(plan, args.max_classes)
     full = args.max_classes is None and not args.partial
-    _check_classes(plan, classes, full)
+    _check_classes(plan, classes, full, args.partial and args.max_classes is None)
+    for key, value in plan.report.items():
+        log.info("%s: %s = %s", plan.name, key, value)
     if plan.expected_per_class and args.source == "imagefolder":   # file counts: known before anything is written
         few = [(c.name, plan.expected_per_class[c.name]) for c in classes
                if plan.expected_per_class.get(c.name, args.min_count) < args.min_count]
@@ -151,13 +204,17 @@ def convert(args: argparse.Namespace) -> dict:
                 if c.superclass is not None:
                     supers.setdefault(c.superclass, []).append(labels[c.name])
                 bar.update_to(i + 1, extra=f"{c.name} ({c.split}): {w.classes[-1]['count']} images")
+        notes = plan.notes() if plan.notes else []
+        for note in notes:
+            log.warning(note)
+        w.notes = notes
         if supers:
             w.set_ontology({"type": "bilevel", "superclasses": supers})
         elif plan.dag:
             w.set_ontology(dag_ontology(plan.dag, {c.name: c.split for c in classes}))  # None: none written
     spec = w.spec
-    warnings = plan.warnings + _check_images(plan, spec, full)
-    return {"name": plan.name, "output": str(args.output), "status": "written", **spec["counts"],
+    warnings = plan.warnings + spec.get("notes", []) + _check_images(plan, spec, full)
+    return {"name": plan.name, "output": str(args.output), "status": "written", **spec["counts"], **plan.report,
             "skipped": len(spec["skipped"]), "shards": len(spec["shards"]), "warnings": warnings}
 
 
@@ -174,9 +231,10 @@ def convert_offline(args: argparse.Namespace) -> list[dict]:
         import data_tools.offline as offline
     except ImportError as e:
         raise ConversionError(f"offline domains are unavailable: cannot import data_tools.offline ({e})") from e
-    if args.split_file or args.md_spec or args.splits or args.partial or args.name:
-        raise ConversionError("--split-file, --md-spec, --splits, --partial and --name do not apply to offline "
-                              "domains (their splits are seeded; see --seed)")
+    if (args.split_file or args.md_spec or args.splits or args.partial or args.name or args.keep_duplicates
+            or args.md_duplicates):
+        raise ConversionError("--split-file, --md-spec, --splits, --partial, --name, --keep-duplicates and "
+                              "--md-duplicates do not apply to offline domains (their splits are seeded; see --seed)")
     domains = list(offline.DOMAINS) if args.source == "offline-all" else [args.source.split(":", 1)[1]]
     unknown = [d for d in domains if d not in offline.DOMAINS]
     if unknown:

@@ -59,31 +59,32 @@ def ordered_by_split(keys: list, train: list, valid: list, test: list) -> list[t
             + [(keys[i], "test") for i in test])
 
 
-def load_split_file(path: Path, keys: list) -> list[tuple[object, str]]:
-    """Apply a Meta-Dataset splits JSON ({"train": [...], "valid": [...], "test": [...]}) to ``keys``.
-
-    Entries are matched against the keys as strings (MD's files hold class names or integer ids).
-    Every key must be assigned exactly once: a missing or unknown class is an error naming it.
-    """
+def read_split_file(path: Path) -> list[tuple[str, str]]:
+    """[(class name, split)] in label order from a Meta-Dataset splits JSON ({"train": [...], "valid": [...],
+    "test": [...]}): MD's converter labels the classes in that order. A class listed twice is an error."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read split file {path}: {e}") from e
-    by_str = {str(k): k for k in keys}
-    out, seen = [], set()
-    for md_name, split in (("train", "train"), ("valid", "val"), ("val", "val"), ("test", "test")):
-        for entry in data.get(md_name, []):
+    if not isinstance(data, dict) or not any(k in data for k in ("train", "valid", "test")):
+        raise ValueError(f"split file {path}: expected a JSON object with keys 'train', 'valid', 'test' "
+                         f"(Meta-Dataset's <source>_splits.json)")
+    odd = sorted(set(data) - {"train", "valid", "test"})
+    if odd:
+        raise ValueError(f"split file {path}: unknown key {odd[0]!r}; Meta-Dataset's keys are 'train', 'valid', "
+                         f"'test'")
+    out, seen = [], {}
+    for md_name, split in (("train", "train"), ("valid", "val"), ("test", "test")):
+        entries = data.get(md_name, [])
+        if not isinstance(entries, list):
+            raise ValueError(f"split file {path}: key {md_name!r} must be a list of class names")
+        for entry in entries:
             s = str(entry)
-            if s not in by_str:
-                raise ValueError(f"split file {path}: class {s!r} of split {md_name!r} is not in the input")
             if s in seen:
-                raise ValueError(f"split file {path}: class {s!r} is listed twice")
-            seen.add(s)
-            out.append((by_str[s], split))
-    missing = [s for s in by_str if s not in seen]
-    if missing:
-        raise ValueError(f"split file {path} does not assign {len(missing)} classes, e.g. {missing[:3]}")
+                raise ValueError(f"split file {path}: class {s!r} is listed twice ({seen[s]!r} and {md_name!r})")
+            seen[s] = md_name
+            out.append((s, split))
     return out
 
 

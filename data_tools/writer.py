@@ -156,6 +156,7 @@ class DatasetWriter:
         self.shards: list[dict] = []
         self.skipped: list[dict] = []
         self.ontology: dict | None = None
+        self.notes: list[str] = []  # how the stored images differ from the source's; in spec.json when any
         self.spec: dict | None = None
         self.complete = False  # True when out_dir already holds this dataset (rerun is a no-op)
         self._names: dict[str, int] = {}
@@ -326,6 +327,8 @@ class DatasetWriter:
             "skipped": self.skipped,
             "counts": {"classes": len(self.classes), "images": sum(c["count"] for c in self.classes)},
         }
+        if self.notes:
+            spec["notes"] = list(self.notes)
         tmp = self.out_dir / "spec.json.tmp"
         with open(tmp, "w") as f:
             json.dump(spec, f, separators=(",", ":"))

@@ -15,7 +15,9 @@ set -u
 OUT="${OUT:-./bench_out}"
 mkdir -p "$OUT"
 if [ -z "${PY:-}" ]; then
-  if python3 -c "import torch, timm" 2>/dev/null; then PY=python3; else PY=.venv/bin/python; fi
+  if python3 -c "import torch, timm" 2>/dev/null; then PY=python3
+  elif [ -x .venv/bin/python ]; then PY=.venv/bin/python
+  else echo "gpu_bench: no python3 with torch and timm, and no .venv: nothing can run" >&2; exit 2; fi
 fi
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1          # create nothing outside $OUT
@@ -46,8 +48,12 @@ run() {  # run LIMIT_S NAME OUTFILE CMD...: time-boxed, stdout appended to OUTFI
     return
   fi
   [ "$left" -lt "$limit" ] && limit=$left
-  timeout "$limit" "$@" >> "$outfile" 2>> "$OUT/$name.log" || echo "$name exited $? ($*)" | tee -a "$OUT/$name.log"
+  if ! timeout "$limit" "$@" >> "$outfile" 2>> "$OUT/$name.log"; then
+    echo "$name exited $? ($*)" | tee -a "$OUT/$name.log"
+    FAILED="$FAILED $name"
+  fi
 }
+FAILED=""
 
 if [ "$SMOKE" = 1 ]; then
   run 120 step "$OUT/step.jsonl" $BENCH step --model vit_tiny_patch16_224 --image-size 32 --patch-size 8 \
@@ -80,3 +86,5 @@ else
   done
 fi
 cat "$OUT"/step.jsonl "$OUT"/scale.jsonl 2>/dev/null || true
+# A part that failed (not one skipped for the budget) fails the script: a GPU session must not read 0 as success.
+if [ -n "$FAILED" ]; then echo "gpu_bench: failed parts:$FAILED" >&2; exit 1; fi

@@ -13,14 +13,30 @@
 #   slurm/devcluster.sh stop   [STATE_DIR]
 #   slurm/devcluster.sh status [STATE_DIR]
 #
-# STATE_DIR (default $SMAT_SLURM_DIR, else .cache/slurm) holds the generated configs, spool, state,
-# logs, pid files and the accounting database, so stop + rm -rf STATE_DIR leaves nothing behind.
+# STATE_DIR holds the generated configs, spool, state, logs, pid files and the accounting database, so
+# stop + rm -rf STATE_DIR leaves nothing behind. Without STATE_DIR: $SMAT_SLURM_DIR, else the state folder of
+# the cluster running on this machine (its slurmctld's SLURM_CONF; the ports are fixed, so there is at most one),
+# else .cache/slurm of this repository - never a folder relative to the current directory, so every command
+# works from any folder. `start` prints the folder.
 set -euo pipefail
 
 CMD=${1:-status}
-B=${2:-${SMAT_SLURM_DIR:-.cache/slurm}}
-mkdir -p "$B"
-B=$(cd "$B" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+running_state() {  # the state folder of the running slurmctld, from the SLURM_CONF it was started with
+  local pid conf
+  pid=$(pgrep -x slurmctld | head -n1) || return 1
+  conf=$(tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | sed -n 's/^SLURM_CONF=//p' | head -n1)
+  [ -n "$conf" ] || return 1
+  dirname "$(dirname "$conf")"
+}
+
+if [ -n "${2:-}" ]; then B=$2
+elif [ -n "${SMAT_SLURM_DIR:-}" ]; then B=$SMAT_SLURM_DIR
+else B=$(running_state || echo "$REPO/.cache/slurm")
+fi
+[ "$CMD" = start ] && mkdir -p "$B"
+B=$(realpath -m "$B")
 export SLURM_CONF=$B/etc/slurm.conf
 CLUSTER=smatdev
 DB_PORT=${SMAT_SLURM_DB_PORT:-6820}   # not 3306, so a system mariadb does not clash
@@ -205,7 +221,12 @@ stop() {
   stop_slurm
   stop_pid "$B/run/slurmdbd.pid"
   stop_pid "$B/run/mysql.pid"
-  hosts_remove
+  # the node names stay while a cluster of another state folder still runs on them
+  if pgrep -x slurmctld >/dev/null; then
+    echo "devcluster: a cluster of another state folder ($(running_state || echo unknown)) still runs: /etc/hosts kept"
+  else
+    hosts_remove
+  fi
   echo "devcluster: stopped (state kept in $B)"
 }
 

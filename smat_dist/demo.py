@@ -5,6 +5,8 @@
   smat-demo --quick                          # a 2-3 minute smoke version (what tests/e2e runs)
   smat-demo --sweep                          # + the tau x M sparsity sweep and mask baselines (hours on 2 cores)
   smat-demo --sweep --sweep-taus 0.5,0.9 --sweep-experts 8 --sweep-baselines random
+  smat-demo --curve                          # + accuracy over meta-training at every kept checkpoint
+  smat-demo --curve --curve-points 160,320,640,1120,1600 train.tasks=1600 checkpoint.keep_every=160
 
 Phases (each one is skipped on a rerun when its output is already there and was made with the same settings;
 an interrupted training resumes from its last checkpoint):
@@ -14,9 +16,13 @@ an interrupted training resumes from its last checkpoint):
   3. pmf      meta-train P>M>F (dense) with the same episodes and schedule;
   4. eval     meta-test SMAT, the pre-trained model and P>M>F zero-shot on the ID test classes and OOD domains;
   5. figures  capacity by layer, mask overlap, expert-selection dendrogram of the SMAT pool;
-  6. sweep    (--sweep) SMAT at every (tau, M) of a grid and with hand-designed masks, against the same P>M>F
+     export   smat-export the SMAT run; smat-predict on one ID test episode written out as image folders;
+  6. curve    (--curve) SMAT, P>M>F and the pre-trained model at every checkpoint the two runs kept
+              (checkpoint.keep_every), on the eval phase's episodes: <out>/curve/curve.md, curve.png (the paper's
+              Figure 1, with the paired SMAT - P>M>F interval and the masks' state at each point);
+  7. sweep    (--sweep) SMAT at every (tau, M) of a grid and with hand-designed masks, against the same P>M>F
               and pre-trained results: <out>/sweep/sweep.md, tradeoff.png (the paper's Figure 3), trajectories;
-  7. report   <out>/report.md: the table with 95% CIs, what was trained, the wall time per phase, the verdict.
+  8. report   <out>/report.md: the table with 95% CIs, what was trained, the wall time per phase, the verdict.
 Settings: configs/demo.yaml; trailing key=value arguments override it (schema: smat_dist/config/schema.py).
 """
 from __future__ import annotations
@@ -203,6 +209,21 @@ def figures(cfg, out: Path, quick: bool, force: bool) -> tuple[dict, bool]:
     return res, True
 
 
+def curve_phase(cfg, out: Path, points: str | None) -> tuple[dict, bool]:
+    """Phase 6 (--curve): the eval phase's settings at every kept checkpoint (finished points are kept)."""
+    import copy
+
+    from smat_dist.analysis.curve import curve, parse_points
+    from smat_dist.eval.cli import launch
+
+    base = copy.deepcopy(cfg)
+    base.eval.ranks = cfg.launcher.nproc
+    base.data.workers = 0          # as the eval phase (no idle core for a loader worker); changes no result
+    res = curve(base, [out / "smat", out / "pmf"], out / "curve", launch, parse_points(points, "--curve-points"))
+    log.info("curve: %s", res["files"]["markdown"])
+    return res, True
+
+
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="smat-demo", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -223,6 +244,13 @@ def parse_args(argv):
     sw.add_argument("--sweep-baselines", metavar="NAME,..", default=None,
                     help="hand-designed masks at the demo's (tau, M): random, magnitude (default both; --quick: "
                          "random; '' for none)")
+    cv = ap.add_argument_group("accuracy over meta-training (the paper's Figure 1; smat_dist/analysis/curve.py)")
+    cv.add_argument("--curve", action="store_true",
+                    help="after the eval phase, evaluate SMAT and P>M>F at every checkpoint both kept -> "
+                         "<out>/curve/curve.md, curve.png")
+    cv.add_argument("--curve-points", metavar="T,T,..", default=None,
+                    help="task counts to evaluate (default: every checkpoint the two runs kept; each must be a "
+                         "multiple of checkpoint.keep_every or the last task count)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides (configs/demo.yaml)")
     return ap.parse_args(argv)
 
@@ -237,6 +265,10 @@ def run(args) -> Path:
     base = (QUICK["overrides"] if args.quick else []) + list(args.overrides)
     main = main_point(compose("demo", base))  # a typo in an override fails here, before minutes of conversion
     points = sweep_grid(args, main) if args.sweep else []
+    if args.curve:
+        from smat_dist.analysis.curve import parse_points
+
+        parse_points(args.curve_points, "--curve-points")   # a typo fails here, not after the training
     check_points(points, base)
     timings = Timings(out)
     t_all = time.time()
@@ -263,12 +295,19 @@ def run(args) -> Path:
                                               f"eval.checkpoint={out / 'smat'}", f"eval.pmf_checkpoint={out / 'pmf'}"])
     results, _ = phase("eval", evaluate, eval_cfg, out / "eval", ran_smat or ran_pmf)
     analysis, _ = phase("figures", figures, eval_cfg, out, args.quick, ran_smat)
+    from smat_dist.demo_export import export_and_predict
+
+    exported, _ = phase("export", export_and_predict, out, eval_cfg, ran_smat)
+
+    curve = None
+    if args.curve:
+        curve, _ = phase("curve", curve_phase, eval_cfg, out, args.curve_points)
     sweep = None
     if points:
         eval_extra = [f"data.eval_sources=[{','.join(oods)}]"]
         sweep, _ = phase("sweep", run_sweep, out, base, data, eval_extra, points, main)
     path = write_report(out, eval_cfg, smat_cfg, pmf_cfg, results, analysis, timings.data, args.quick,
-                        this_run_s=time.time() - t_all, sweep=sweep)
+                        this_run_s=time.time() - t_all, sweep=sweep, exported=exported)
     return path
 
 

@@ -44,7 +44,7 @@ def _origin_line(run_dir: Path) -> list[str]:
     return [f"- Mask pattern's origin: of the entries each expert keeps, {min(fi):.2f}–{max(fi):.2f} were in the top "
             f"{min(kept):.2f}–{max(kept):.2f} of its initial logits (chance: that share; 1: the pattern is the "
             "initial random draw, shifted by the penalty). A short run's \"learned\" pattern near 1 is mostly its "
-            "initialisation (README, \"Sparsity\")."]
+            "initialisation (docs/differences.md, \"Sparsity\")."]
 
 
 def _get(cfg, dotted: str):
@@ -121,8 +121,17 @@ def _sweep_section(out: Path, sweep: dict | None) -> list[str]:
             f"- numbers: [{rel['json']}]({rel['json']})", ""]
 
 
+def _curve_section(out: Path) -> list[str]:
+    """--curve's table (curve/curve.md), when the demo made one."""
+    md = out / "curve" / "curve.md"
+    if not md.is_file():
+        return []
+    return ["## Accuracy over meta-training (the paper's Figure 1)", "", md.read_text().rstrip(), "",
+            "Figure: [curve/curve.png](curve/curve.png); per point: `curve/points/tasks-*/`.", ""]
+
+
 def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis: dict, timings: dict, quick: bool,
-                 this_run_s: float, sweep: dict | None = None) -> Path:
+                 this_run_s: float, sweep: dict | None = None, exported: dict | None = None) -> Path:
     res = results["results"]
     pairs = _pairs(out, results)
     smat_m, pmf_m = read_metrics(out / "smat"), read_metrics(out / "pmf")
@@ -169,12 +178,15 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
              f"{100 * _mean(pmf_m, 'acc/query'):.1f}%.",
              "- Short-run settings that differ from the paper's recipe (demo value / paper value): " + "; ".join(
                  f"`{k}` {_get(smat_cfg, k)} / {v}" for k, v in PAPER.items()) + ".", "",
-             ] + _sweep_section(out, sweep) + ["## Data", ""] + _data_rows(eval_cfg) + ["",
+             ] + _curve_section(out) + _sweep_section(out, sweep) + ["## Data", ""] + _data_rows(eval_cfg) + ["",
              "## Figures (SMAT expert pool)", ""]
     for name, p in analysis.get("figures", {}).items():
         rel = Path(p).resolve().relative_to(out) if Path(p).resolve().is_relative_to(out) else Path(p)
         lines.append(f"- {name}: [{rel}]({rel})")
-    lines += ["", "## Wall time per phase", "", "| phase | seconds | status |", "|---|---|---|"]
+    from smat_dist.demo_export import report_lines
+
+    lines += [""] + report_lines(out, exported)
+    lines += ["## Wall time per phase", "", "| phase | seconds | status |", "|---|---|---|"]
     for name, t in timings.items():
         lines.append(f"| {name} | {t.get('seconds', float('nan')):.0f} | {t.get('status', '')} |")
     lines += [f"| **total (phases that ran)** | **{sum(t.get('seconds', 0) for t in timings.values()):.0f}** | |",

@@ -6,6 +6,7 @@ converter never holds a whole dataset in memory.
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,8 @@ class Plan:
     expected_per_class: dict[str, int] | None = None       # class name -> images, when the source says
     dag: dict | None = None   # per split: {"splits": {split: {"root": id, "nodes": {id: {"words", "children"}}}}}
     warnings: list[str] = field(default_factory=list)      # found while planning; reported with the result
+    report: dict = field(default_factory=dict)              # figures found while planning, added to the result
+    notes: Callable[[], list[str]] | None = None  # after writing: how the stored images differ (spec.json "notes")
 
 
 @dataclass
@@ -72,6 +75,20 @@ def pil_item(path: Path, fn: Callable[[Image.Image], Image.Image]) -> tuple[str,
         return str(path), e if isinstance(e, OSError) else OSError(str(e))
 
 
+def md_item(path: Path) -> tuple[str, object]:
+    """An image file as MD's converter stores it: RGB JPEG bytes as they are, anything else converted to RGB
+    (MD re-encodes those as JPEG; the writer stores the converted pixels as lossless PNG instead)."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format == "JPEG" and im.mode == "RGB":
+                return str(path), data
+            im.load()
+            return str(path), im.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as e:
+        return str(path), e if isinstance(e, OSError) else OSError(str(e))
+
+
 def files_in(folder: Path, exts: set[str] | None = IMAGE_EXTS) -> list[Path]:
     """Sorted regular files of a folder (not recursive), hidden files skipped, filtered by extension."""
     out = []
@@ -96,3 +113,7 @@ def subdirs(folder: Path) -> list[str]:
 
 def file_items(paths: list[Path]) -> Callable[[], Iterator[tuple[str, object]]]:
     return lambda: (read_item(p) for p in paths)
+
+
+def md_file_items(paths: list[Path]) -> Callable[[], Iterator[tuple[str, object]]]:
+    return lambda: (md_item(p) for p in paths)

@@ -122,6 +122,10 @@ def plan_imagefolder(inp: Path, opts: Options) -> Plan:
             raise ConversionError(f"imagefolder: --splits leaves split {hollow[0]!r} with no class ({len(names)} "
                                   f"classes: {got}); raise its fraction or drop it from --splits")
     warnings = []
+    if not opts.fractions:
+        warnings.append(f"imagefolder: no --splits: all {len(names)} classes go to the test split (no training "
+                        "classes: a domain for data.eval_sources only); to train on it give e.g. "
+                        "--splits train=0.7,val=0.15,test=0.15")
     others = [f for n in names for f in base.other_files(inp / n)]
     if others:
         warnings.append(f"imagefolder: skipped {len(others)} file(s) that are not images ({exts}), e.g. {others[0]}")

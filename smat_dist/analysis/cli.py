@@ -3,6 +3,8 @@
   smat-analyze runs/2026-01-01_12-00-00            # capacity, mask overlap, expert-selection dendrogram
   smat-analyze runs/sweep_2026-01-01_12-00-00      # ID vs OOD by sparsity and experts (runs with results.json)
   smat-analyze runs/demo/sweep --reference runs/demo/eval   # + paired differences against P>M>F, pre-trained
+  smat-analyze runs/demo/smat --curve --against runs/demo/pmf data.eval_sources=[shards/ood] eval.episodes=150
+                                                   # accuracy over meta-training (the paper's Figure 1)
 
 A run folder (config.yaml + checkpoints) gives the mask figures; the dendrogram uses --episodes fixed
 episodes of each domain in data.sources + data.eval_sources (split --split). A folder of run folders that
@@ -10,6 +12,12 @@ hold config.yaml and an evaluation (results.json + episodes.json, in the folder 
 trade-off plot, the sweep table (sweep.md: reached sparsity, averages, paired differences against the
 --reference evaluation) and every run's sparsity trajectories. PNGs and analysis.json go to --out
 (default RUN_DIR/analysis); one JSON line with the figure paths is printed.
+
+--curve evaluates every checkpoint task count that RUN_DIR (and --against, the other method's run) both hold
+(or --points) on the same fixed episodes, zero-shot, and writes curve.json, curve.md and curve.png to --out
+(default RUN_DIR/curve); trailing key=value arguments are smat-eval's (data.eval_sources for the OOD domains,
+eval.episodes, eval.ranks); finished points are not evaluated again. Train with checkpoint.keep_every=K to
+keep the checkpoints a curve needs.
 """
 from __future__ import annotations
 
@@ -43,9 +51,11 @@ def analyze_run(run_dir: Path, out: Path, split: str, episodes: int) -> dict:
     from smat_dist.distributed.comm import Comm
     from smat_dist.eval.loading import load_method
 
+    from smat_dist.distributed.engine import control_group
+
     cfg = load_yaml(run_dir / "config.yaml")
-    comm = Comm()
-    setup = load_method(str(run_dir), comm=comm)
+    comm = Comm(device_bound=True)
+    setup = load_method(str(run_dir), comm=comm, control=Comm(group=control_group()))
     eps = _episodes_by_domain(cfg, split, episodes) if episodes > 0 else None
     if eps is not None and len(eps) < 2:
         log.warning("only %d domain(s) in data.sources + data.eval_sources: no dendrogram", len(eps))
@@ -64,7 +74,10 @@ def _init_from_env() -> None:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if __import__("torch").cuda.is_available() else "gloo")
+        from smat_dist.config.schema import DistConfig
+        from smat_dist.distributed.engine import init_distributed
+
+        init_distributed(DistConfig())   # the rank's device first, then NCCL (or gloo) and the control group
 
 
 def analyze_sweep(sweep_dir: Path, out: Path, method: str, mode: str, reference: Path | None = None) -> dict:
@@ -102,6 +115,30 @@ def _log_to_wandb(run_dir: Path, figures: dict) -> None:
         wandb_run.finish()
 
 
+def _evaluate_point(cfg) -> None:
+    from smat_dist.eval.cli import launch, run
+
+    launch(cfg) if cfg.eval.ranks > 1 else run(cfg)
+
+
+def curve_command(run_dir: Path, against: Path | None, out: Path, points: str | None, overrides: list[str]) -> dict:
+    """smat-analyze --curve: the smat-eval config from `overrides` and the runs' own settings, then the curve."""
+    from smat_dist.analysis.curve import curve, parse_points, runs_by_kind
+    from smat_dist.config.hydra import compose
+    from smat_dist.eval.run_settings import adopt_run_settings, override_keys, run_config_of
+
+    runs = [run_dir] + ([against] if against is not None else [])
+    kinds = runs_by_kind(runs)
+    base = compose("eval", overrides)
+    keys = override_keys(overrides)
+    if not ({"data", "data.sources"} & keys):    # the ID domains: the run's own training sources
+        base.data.sources = list(run_config_of(str(run_dir))[0].data.sources)
+    base.eval.checkpoint = str(kinds["smat"]) if "smat" in kinds else None
+    base.eval.pmf_checkpoint = str(kinds["pmf"]) if "pmf" in kinds else None
+    base = adopt_run_settings(base, overrides)   # the runs' model and, unless given, their episode settings
+    return curve(base, runs, out, _evaluate_point, parse_points(points))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="smat-analyze", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -115,15 +152,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="sweep: an evaluation folder of P>M>F / pre-trained on the same episodes (paired differences)")
     ap.add_argument("--nproc", type=int, default=1,
                     help="local CPU ranks that each hold 1/N of the pool (for pools larger than one process)")
-    args = ap.parse_args(argv)
+    cv = ap.add_argument_group("accuracy over meta-training (smat_dist/analysis/curve.py)")
+    cv.add_argument("--curve", action="store_true", help="evaluate RUN_DIR's checkpoints (and --against's) point by "
+                    "point -> curve.json, curve.md, curve.png")
+    cv.add_argument("--against", type=Path, default=None, help="the other method's run folder (SMAT vs P>M>F)")
+    cv.add_argument("--points", default=None, metavar="T,T,..",
+                    help="task counts to evaluate (default: every checkpoint the runs share)")
+    ap.add_argument("overrides", nargs="*", help="--curve: smat-eval key=value overrides (data.eval_sources, "
+                    "eval.episodes, eval.ranks, ...)")
+    args = ap.parse_intermixed_args(argv)
     setup_logging()
+    from smat_dist.config.hydra import ConfigError
     from smat_dist.distributed.checkpoint import CheckpointError
 
     d: Path = args.run_dir
-    out = args.out or d / "analysis"
+    out = args.out or d / ("curve" if args.curve else "analysis")
     try:
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: no such folder")
+        if args.overrides and not args.curve:
+            raise ValueError(f"key=value arguments {args.overrides} are for --curve only")
+        if args.curve:
+            res = curve_command(d, args.against, out, args.points, args.overrides)
+            print(json.dumps({"out": str(out), "files": res["files"]}))
+            return 0
         res = {}
         if _is_sweep(d):
             res.update(analyze_sweep(d, out, args.method, args.mode, args.reference))
@@ -142,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         if not res:
             raise FileNotFoundError(f"{d}: neither a run folder (config.yaml + checkpoints) nor a sweep folder "
                                     "(run folders with results.json + config.yaml)")
-    except (ValueError, FileNotFoundError, OSError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, OSError, CheckpointError, ConfigError) as e:
         print(f"smat-analyze: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
     from smat_dist.utils.ranks import rank_world

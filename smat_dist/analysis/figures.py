@@ -47,13 +47,14 @@ def capacity(space, pool, reduce=None) -> dict:
     depths = sorted({i.depth for i in space.infos})
     m = pool.experts
     # rows: one per kind, one per depth, then the total; columns: per-expert counts, then the entry count
-    acc = torch.zeros(len(kinds) + len(depths) + 1, m + 1, dtype=torch.float64)
+    dev = pool.log_alpha.device    # counted where the slice lives; only the small totals come to the host
+    acc = torch.zeros(len(kinds) + len(depths) + 1, m + 1, dtype=torch.float64, device=dev)
     for info, nz in _chunks(space, pool):
-        row = torch.cat([nz.sum(0).double(), torch.tensor([float(nz.shape[0])], dtype=torch.float64)])
+        row = torch.cat([nz.sum(0).double(), torch.tensor([float(nz.shape[0])], dtype=torch.float64, device=dev)])
         acc[kinds.index(str(info.kind))] += row
         acc[len(kinds) + depths.index(info.depth)] += row
         acc[-1] += row
-    acc = _sum(acc, reduce).numpy()
+    acc = _sum(acc, reduce).cpu().numpy()
     if acc[-1, m] == 0:
         raise ValueError("the pool covers no backbone parameter: nothing to analyse")
 
@@ -73,12 +74,12 @@ def mask_overlap(space, pool, reduce=None) -> np.ndarray:
     """[M, M] intersection-over-union of the experts' non-zero sets (diagonal 1; 0 when both are empty);
     from one rank's slice, the counts are summed with `reduce`."""
     m = pool.experts
-    acc = torch.zeros(m + 1, m, dtype=torch.float64)    # intersections, then per-expert counts
+    acc = torch.zeros(m + 1, m, dtype=torch.float64, device=pool.log_alpha.device)  # intersections, counts
     for _, nz in _chunks(space, pool):
         f = nz.double()
         acc[:m] += f.t() @ f
         acc[m] += f.sum(0)
-    acc = _sum(acc, reduce)
+    acc = _sum(acc, reduce).cpu()
     inter, count = acc[:m], acc[m]
     union = count[:, None] + count[None, :] - inter
     iou = torch.where(union > 0, inter / union.clamp_min(1), torch.zeros_like(inter))
@@ -93,10 +94,11 @@ def selection_by_domain(setup, episodes_by_domain: dict) -> dict[str, np.ndarray
     out = {}
     for name, episodes in episodes_by_domain.items():
         ws = []
+        dev = fb.theta_pre.device
         for ep in episodes:
-            protos = prototypes(fb(fb.theta_pre, ep.support), ep.support_labels, int(ep.ways))
+            protos = prototypes(fb(fb.theta_pre, ep.support.to(dev)), ep.support_labels.to(dev), int(ep.ways))
             w, _ = method(protos, False)
-            ws.append(w.double().numpy())
+            ws.append(w.double().cpu().numpy())
         if not ws:
             raise ValueError(f"domain {name}: no episodes to measure expert selection on")
         out[name] = np.mean(ws, 0)

@@ -6,7 +6,7 @@ lowers every logit, the task gradient reorders them. If training only shifts the
 keeps at the end (training gate open, log alpha above -1.599) are the ones whose initial logits were highest,
 so the share of kept entries whose initial logit lies in the top `kept` fraction of N(mean, std^2) is ~1; for
 a pattern the task chose regardless of the draw it is ~`kept` (chance). The demo's 160-task runs give ~0.92
-at tau 0.9 (README, "Sparsity").
+at tau 0.9 (docs/differences.md, "Sparsity").
 
 The initial logits are regenerated from the run's seed with the pool's own chunked generators, and the
 checkpoint's pool shards are streamed a block of rows at a time (ShardReader, digests verified), so no rank's

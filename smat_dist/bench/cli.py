@@ -8,12 +8,17 @@
                    [lean=true] [teacher_blockwise=true | teacher_top_fraction=F] [act_bytes=2] [tasks_per_rank=K]
   smat-bench ckpt  [--ranks 4] [--reshard-to 3] [--pool-gb 1.0] [--experts 8]
   smat-bench data  [--data DIR]
+  smat-bench export [--model NAME] [--depth D] [--experts 8] [--ranks 2] [--fractional 0.001]
+  smat-bench fault [--launcher local|slurm] [--cases kill,nan,hang] [--step-timeout-s 15] [--kill-grace-s 5]
 
 step: SMAT vs P>M>F vs frozen forward, interleaved, with measured backbone passes and a per-phase breakdown.
 scale: real sharded / gather-all SMAT steps on gloo ranks as M and ranks grow, then a summary line of ratios.
 plan: per-rank memory and bytes per step predicted without allocating (meta-device backbone).
 ckpt: checkpoint save (sync / async), resume, reshard and verification cost per rank against its own slice.
 data: episodes per second of the data pipeline (smat_dist.bench.data).
+export: smat-export seconds and bytes vs the checkpoint's; eval pool memory from the export vs the checkpoint.
+fault: a rank killed / given a NaN / hung in a real 2-rank run: seconds until every rank has exited, until the
+       retried run's first step, and whether it ends like an uninterrupted run (smat_dist.bench.fault_run).
 """
 from __future__ import annotations
 
@@ -62,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time SMAT with the top teacher (method.teacher.top_fraction) in the same rounds; "
                          "0 = not")
     st.add_argument("--compile", action="store_true", help="fused pool kernels (method.sparsity.compile) for SMAT")
+    st.add_argument("--mmap-threshold", type=int, default=0,
+                    help="bytes: glibc's mmap threshold, fixed in the processes measuring the CPU peaks "
+                         "(launcher.malloc_mmap_threshold; 0 = glibc's default)")
 
     sc = sub.add_parser("scale", help="step time, memory and bytes as experts and ranks grow")
     sc.add_argument("--experts", type=_ints, default=[4, 16, 64, 256])
@@ -96,11 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--experts", type=int, default=8)
     ck.add_argument("--dir", default=None, help="where to write (default: a temporary folder, removed after)")
 
+    ex = sub.add_parser("export", help="smat-export time and bytes vs the checkpoint; eval memory from each")
+    ex.add_argument("--model", default="efficientnet_lite0")
+    ex.add_argument("--image-size", type=int, default=84)
+    ex.add_argument("--depth", type=int, default=None, help="ViTs: blocks kept (default: the model's own)")
+    ex.add_argument("--experts", type=int, default=8)
+    ex.add_argument("--ranks", type=int, default=2, help="ranks that save the checkpoint")
+    ex.add_argument("--fractional", type=float, default=0.001, help="share of mask entries left fractional")
+    ex.add_argument("--dir", default=None, help="where to write (default: a temporary folder, kept)")
+
     da = sub.add_parser("data", help="episodes per second of the data pipeline")
     da.add_argument("--data", default=None, help="a dataset folder or a folder of them (default: synthetic)")
     da.add_argument("--episodes", type=int, default=8)
     da.add_argument("--workers", type=_ints, default=[0, 1, 2])
     da.add_argument("--image-size", type=int, default=128)
+
+    fa = sub.add_parser("fault", help="detection and requeue time of a killed, NaN or hung rank")
+    fa.add_argument("--launcher", default="local", choices=["local", "slurm"])
+    fa.add_argument("--cases", default="kill,nan,hang")
+    fa.add_argument("--step-timeout-s", type=float, default=15.0, help="dist.step_timeout_s of the runs")
+    fa.add_argument("--kill-grace-s", type=float, default=5.0, help="launcher.kill_grace_s of the runs")
+    fa.add_argument("--dir", default=None, help="where the runs go (default: a temporary folder, removed after)")
     return ap
 
 
@@ -134,11 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "step":
         from smat_dist.bench import step
+        from smat_dist.utils.malloc import MAX_THRESHOLD
+
+        if not 0 <= args.mmap_threshold <= MAX_THRESHOLD:
+            return _fail(f"step --mmap-threshold {args.mmap_threshold}: expected 0 (glibc's default) or bytes up "
+                         f"to {MAX_THRESHOLD}")
 
         rows = step.run(args.model, args.image_size, ways=args.ways, shots=args.shots, queries=args.queries,
                         repeats=args.repeats, experts=args.experts, tasks_per_step=args.tasks_per_step,
                         precision=args.precision, device=args.device, patch_size=args.patch_size, emit=_emit,
-                        teacher_top_fraction=args.teacher_top_fraction or None, compile=args.compile)
+                        teacher_top_fraction=args.teacher_top_fraction or None, compile=args.compile,
+                        mmap_threshold=args.mmap_threshold)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "scale":
         from smat_dist.bench import scale
@@ -172,12 +202,33 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("ckpt: --ranks, --reshard-to and --experts must be >= 1 and --pool-gb > 0")
         ckpt.run(args.ranks, args.reshard_to, args.pool_gb, args.experts, root=args.dir, emit=_emit)
         return 0
+    if args.cmd == "export":
+        from smat_dist.bench import export
+        from smat_dist.config.schema import ModelConfig
+
+        if args.ranks < 1 or args.experts < 1 or not 0 <= args.fractional <= 1:
+            return _fail("export: --ranks and --experts must be >= 1 and --fractional in [0, 1]")
+        vit = "vit" in args.model
+        model = ModelConfig(name=args.model, image_size=args.image_size, patch_size=12 if vit else None,
+                            kwargs={"depth": args.depth} if args.depth else {})
+        export.run(model, args.experts, args.ranks, args.fractional, root=args.dir, emit=_emit)
+        return 0
     if args.cmd == "data":
         from smat_dist.bench import data
 
         data.run(args.data, episodes=args.episodes, workers=tuple(args.workers), image_size=args.image_size,
                  emit=_emit)
         return 0
+    if args.cmd == "fault":
+        from smat_dist.bench import fault, fault_run
+
+        cases = [c for c in args.cases.split(",") if c]
+        bad = [c for c in cases if c not in fault.CASES]
+        if bad or not cases:
+            return _fail(f"fault --cases {args.cases}: expected some of {','.join(fault.CASES)}")
+        rows = fault_run.run(args.launcher, cases, root=args.dir, step_timeout_s=args.step_timeout_s,
+                             kill_grace_s=args.kill_grace_s, emit=_emit)
+        return 1 if any(r["error"] for r in rows) else 0
     return 2
 
 

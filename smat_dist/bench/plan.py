@@ -65,6 +65,7 @@ def backbone_shape(mc: ModelConfig) -> dict:
         feat = model(torch.empty(1, 3, *hw, device="meta"))
     for h in handles:
         h.remove()
+    saved = saved_activations(model, hw)
     after = 0
     if block_sizes:
         from smat_dist.method.teacher import after_blocks
@@ -73,8 +74,68 @@ def backbone_shape(mc: ModelConfig) -> dict:
         after = sum(named[n].numel() for n in after_blocks(model))
     return {"params": int(params), "feature_dim": int(feat.shape[-1]), "act_elems_per_image": int(leaf_out[0]),
             "input_hw": list(hw), "largest_block": int(max(block_sizes, default=0)), "block_sizes": block_sizes,
-            "after_blocks_params": int(after),
+            "after_blocks_params": int(after), **saved,
             "nonblock_params": int(params - sum(block_sizes)) if block_sizes else int(params)}
+
+
+def saved_activations(model, hw) -> dict:
+    """Bytes autograd saves for the backward of one image's forward, counted on the meta device (tensors that
+    views of one another share counted once, the weights not at all): in total, inside each block, and the
+    blocks' inputs, which is what a checkpointed forward keeps (model.checkpoint_blocks)."""
+    try:
+        from smat_dist.model.backbone import block_units
+
+        units = [m for _, m in block_units(model)]
+    except ValueError:
+        units = []
+    params = {id(p) for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    where = [None]
+    inside: dict = {}
+    block_in = [0]
+    seen: set = set()
+
+    def pack(t):
+        b = t._base if t._base is not None else t
+        if id(b) not in params and id(b) not in seen:
+            seen.add(id(b))
+            inside[where[0]] = inside.get(where[0], 0) + b.numel() * b.element_size()
+        return t
+
+    def enter(i):
+        def hook(_m, args):
+            where[0] = i
+            if args and isinstance(args[0], torch.Tensor):
+                block_in[0] += args[0].numel() * args[0].element_size()
+        return hook
+
+    def leave(_m, _a, _o):
+        where[0] = None
+
+    handles = [u.register_forward_pre_hook(enter(i)) for i, u in enumerate(units)]
+    handles += [u.register_forward_hook(leave) for u in units]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.empty(1, 3, *hw, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    per_block = [inside.get(i, 0) for i in range(len(units))]
+    return {"saved_bytes_per_image": int(sum(inside.values())), "saved_outside_blocks": int(inside.get(None, 0)),
+            "saved_largest_block": int(max(per_block, default=0)), "block_inputs_bytes": int(block_in[0])}
+
+
+def activation_bytes_per_image(shape: dict, checkpoint_blocks: bool, precision: str) -> int:
+    """What a training forward keeps per image until its backward: every saved tensor, or, with checkpointed
+    blocks, the blocks' inputs and what lies outside them (one block's tensors are rebuilt at a time: the
+    planner adds that block's share for the whole batch as the backward's working set). bf16 autocast stores
+    the matmuls' outputs at 2 bytes: the fp32 count is halved, an approximation (norms keep fp32 inputs)."""
+    if checkpoint_blocks and shape["block_inputs_bytes"]:
+        b = shape["block_inputs_bytes"] + shape["saved_outside_blocks"]
+    else:
+        b = shape["saved_bytes_per_image"]
+    return b // 2 if precision == "bf16" else b
 
 
 def teacher_top_params(shape: dict, fraction: float) -> int:
@@ -116,8 +177,15 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
          image_size: int = 84, patch_size: int | None | str = "auto", batch_images: int = 150,
          act_bytes: int = F32, merge_bytes: int = F32, tasks_per_rank: int = 1,
          kwargs: dict | None = None, teacher_blockwise: bool = False, lean: bool = False,
-         teacher_top_fraction: float = 1.0, fs_gbps: float = 2.0) -> dict:
-    """Per-rank memory (bytes) and bytes sent per step for one configuration; nothing is allocated."""
+         teacher_top_fraction: float = 1.0, fs_gbps: float = 2.0, precision: str | None = None,
+         checkpoint_blocks: bool = False, release_masks: bool = True) -> dict:
+    """Per-rank memory (bytes) and bytes sent per step for one configuration; nothing is allocated.
+
+    precision: "fp32" or "bf16" (autocast) activations (default: bf16 when act_bytes=2); checkpoint_blocks:
+    model.checkpoint_blocks (only the blocks' inputs are kept; one block is rebuilt at a time)."""
+    precision = precision or ("bf16" if act_bytes == 2 else "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"plan: precision={precision!r}: expected fp32 or bf16")
     from smat_dist.bench.step import model_config
 
     if ranks < 1 or experts < 1 or zero_stage not in (0, 1, 2, 3):
@@ -145,34 +213,52 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
                "opt": R if zero_stage >= 1 else 1}
     mem = {
         "pool_params": F32 * n * (M + 1),
-        # delta's and the logits' gradient (a buffer reused every step); lean: delta's only
-        "pool_grads": F32 * n * (1 if lean else M + 1),
+        # delta's gradient; the logits' is written over the step's masks (pool_masks), lean: never stored
+        "pool_grads": F32 * n,
         "pool_optimizer": F32 * n,
-        "pool_masks": 0 if lean else F32 * n * M,   # z of the step (a buffer reused every step); lean: none
+        # z of the step, then the logits' gradient in the same buffer (reused every step); lean: none
+        "pool_masks": 0 if lean else F32 * n * M,
         # the masks' gradient stays factored, U [n, k*R] x W [k*R, M] (the per-merge pieces and their
         # concatenation), dense n x M only once k*R >= M; plus three reused chunk buffers of the fused passes
         "pool_transient": 2 * F32 * n * min(tasks_per_rank * R, M) + 4 * F32 * min(1 << 21, n * M),
         "replicated_params": math.ceil(F32 * H / rep_div["params"]),
         "replicated_grads": math.ceil(F32 * H / rep_div["grads"]),
         "replicated_optimizer": math.ceil(2 * F32 * H / rep_div["opt"]),   # AdamW: exp_avg + exp_avg_sq
-        "frozen_backbone": 2 * F32 * P,         # the timm module's own weights + the flat theta_pre
+        "frozen_backbone": F32 * padded,        # theta_pre; the timm module's weights are views into it
         # theta, theta' (inner step), teacher theta (blockwise: its largest block + the non-block tensors)
         "task_weights": 3 * F32 * padded if teacher_device is None else 2 * F32 * padded + teacher_device,
         # inner-step gradient, teacher gradient (blockwise: on the host), outer gradient of theta
         # (top teacher: its top tensors only)
         "task_grads": (2 if teacher_blockwise else 3) * F32 * padded if top is None else 2 * F32 * padded + F32 * top,
-        "activations_per_image": act_bytes * shape["act_elems_per_image"],
+        # what autograd keeps per image (saved tensors, counted on the meta device; see saved_activations)
+        "activations_per_image": activation_bytes_per_image(shape, checkpoint_blocks, precision),
     }
     # Student passes 2 (support) and 3 (query) keep their graphs alive together until the outer backward.
     mem["activations"] = mem["activations_per_image"] * batch_images
+    # The backward's working set: the gradients of one block's saved tensors at a time (and, with checkpointed
+    # blocks, that block's rebuilt tensors beside them).
+    block = shape["saved_largest_block"] // (2 if precision == "bf16" else 1)
+    mem["backward_working_set"] = block * batch_images * (2 if checkpoint_blocks else 1)
     mem["pool_total"] = mem["pool_params"] + mem["pool_grads"] + mem["pool_optimizer"] + mem["pool_masks"]
     mem["replicated_total"] = mem["replicated_params"] + mem["replicated_grads"] + mem["replicated_optimizer"]
     # The gather path also holds every expert's mask logits (gathered), their gate recomputed with a graph
-    # and the gradient before its reduce-scatter, per task: about 4 P M floats on top.
-    gather_extra = 4 * F32 * padded * M
+    # and the gradient before its reduce-scatter, per task: about 4 P M floats on top, and its slice's
+    # autograd gradient of the logits (n M).
+    gather_extra = 4 * F32 * padded * M + F32 * n * M
     base = (mem["pool_total"] + mem["replicated_total"] + mem["frozen_backbone"] + mem["task_weights"]
-            + mem["task_grads"] + mem["activations"])
+            + mem["task_grads"] + mem["activations"] + mem["backward_working_set"])
+    # P>M>F on the same backbone and episode: the frozen backbone, its dense delta with gradient and SGD
+    # momentum, the task's weights and their gradient, one forward of the batch kept for the backward.
+    pmf_peak = (mem["frozen_backbone"] + 3 * F32 * padded + 2 * F32 * padded + mem["activations"]
+                + mem["backward_working_set"])
     sharded_merge_buf = 2 * F32 * padded if R > 1 else 0   # the [R, n] merged deltas sent and received
+    if release_masks and not lean:
+        # method.sparsity.release_masks: the masks are not alive while a task's graph is (they are recomputed
+        # for the merge's backward); they come back for the gate's backward, after the graph is gone
+        sharded_peak = max(base - mem["pool_masks"] + sharded_merge_buf,
+                           mem["pool_total"] + mem["replicated_total"] + mem["frozen_backbone"] + mem["pool_transient"])
+    else:
+        sharded_peak = base + max(sharded_merge_buf, mem["pool_transient"])
     out = {
         "model": model, "image_size": image_size, "patch_size": mc.patch_size, "depth": mc.kwargs.get("depth"),
         "experts": M, "ranks": R, "zero_stage": zero_stage, "lean": lean, "params": P, "padded": padded,
@@ -182,8 +268,14 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         "teacher_top_params": top if top is not None else P,
         "memory_bytes": mem,
         "host_bytes": {"teacher_gradient": F32 * padded if teacher_blockwise else 0},
-        "peak_bytes": {"sharded": base + max(sharded_merge_buf, mem["pool_transient"]),
-                       "gather": base + max(gather_extra, mem["pool_transient"])},
+        "precision": precision, "checkpoint_blocks": bool(checkpoint_blocks),
+        "peak_bytes": {"sharded": sharded_peak,
+                       "gather": base + max(gather_extra, mem["pool_transient"]), "pmf": pmf_peak},
+        # alive at the same time as the peak but outside these sums: a GPU's CUDA context and NCCL buffers
+        # (~0.5-1 GB, driver- and topology-dependent), and on the host the async checkpoint's copy of the pool
+        # slice (kept between saves, pinned on GPU machines: `checkpoint.async_host_copy_bytes`); evaluation
+        # and validation build eval masks beside the training ones (`eval_masks_bytes`).
+        "eval_masks_bytes": 0 if lean else F32 * n * M,
         "sent_bytes_per_task": {p: sent_bytes_per_task(P, M, R, p, merge_bytes) for p in ("sharded", "gather")},
         # per step: k tasks of merge traffic + the hypernetwork all-reduce (ZeRO 0) or reduce-scatter +
         # all-gather (ZeRO 1-3: the same ring volume) + the sparsity terms' all-reduce (4M+1 float64).
@@ -222,7 +314,9 @@ def parse_kv(args: list[str]) -> dict:
             raise ValueError(f"plan argument {k!r}: unknown key (keys: {', '.join(known)}, depth)")
         if k in ("model",):
             out[k] = v
-        elif k in ("teacher_blockwise", "lean"):
+        elif k == "precision":
+            out[k] = v
+        elif k in ("teacher_blockwise", "lean", "checkpoint_blocks", "release_masks"):
             if v.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(f"plan argument {k}={v!r}: expected true or false")
             out[k] = v.lower() in ("true", "1")

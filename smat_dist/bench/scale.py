@@ -100,7 +100,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
         base = int(torch.cuda.memory_allocated())
     else:
         base = _rss()
-    comm, rep_comm, ctl_comm = Comm(), Comm(), Comm()
+    comm, rep_comm, ctl_comm = Comm(device_bound=True), Comm(device_bound=True), Comm(device_bound=True)
     sparse = build_pool(fb, cfg, seed, comm, ctl_comm, merge=point["path"])
     pool = sparse.store
     params = list(method.hypernet.parameters())
@@ -114,8 +114,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with amp:
-            smat_step(method, sparse, hyper, eps, (s * world + rank) * k, s * world * k)
+        smat_step(method, sparse, hyper, eps, (s * world + rank) * k, s * world * k, amp)
         if cuda:
             torch.cuda.synchronize()
         comm.barrier()

@@ -116,7 +116,7 @@ def unit_share(fb: FunctionalBackbone, unit: str) -> float:
 
 
 def tap_share(fb: FunctionalBackbone, tap) -> float:
-    return 1.0 if tap is None else unit_share(fb, tap.unit)
+    return 1.0 if tap is None or tap.unit is None else unit_share(fb, tap.unit)
 
 
 @contextlib.contextmanager
@@ -184,11 +184,13 @@ def _median(xs):
 def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5, queries: int = 10,
                 repeats: int = 3, experts: int = 8, tasks_per_step: int = 1, precision: str = "auto",
                 device: str | None = None, patch_size: int | None | str = "auto", kwargs: dict | None = None,
-                seed: int = 0, teacher_top_fraction: float | None = None, compile: bool = False) -> dict:
+                seed: int = 0, teacher_top_fraction: float | None = None, compile: bool = False,
+                mmap_threshold: int = 0) -> dict:
     """One JSON-able row: medians of interleaved SMAT / P>M>F / frozen timings, measured passes, breakdown.
 
     With `teacher_top_fraction`, a fourth contender, SMAT with the top teacher (method/teacher.py), is timed
-    in the same interleaved rounds (`smat_top_*` keys); `compile` fuses the pool passes of both SMATs."""
+    in the same interleaved rounds (`smat_top_*` keys); `compile` fuses the pool passes of both SMATs.
+    `mmap_threshold` (bytes, 0: glibc's default) is fixed in the processes that measure the CPU peaks."""
     dev = pick_device(device)
     mc = model_config(name, image_size, patch_size)
     if kwargs:
@@ -266,6 +268,8 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         **{key: _per_task(v, k) for key, v in ps.as_dict("smat").items()},
         **{key: _per_task(v, k) for key, v in pp.as_dict("pmf").items()},
         "work_ratio_fwd_images": work["smat"] / work["pmf"],
+        # the pass-count floor: SMAT's time over P>M>F's, over their ratio of backbone work (1 = no excess)
+        "smat_over_floor": (s / p) / (work["smat"] / work["pmf"]),
         "smat_s_all": times["smat"], "pmf_s_all": times["pmf"],
     }
     if top is not None:
@@ -275,6 +279,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
                     "smat_top_s_per_task": st, "smat_top_over_pmf": st / p, "smat_top_over_smat": st / s,
                     **{key: _per_task(v, k) for key, v in pt.as_dict("smat_top").items()},
                     "smat_top_work_ratio_fwd_images": work["smat_top"] / work["pmf"],
+                    "smat_top_over_floor": (st / p) / (work["smat_top"] / work["pmf"]),
                     "smat_top_s_all": times["smat_top"]})
     row["compile"] = compile
     total = sum(timer.s.values())
@@ -286,17 +291,29 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     else:
         # One process per contender: VmHWM is a process's high-water mark, so each peak is its own.
         peaks = {key: peak_rss(key, name, image_size, ways, shots, queries, experts, tasks_per_step, patch_size,
-                               kwargs, seed, teacher_top_fraction) for key in ("smat", "pmf")}
+                               kwargs, seed, mmap_threshold) for key in ("smat", "pmf")}
+        row["malloc_mmap_threshold"] = mmap_threshold
         row["peak_rss_over_base_bytes"] = peaks
-        row["smat_over_pmf_peak_mem"] = peaks["smat"] / peaks["pmf"]
+        row["smat_peak_over_pmf"] = peaks["smat"] / peaks["pmf"]
+        # the planner's figure for the same point (one task's episode alive at a time), per contender
+        from smat_dist.bench.plan import plan
+
+        planned = plan(model=name, experts=experts, ranks=1, image_size=image_size, patch_size=patch_size,
+                       batch_images=ways * (shots + queries), tasks_per_rank=tasks_per_step, kwargs=kwargs,
+                       precision=row["precision"])["peak_bytes"]
+        row["plan_peak_bytes"] = {"smat": planned["sharded"], "pmf": planned["pmf"]}
+        row["plan_peak_over_measured_smat"] = planned["sharded"] / peaks["smat"]
+        row["plan_peak_over_measured_pmf"] = planned["pmf"] / peaks["pmf"]
     return row
 
 
 def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, queries, experts, k, patch_size,
-               kwargs, seed, top_fraction) -> int:
+               kwargs, seed, mmap_threshold) -> int:
+    from smat_dist.utils.malloc import set_mmap_threshold
     from smat_dist.utils.memory import peak_rss_bytes, rss_bytes
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    set_mmap_threshold(mmap_threshold, "smat-bench step --mmap-threshold")
     mc = model_config(name, image_size, patch_size)
     if kwargs:
         mc.kwargs = {**mc.kwargs, **kwargs}

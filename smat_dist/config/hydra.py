@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from smat_dist.config.checks import t_decay_for
 from smat_dist.config.schema import Config, ConfigError
+from smat_dist.config.suggest import did_you_mean
 
 SCHEMA_NAME = "smat_schema"
 __all__ = ["ConfigError", "compose", "config_dir", "load_yaml", "to_config", "to_yaml"]
@@ -80,7 +81,8 @@ def _describe(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
     if key and "not in" in msg and "Key '" in msg:   # ConfigKeyError: say what the schema has instead
-        msg += " (a key outside the schema; see smat_dist/config/schema.py)"
+        hint = did_you_mean(key)
+        msg += f" ({hint + ' ' if hint else ''}a key outside the schema; see smat_dist/config/schema.py)"
     return f"config key {key!r}: {msg}" if key else msg
 
 

@@ -1,6 +1,6 @@
 """Typed structured configs: the single user surface (Hydra validates every override against these).
 
-Every constant of the method lives here with its upstream value as the default (README, "Where we
+Every constant of the method lives here with its upstream value as the default (docs/differences.md, "Where we
 deliberately differ", lists the exceptions), so a typo or a wrong type is an error naming the key, and the
 resolved config saved in each run folder records everything that shaped the run.
 
@@ -129,27 +129,31 @@ class SparsityConfig:
     # keep only the mask logits: the step's masks and their gradient are recomputed chunk by chunk where
     # needed (pool memory per rank ~1/3 at large M, a few more elementwise passes); needs noise_eps=0
     lean: bool = False
+    # drop the step's masks between a task's merge and its backward, where the whole student graph is alive,
+    # and recompute them (the same pass, the same bits) for the merge's backward: one [n, M] array less at the
+    # step's peak for one more mask pass per task; applies to the deterministic, unstructured, stored pool
+    release_masks: bool = True
     # fuse each pool pass's elementwise chain into one kernel with torch.compile (C++ on CPU, Triton on GPU):
     # ~4x faster passes over the [n, M] logits for a few seconds of compilation per process
     compile: bool = False
     lambda_lr: float = 0.002
     mask_lr: float = 1.0e6
     mask_clip: float = 5.0
-    # Reaching tau within a short run (README, "Sparsity"). The defaults here are upstream's (masks start
+    # Reaching tau within a short run (docs/differences.md, "Sparsity"). The defaults here are upstream's (masks start
     # dense, tau from the first task, multiplier lr as given, eval gate at beta 1); configs/method/smat*.yaml
     # set the short-run values.
     init: SparsityInit = SparsityInit.normal
     # tau ramps linearly from 0 to target over this share of method.total_tasks (0: target from the start)
     schedule_share: float = 0.0
     # numel: lambda_lr is per million pool entries. A multiplier moves each logit by ~mask_lr * lambda * w / numel
-    # per step, so the lr that reaches tau without overshoot grows with the pool (measured, README "Sparsity")
+    # per step, so the lr that reaches tau without overshoot grows with the pool (measured: docs/differences.md)
     lambda_lr_scale: LambdaScale = LambdaScale.none
     eval_gate: EvalGate = EvalGate.upstream
     # The weight of expert m in the multiplier's step and in the penalty. Upstream's w_m (~1/M) enters both, so a
     # logit's pull grows with lambda_lr * w^2, ~1/M^2: the lr tuned at 8 experts is ~4x too slow at 16 (measured,
-    # README "Sparsity"). relative uses M * w_m; lambda_lr is then per expert at uniform weight.
+    # docs/differences.md "Sparsity"). relative uses M * w_m; lambda_lr is then per expert at uniform weight.
     expert_weight: ExpertWeight = ExpertWeight.merge
-    # Hand-designed mask patterns, the paper's baselines for the learned ones (README, "Sparsity"): random and
+    # Hand-designed mask patterns, the paper's baselines for the learned ones (docs/differences.md): random and
     # magnitude fix the logits at +-clamp (gates exactly 1 / 0) and never update them nor the multipliers.
     pattern: SparsityPattern = SparsityPattern.learned
     # magnitude: the masks stay dense for this share of method.total_tasks, then every expert's mask becomes the
@@ -224,6 +228,11 @@ class DataConfig:
     workers: int = 1
     val_episodes: int = 20
     on_corrupt: OnCorrupt = OnCorrupt.error  # what an undecodable image in a shard does (smat_dist/data/episodes.py)
+    # http(s) sources (smat_dist/data/remote.py): seconds per socket operation, and further tries of a read that
+    # timed out or failed transiently (backoff 0.5 s, doubling); a stalled server ends the command after about
+    # (remote_retries + 1) * remote_timeout_s
+    remote_timeout_s: float = 30.0
+    remote_retries: int = 3
 
 
 @dataclass
@@ -232,12 +241,23 @@ class DistConfig:
     pool: PoolPath = PoolPath.sharded
     backend: Optional[Backend] = None  # None: nccl on GPU, gloo on CPU
     precision: Precision = Precision.auto
+    # process-group timeouts (distributed/timeouts.py): a collective that waits longer fails on every rank.
+    # timeout_s covers start-up, checkpoint load and the first step (compile, warm-up); step_timeout_s every
+    # collective after the first step, so a hung or lost rank ends the job within it (docs/launching.md)
+    timeout_s: float = 1800.0
+    step_timeout_s: float = 120.0
+    # debugging: mark tensors made without device= and refuse them in device collectives, so a CPU run fails
+    # where NCCL on a GPU would (smat_dist/utils/devcheck.py); slows every op a little
+    check_devices: bool = False
 
 
 @dataclass
 class CheckpointConfig:
     every_tasks: int = 200
     keep: int = 3                 # complete checkpoints kept (the oldest are deleted)
+    # also keep, for good, every checkpoint at a multiple of this many tasks (0: none): the points of the
+    # accuracy-over-training curve (smat-analyze RUN --curve)
+    keep_every: int = 0
     # write each rank's pool shard from a host copy in a writer thread: training blocks only for the copy
     # (and DeepSpeed's small replicated save); false writes and hashes in the foreground
     async_save: bool = True
@@ -256,6 +276,10 @@ class TrainConfig:
 class LoggingConfig:
     wandb_mode: WandbMode = WandbMode.offline
     project: str = "smat_dist"
+    # per step, what limits mask learning: the penalty's share of the mask-logit gradient before the clip, the
+    # clip's factor, the logits at the clamp (smat_dist/method/mask_diagnostics.py); read-only, but one extra
+    # pass over the pool slice per step (~0.7x a mask backward), so off unless asked for (the demo asks)
+    mask_diagnostics: bool = False
 
 
 @dataclass
@@ -274,8 +298,13 @@ class LauncherConfig:
     constraint: Optional[str] = None
     signal_delay_s: int = 60
     max_requeues: int = 3
+    # automatic requeues after a failed attempt (a killed rank, a lost node, a collective timeout), counted apart
+    # from max_requeues (time limit / preemption); the same failure at the same task twice in a row is never retried
+    max_failures: int = 2
+    # local: once one rank has exited with an error, ranks still alive after this many seconds are SIGKILLed
+    kill_grace_s: float = 10.0
     folder: Optional[str] = None  # submitit log folder (default: <run_dir>/submitit)
-    # CPU math of the rank processes a launcher starts (README "Reproducibility"; smat_dist/launch/env.py
+    # CPU math of the rank processes a launcher starts (docs/demo.md "Reproducibility"; smat_dist/launch/env.py
     # rank_math_env). threads: intra-op threads per rank (OMP/MKL/torch), fixed so that the same config splits
     # its reductions the same way on every machine; 0 = derived from the machine (local: cpu_count // nproc,
     # slurm: cpus_per_task), which changes the bits from one machine to another.
@@ -284,12 +313,19 @@ class LauncherConfig:
     # SSE4.1, MKL's COMPATIBLE branch) so that an AVX2 and an AVX-512 machine run the same kernels; ~1.3x slower
     # per SMAT task; not verified on a second CPU model
     portable_math: bool = False
+    # glibc's mmap threshold in the rank processes, fixed (bytes, up to 32 MiB; 0 = glibc's dynamic default):
+    # large tensors then come from their own mappings, so the resident peak is what is alive (SMAT's teacher
+    # backward otherwise grows the heap by about half the query graph); costs page faults (smat_dist/utils/malloc.py)
+    malloc_mmap_threshold: int = 0
 
 
 @dataclass
 class EvalConfig:
     checkpoint: Optional[str] = None      # SMAT run folder or checkpoint folder
     pmf_checkpoint: Optional[str] = None  # P>M>F run folder or checkpoint folder (baseline)
+    # an smat-export folder (SMAT or P>M>F), evaluated in one process from its packed masks instead of a
+    # checkpoint; takes the place of eval.checkpoint / eval.pmf_checkpoint for the kind it holds
+    model: Optional[str] = None
     # ranks of smat-eval (launcher=local: local processes; slurm: one job of that many tasks): each holds
     # 1/ranks of the SMAT pool and the episodes are split over them; 1 evaluates in this process
     ranks: int = 1

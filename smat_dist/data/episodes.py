@@ -24,7 +24,9 @@ from PIL import UnidentifiedImageError
 
 from smat_dist.utils.log import get_logger
 
-from .reader import CorruptImageError, ShardReader, check_shard_sizes, member_key
+from .reader import CorruptImageError, ShardReader, check_byte_ranges, check_shard_sizes, member_key
+from .remote import RemotePolicy
+from .worker_errors import guarded
 from .rng import episode_rng
 from .sampler import EpisodeDescription, EpisodeSampler, SamplerConfig
 from .spec import DatasetSpec, load_spec
@@ -45,6 +47,8 @@ class EpisodeConfig(SamplerConfig):
     """Meta-Dataset sampler settings (SamplerConfig: mode, ways, shots, queries and the MD bounds) + image size."""
     image_size: int = 128
     on_corrupt: str = "error"      # error | skip (see the module docstring)
+    remote_timeout_s: float = 30.0  # http(s) sources: per socket operation (smat_dist/data/remote.py)
+    remote_retries: int = 3
 
     def __post_init__(self):
         super().__post_init__()
@@ -59,7 +63,8 @@ class EpisodeConfig(SamplerConfig):
         d = cfg.data
         kw = dict(mode=getattr(d.mode, "value", d.mode), ways=d.ways, shots=d.shots, queries=d.queries,
                   max_ways_upper_bound=d.max_ways, max_support_set_size=d.max_support,
-                  image_size=cfg.model.image_size, on_corrupt=getattr(d, "on_corrupt", "error"))
+                  image_size=cfg.model.image_size, on_corrupt=getattr(d, "on_corrupt", "error"),
+                  remote_timeout_s=getattr(d, "remote_timeout_s", 30.0), remote_retries=getattr(d, "remote_retries", 3))
         kw.update(overrides)
         return cls(**kw)
 
@@ -93,7 +98,8 @@ class EpisodeStream:
             raise ValueError("EpisodeStream needs at least one source")
         self.cfg = cfg or EpisodeConfig()
         self.split, self.seed, self.train_aug = split, int(seed), bool(train_aug)
-        self.specs: list[DatasetSpec] = [load_spec(s) for s in sources]
+        policy = RemotePolicy.of(self.cfg)
+        self.specs: list[DatasetSpec] = [load_spec(s, policy) for s in sources]
         names = [s.name for s in self.specs]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -102,8 +108,9 @@ class EpisodeStream:
         scfg = self.cfg.sampler_config()
         self.samplers = [EpisodeSampler(spec, split, scfg) for spec in self.specs]
         for spec in self.specs:
-            check_shard_sizes(spec)   # a truncated shard is refused now, not when an episode first reads it
-        self.reader = ShardReader(max_handles=max_handles)
+            check_shard_sizes(spec, policy)   # a truncated shard is refused now, not when an episode first reads it
+            check_byte_ranges(spec, policy)   # so is a server that cannot serve one image of a shard
+        self.reader = ShardReader(max_handles=max_handles, policy=policy)
         self.replaced = 0                      # corrupt images replaced (on_corrupt=skip) in this process
         self._warned: set[tuple[str, int, int]] = set()
         log.info("episodes: split %s, %s mode, seed %d, aug %s, sources %s", split, self.cfg.mode, self.seed,
@@ -220,7 +227,7 @@ class EpisodeStream:
             _EpisodeDataset(self), batch_size=None, sampler=indices, num_workers=workers,
             prefetch_factor=max(1, math.ceil(prefetch * per_rank / workers)), persistent_workers=True,
             worker_init_fn=_worker_init)
-        return _group(iter(dl), per_rank)
+        return _group(guarded(iter(dl)), per_rank)
 
 
 def global_indices(start: int, step: int, rank: int, world: int, per_rank: int) -> list[int]:

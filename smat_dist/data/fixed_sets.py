@@ -74,10 +74,11 @@ def _indexed(stream: EpisodeStream, indices: list[int], workers: int) -> Iterato
     if workers == 0:
         return (stream.episode(i) for i in indices)
     from .episodes import _EpisodeDataset, _worker_init
+    from .worker_errors import guarded
 
     dl = torch.utils.data.DataLoader(_EpisodeDataset(stream), batch_size=None, sampler=indices, num_workers=workers,
                                      worker_init_fn=_worker_init)
-    return iter(dl)
+    return guarded(iter(dl))
 
 
 def fixed_episodes(sources: list[str] | str, split: str, n: int, seed: int = EVAL_SEED,

@@ -3,7 +3,8 @@
 - local folder: seek + read on the shard file; open handles are kept in a small LRU per process (a data
   worker never holds more than ``max_handles`` files, unlike P>M>F's leaked h5 handles) and closed by
   ``close()``, which the episode loader registers to run when a worker exits;
-- http(s): one HTTP Range request per image;
+- http(s): one HTTP Range request per image (timeout and bounded retries: smat_dist/data/remote.py); a
+  server without byte ranges is refused when the stream opens, before the first episode;
 - pipe: the shard is streamed through WebDataset's tar iterator and only the needed keys are kept; since a
   class is contiguous in its shard, the stream is closed as soon as the last needed key has passed.
 Short reads (a truncated shard) raise ShardError naming the shard and class; ``check_shard_sizes`` finds a
@@ -13,11 +14,11 @@ from __future__ import annotations
 
 import os
 import urllib.error
-import urllib.request
 from collections import OrderedDict
 
 from smat_dist.utils.log import get_logger
 
+from .remote import RemotePolicy, request
 from .spec import DatasetSpec, location_kind
 
 log = get_logger("data.reader")
@@ -31,15 +32,29 @@ class CorruptImageError(OSError):
     """An image whose bytes were read but do not decode; the message names the member and shard."""
 
 
-def _remote_size(url: str) -> int | None:
+def _remote_size(url: str, policy: RemotePolicy | None = None) -> int | None:
     """Content-Length of an HTTP HEAD, or None when the server does not say."""
-    req = urllib.request.Request(url, method="HEAD")
-    with urllib.request.urlopen(req, timeout=60) as r:
-        n = r.headers.get("Content-Length")
+    n = request(url, lambda r: r.headers.get("Content-Length"), method="HEAD", policy=policy)
     return int(n) if n is not None and n.isdigit() else None
 
 
-def check_shard_sizes(spec: DatasetSpec) -> int:
+def check_byte_ranges(spec: DatasetSpec, policy: RemotePolicy | None = None) -> None:
+    """Refuse an http(s) dataset whose server ignores Range requests, before the first episode: every image is
+    one Range request, and a server answering 200 would send whole shards (we never download them)."""
+    if location_kind(spec.location) != "http" or not spec.shards:
+        return
+    url = spec.shard_url(next(iter(spec.shards)))
+    try:
+        status = request(url, lambda r: r.status, headers={"Range": "bytes=0-0"}, policy=policy)
+    except (OSError, urllib.error.URLError) as e:
+        raise ShardError(f"cannot read shard {url} (dataset {spec.name}): {e}") from e
+    if status != 206:
+        raise ShardError(f"shard {url} (dataset {spec.name}): server answered {status} to a Range request; it must "
+                         "support byte ranges (HTTP 206): serve the folder with a server that does (nginx, Apache, "
+                         "S3, `rclone serve http`), or copy the dataset to a local folder")
+
+
+def check_shard_sizes(spec: DatasetSpec, policy: RemotePolicy | None = None) -> int:
     """Compare every shard's size with the ``bytes`` spec.json records for it; raise ShardError naming the
     first shard that is missing or has another size (and the classes it holds). Local folders: one stat per
     shard; http(s): one HEAD per shard; pipe: sources cannot be sized without reading them and are not
@@ -61,7 +76,7 @@ def check_shard_sizes(spec: DatasetSpec) -> int:
             continue
         url = spec.shard_url(fname)
         try:
-            got = os.stat(url).st_size if kind == "local" else _remote_size(url)
+            got = os.stat(url).st_size if kind == "local" else _remote_size(url, policy)
         except FileNotFoundError as e:
             raise ShardError(f"missing shard {url} (dataset {spec.name}, {_held(spec, fname)}); re-run "
                              f"smat-convert for this dataset") from e
@@ -89,18 +104,19 @@ def member_key(label: int, i: int) -> str:
 
 
 class ShardReader:
-    def __init__(self, max_handles: int = 4):
+    def __init__(self, max_handles: int = 4, policy: RemotePolicy | None = None):
         if max_handles < 1:
             raise ValueError("max_handles must be >= 1")
         self.max_handles = max_handles
+        self.policy = policy or RemotePolicy()
         self._handles: OrderedDict[str, object] = OrderedDict()
 
     # Handles are per process: a reader pickled into a DataLoader worker starts with none.
     def __getstate__(self):
-        return {"max_handles": self.max_handles}
+        return {"max_handles": self.max_handles, "policy": self.policy}
 
     def __setstate__(self, state):
-        self.__init__(state["max_handles"])
+        self.__init__(state["max_handles"], state.get("policy"))
 
     @property
     def open_handles(self) -> int:
@@ -183,14 +199,16 @@ class ShardReader:
 
     def _read_http(self, spec, url, label, i) -> bytes:
         off, size, _ = spec.classes[label].members[i]
-        req = urllib.request.Request(url, headers={"Range": f"bytes={off}-{off + size - 1}"})
+
+        def body(r):
+            if r.status != 206:
+                # A server that ignores Range would send the whole shard: refuse rather than download it.
+                raise ShardError(f"{self._where(spec, url, label, i)}: server answered {r.status} to a Range "
+                                 f"request; it must support byte ranges (HTTP 206)")
+            return r.read()
+
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                if r.status != 206:
-                    # A server that ignores Range would send the whole shard: refuse rather than download it.
-                    raise ShardError(f"{self._where(spec, url, label, i)}: server answered {r.status} to a Range "
-                                     f"request; it must support byte ranges (HTTP 206)")
-                data = r.read()
+            data = request(url, body, headers={"Range": f"bytes={off}-{off + size - 1}"}, policy=self.policy)
         except urllib.error.HTTPError as e:
             raise ShardError(f"{self._where(spec, url, label, i)}: HTTP {e.code}") from e
         except urllib.error.URLError as e:

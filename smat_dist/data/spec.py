@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
+
+from .remote import RemotePolicy, request
 
 FORMAT = "smat-wds"
 SUPPORTED_VERSIONS = (1,)
@@ -44,14 +45,13 @@ def file_url(location: str, fname: str) -> str:
     return os.path.join(location, fname)
 
 
-def _read_bytes(url: str) -> bytes:
+def _read_bytes(url: str, policy: RemotePolicy | None = None) -> bytes:
     kind = location_kind(url)
     if kind == "local":
         with open(url, "rb") as f:
             return f.read()
     if kind == "http":
-        with urllib.request.urlopen(url, timeout=60) as r:
-            return r.read()
+        return request(url, lambda r: r.read(), policy=policy)
     proc = subprocess.run(url[len("pipe:"):], shell=True, capture_output=True, timeout=600)
     if proc.returncode != 0:
         raise OSError(f"command exited with {proc.returncode}: {proc.stderr.decode(errors='replace').strip()}")
@@ -204,12 +204,13 @@ def parse_spec(raw: dict, location: str) -> DatasetSpec:
                        counts=raw.get("counts", {}), skipped=raw.get("skipped", []))
 
 
-def load_spec(location: str) -> DatasetSpec:
-    """Read and validate ``spec.json`` of the dataset at ``location`` (folder, http(s) URL or pipe: command)."""
+def load_spec(location: str, policy: RemotePolicy | None = None) -> DatasetSpec:
+    """Read and validate ``spec.json`` of the dataset at ``location`` (folder, http(s) URL or pipe: command);
+    ``policy``: timeout and retries of an http(s) read."""
     location = str(location)
     path = file_url(location, "spec.json")
     try:
-        data = _read_bytes(path)
+        data = _read_bytes(path, policy)
     except FileNotFoundError as e:
         raise SpecError(f"{path}: not found; the dataset at {location} is missing or its conversion did not "
                         f"finish (spec.json is written last)") from e

@@ -111,7 +111,7 @@ def build(model_cfg: ModelConfig, cfg: MethodConfig, *, seed: int = 0, comm: Com
     return MethodSetup(fb, method, pool, opt, cfg.name)
 
 
-def build_local(model_cfg: ModelConfig, cfg: MethodConfig, seed: int = 0, fb: FunctionalBackbone | None = None
-                ) -> MethodSetup:
+def build_local(model_cfg: ModelConfig, cfg: MethodConfig, seed: int = 0, fb: FunctionalBackbone | None = None,
+                device: torch.device | None = None) -> MethodSetup:
     """Single process: the whole pool local, a plain torch optimiser (tests, benchmarks, analysis)."""
-    return build(model_cfg, cfg, seed=seed, fb=fb, comm=Comm(local=True))
+    return build(model_cfg, cfg, seed=seed, fb=fb, comm=Comm(local=True), device=device)

@@ -116,6 +116,14 @@ def find_latest(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def checkpoint_tasks(ck: Path) -> int:
+    """The task count in a checkpoint folder's name (step-000000160 -> 160)."""
+    try:
+        return int(Path(ck).name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        raise CheckpointError(f"{ck}: not a checkpoint folder name (step-<tasks>)") from None
+
+
 def read_manifest(ck: Path) -> dict:
     mf = Path(ck) / "manifest.json"
     try:
@@ -156,8 +164,9 @@ class Checkpointer:
     """Saves and loads a dict of parts under `root` (collective: every rank calls save / load / wait)."""
 
     def __init__(self, root: str | os.PathLike, comm, keep: int = 3, async_save: bool = False,
-                 receipt_timeout_s: float = 3600.0):
+                 receipt_timeout_s: float = 3600.0, keep_every: int = 0):
         self.root, self.comm, self.keep, self.async_save = Path(root), comm, keep, async_save
+        self.keep_every = int(keep_every)
         self.receipt_timeout_s = receipt_timeout_s
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -287,8 +296,13 @@ class Checkpointer:
         _fsync_dir(self.root)
         ckpts = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in ckpts[:-self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if not self.kept_for_good(old):
+                shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint %s written (%d files, %d ranks)", final, len(files), world)
+
+    def kept_for_good(self, ck: Path) -> bool:
+        """checkpoint.keep_every: a checkpoint at a multiple of it is never purged (a curve's points)."""
+        return self.keep_every > 0 and checkpoint_tasks(ck) % self.keep_every == 0
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -324,8 +338,9 @@ class Checkpointer:
             err = None
             try:
                 fn()
-            except (CheckpointError, ShardError, OSError, KeyError, RuntimeError) as e:
-                err = f"rank {self.comm.rank}: {e}"
+            except Exception as e:  # noqa: BLE001 - every rank must reach the all-gather, whatever failed
+                err = f"rank {self.comm.rank}: {type(e).__name__}: {e}" if not isinstance(
+                    e, (CheckpointError, ShardError)) else f"rank {self.comm.rank}: {e}"
             errs = [e for e in self.comm.all_gather_object(err) if e]
             if errs:
                 raise CheckpointError("; ".join(errs))

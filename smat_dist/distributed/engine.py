@@ -7,6 +7,7 @@ of every task after the merge's all-to-all), so its optimiser state stays local 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -14,9 +15,14 @@ import torch
 import torch.distributed as dist
 
 from smat_dist.config.schema import DistConfig
+from smat_dist.distributed.timeouts import pg_timeouts
+from smat_dist.utils.device import rank_device
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
+_control_group = None
+_device: torch.device | None = None
+_check_mode = None
 
 
 def _skip_shm_build() -> None:
@@ -35,21 +41,67 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int]:
                                "(launcher=local|slurm), torchrun, the deepspeed launcher or submitit")
     import deepspeed
 
-    backend = cfg.backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if not torch.cuda.is_available():
+    global _control_group, _device, _check_mode
+    if cfg.check_devices and _check_mode is None:
+        from smat_dist.utils.devcheck import HostBornMode
+
+        _check_mode = HostBornMode()
+        _check_mode.__enter__()     # for the life of this rank's process (its main thread)
+    backend = str(getattr(cfg.backend, "value", cfg.backend) or ("nccl" if torch.cuda.is_available() else "gloo"))
+    # The device first: NCCL binds its communicator to the current device when the group is made.
+    _device = rank_device(int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" else torch.device("cpu")
+    if _device.type == "cuda":
+        torch.cuda.set_device(_device)
+    else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         _skip_shm_build()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=pg_timeouts(cfg))
+    # Host-side control traffic (stop flags, metrics, checkpoint agreement, objects) is CPU data: under NCCL it
+    # gets its own gloo group instead of a round trip through the GPU (and NCCL's refusal of CPU tensors).
+    _control_group = None
+    if "nccl" in str(dist.get_backend()).lower():
+        _control_group = dist.new_group(backend="gloo", timeout=pg_timeouts(cfg))
     return dist.get_rank(), dist.get_world_size()
 
 
+def control_group():
+    """The process group for host-side control traffic (None: the default group, already on the CPU)."""
+    return _control_group
+
+
 def device() -> torch.device:
+    """This rank's compute device (init_distributed chose it; the current CUDA device or the CPU otherwise)."""
+    if _device is not None:
+        return _device
     from smat_dist.utils.device import pick_device
 
     return pick_device()
+
+
+def ds_config_for(cfg: DistConfig, tasks_per_rank: int, world: int, clip: float | None,
+                  universal: bool = False) -> dict:
+    """The engine's config with every key that changes the arithmetic set by us, so a DeepSpeed release that
+    changes a default (0.19 made gradient clipping 1.0 by default) changes nothing: the replicated step equals
+    the plain torch step (tests/distributed/test_ds_equivalence.py)."""
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": tasks_per_rank,
+        "train_batch_size": tasks_per_rank * world,
+        "gradient_clipping": float(clip or 0.0),   # 0.0: no clipping (None would take DeepSpeed's default)
+        "prescale_gradients": False,               # average after the reduction, as the torch path does
+        "gradient_predivide_factor": 1.0,
+        "communication_data_type": "fp32",         # gradients reduced in fp32 whatever the autocast dtype
+        "fp16": {"enabled": False},                # the engine's parameters and optimiser state stay fp32;
+        "bf16": {"enabled": False},                # bf16 is autocast of the forward only (dist.precision)
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if universal:  # resuming another world size's ZeRO-partitioned state
+        ds_config["checkpoint"] = {"load_universal": True}
+    return ds_config
 
 
 class DeepSpeedOptimizer:
@@ -60,21 +112,13 @@ class DeepSpeedOptimizer:
         import deepspeed
 
         self.tasks_per_rank = tasks_per_rank
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1,
-            "gradient_accumulation_steps": tasks_per_rank,
-            "train_batch_size": tasks_per_rank * world,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 1 << 30,
-            "wall_clock_breakdown": False,
-        }
-        if clip:
-            ds_config["gradient_clipping"] = clip
-        if universal:  # resuming another world size's ZeRO-partitioned state
-            ds_config["checkpoint"] = {"load_universal": True}
+        ds_config = ds_config_for(cfg, tasks_per_rank, world, clip, universal)
         want = [(g.get("name"), g["lr"], type(optimizer).__name__) for g in optimizer.param_groups]
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+        dev = device()
+        # DeepSpeed binds the engine to cuda:LOCAL_RANK unless told the device: one visible GPU per task is cuda:0.
+        args = argparse.Namespace(device_rank=dev.index) if dev.type == "cuda" else None
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(args=args, model=module, optimizer=optimizer,
+                                                                 config=ds_config)
         got = [(g.get("name"), g["lr"], type(optimizer).__name__) for g in self.optimizer.param_groups]
         # DeepSpeed has lost per-group learning rates before: refuse to train if it did.
         if [(n, lr) for n, lr, _ in got] != [(n, lr) for n, lr, _ in want]:

@@ -94,7 +94,7 @@ def _read_range(ck, entries, tname, index, out, reader) -> None:
 
 
 def _read_ids(ck, entries, tname, index, out, reader) -> None:
-    ids, total = index[1], index[2]
+    ids, total = index[1].cpu(), index[2]     # the store's group ids may live on the device
     want = ids < total                       # padding groups keep their initial rows
     found = torch.zeros(ids.numel(), dtype=torch.bool)
     if ids.numel() == 0:

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+# the host staging buffer of a read into device memory (bounded whatever the slice size)
+STAGE_BYTES = 64 << 20
+
 BLOCK = 16 << 20            # bytes per checksum block: extra read per range <= 2 blocks
 _WRITE = 8 << 20            # bytes per write call
 
@@ -183,8 +186,29 @@ class ShardReader:
             raise ShardError(f"shard {self.path}: rows [{a}, {b}) of {name} {shape} do not fit {list(out.shape)}")
         if a == b:
             return
-        start = self.base + meta["data_offsets"][0] + a * row_bytes
-        self._read_into(start, memoryview(out.view(-1).view(torch.uint8).numpy()))
+        start = self.row_start(name, a)
+        if out.device.type == "cpu":
+            self._read_into(start, memoryview(out.view(-1).view(torch.uint8).numpy()))
+        else:
+            self._read_staged(start, out.view(-1).view(torch.uint8))
+
+    def row_start(self, name: str, a: int) -> int:
+        """The file offset of row `a` of tensor `name` (Python ints: no 32-bit wrap at any size)."""
+        meta = self.info(name)
+        rows = meta["shape"][0] if meta["shape"] else 1
+        row_bytes = (meta["data_offsets"][1] - meta["data_offsets"][0]) // max(1, rows)
+        return self.base + meta["data_offsets"][0] + a * row_bytes
+
+    def _read_staged(self, start: int, flat: torch.Tensor) -> None:
+        """Bytes from `start` into `flat` (uint8, any device) through a bounded host buffer (pinned for CUDA):
+        a device tensor (the pool lives on the GPU before a resume) has no host memory to read into."""
+        total = flat.numel()
+        stage = torch.empty(min(total, STAGE_BYTES), dtype=torch.uint8, pin_memory=flat.device.type == "cuda")
+        view = memoryview(stage.numpy())
+        for off in range(0, total, stage.numel()):
+            n = min(stage.numel(), total - off)
+            self._read_into(start + off, view[:n])
+            flat[off:off + n].copy_(stage[:n])     # synchronous: the stage is reused by the next chunk
 
     def _read_into(self, start: int, dest: memoryview) -> None:
         end = start + len(dest)

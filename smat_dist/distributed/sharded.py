@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from smat_dist.utils.device import fp32_math
+
 from smat_dist.distributed.comm import Comm
 from smat_dist.method import hard_concrete as hc
 from smat_dist.method.merge import LocalMerger
@@ -36,6 +38,7 @@ class _ShardedMerge(torch.autograd.Function):
         return full.reshape(-1)
 
     @staticmethod
+    @fp32_math
     def backward(ctx, g):
         merger: ShardedMerger = ctx.merger
         comm, pool = merger.comm, merger.pool
@@ -89,6 +92,7 @@ class _GatherMerge(torch.autograd.Function):
         return (z @ w) * DL
 
     @staticmethod
+    @fp32_math
     def backward(ctx, g):
         comm: Comm = ctx.comm
         w, LA, DL, V = ctx.saved_tensors

@@ -2,6 +2,7 @@
 
   smat-eval eval.checkpoint=runs/2026-01-01_12-00-00 data.sources=[shards/a] data.eval_sources=[shards/b]
             eval.modes=[zeroshot,full,lora] run_dir=runs/eval_a
+  smat-eval eval.model=runs/smat.export ...   (an smat-export folder instead of a checkpoint: one process)
 
 Writes results.json, results.md and episodes.json into run_dir (default runs/eval_<date>_<time>) and prints
 one JSON line with the paths and the ID/OOD averages. eval.ranks=N (launcher=local or slurm) or torchrun
@@ -21,12 +22,13 @@ from smat_dist.utils.log import get_logger, setup_logging
 log = get_logger(__name__)
 
 
-def load_setups(cfg, comm=None) -> dict:
+def load_setups(cfg, comm=None, control=None) -> dict:
     """{method name: MethodSetup} for cfg.eval.methods. SMAT and P>M>F come from checkpoints (through
     smat_dist.eval.loading.load_method; on several ranks each holds its slice of the pool); the pre-trained
     baseline is the frozen backbone of the same config."""
     from smat_dist.config.schema import MethodConfig
     from smat_dist.distributed.build import build_local
+    from smat_dist.distributed.engine import device as rank_device
 
     paths = {}
     if cfg.eval.checkpoint:
@@ -34,11 +36,18 @@ def load_setups(cfg, comm=None) -> dict:
     pmf_path = getattr(cfg.eval, "pmf_checkpoint", None)
     if pmf_path:
         paths["pmf"] = pmf_path
+    if getattr(cfg.eval, "model", None):
+        paths["export"] = cfg.eval.model
     setups: dict = {}
     for key, path in paths.items():
         from smat_dist.eval.loading import load_method  # the checkpoint format's one door (dist/checkpoint.py)
 
-        setup = load_method(path, comm=comm)
+        if key == "export":   # an smat-export folder: the whole packed pool in this process, on any rank
+            from smat_dist.export.loader import load_export
+
+            setup = load_export(path, device=rank_device())
+        else:
+            setup = load_method(path, comm=comm, control=control)
         kind = setup.kind
         if key == "pmf" and kind != "pmf":
             raise ValueError(f"eval.pmf_checkpoint={path} holds a {kind} model, not P>M>F")
@@ -50,7 +59,7 @@ def load_setups(cfg, comm=None) -> dict:
     for name in cfg.eval.methods:
         if name == "pretrained":
             mcfg = MethodConfig(name="pretrained", logit_scale=cfg.method.logit_scale)
-            out[name] = build_local(cfg.model, mcfg, seed=cfg.train.seed, fb=fb)
+            out[name] = build_local(cfg.model, mcfg, seed=cfg.train.seed, fb=fb, device=rank_device())
         elif name in setups:
             out[name] = setups[name]
         else:
@@ -95,9 +104,10 @@ def run(cfg) -> dict:
     elif dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     from smat_dist.distributed.comm import Comm
+    from smat_dist.distributed.engine import control_group
 
     domains = domains_from_config(cfg)
-    setups = load_setups(cfg, Comm() if world > 1 else None)
+    setups = load_setups(cfg, Comm(device_bound=True), Comm(group=control_group()))
     out_dir = cfg.run_dir or os.path.join("runs", time.strftime("eval_%Y-%m-%d_%H-%M-%S"))
     log.info("evaluating %s in modes %s on %d domains (%d test episodes each, world size %d) -> %s",
              list(setups), cfg.eval.modes, len(domains), cfg.eval.episodes, world, out_dir)
@@ -132,14 +142,17 @@ def main(argv: list[str] | None = None) -> int:
             del argv[i:i + 2]
     if show is not None and show not in ("job", "all"):
         return fail(f"--cfg {show}: expected job or all (smat-eval has no Hydra config of its own)")
+    from smat_dist.distributed.checkpoint import CheckpointError
+    from smat_dist.eval.run_settings import adopt_run_settings
+
     try:
-        cfg = compose("eval", argv)
-    except ConfigError as e:
+        # the run's model and episode settings, on this host before any rank starts
+        cfg = adopt_run_settings(compose("eval", argv), argv)
+    except (ConfigError, CheckpointError) as e:
         return fail(e)
     if show is not None:
         print(to_yaml(cfg), end="")
         return 0
-    from smat_dist.distributed.checkpoint import CheckpointError
     from smat_dist.launch.env import LaunchError
 
     if cfg.eval.ranks < 1:

@@ -35,32 +35,38 @@ LORA_TARGETS = r".*\.attn\.(qkv|q_proj|k_proj|v_proj|proj)"
 
 # ---------------------------------------------------------------- augmentation (DiffAugment colour+translation)
 
+# The random draws come from the host generator (seeded per episode) and move to the images' device: the same
+# numbers on CPU and GPU, so an episode's augmentation does not depend on where it runs.
+def _host_rand(*shape: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.rand(*shape).to(like.device)
+
+
 def _colour(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    x = x + (torch.rand(n, 1, 1, 1) - 0.5)                       # brightness
+    x = x + (_host_rand(n, 1, 1, 1, like=x) - 0.5)                       # brightness
     mean = x.mean(dim=1, keepdim=True)
-    x = (x - mean) * (torch.rand(n, 1, 1, 1) * 2) + mean          # saturation
+    x = (x - mean) * (_host_rand(n, 1, 1, 1, like=x) * 2) + mean          # saturation
     mean = x.mean(dim=[1, 2, 3], keepdim=True)
-    return (x - mean) * (torch.rand(n, 1, 1, 1) + 0.5) + mean     # contrast
+    return (x - mean) * (_host_rand(n, 1, 1, 1, like=x) + 0.5) + mean     # contrast
 
 
 def _translate(x: torch.Tensor, ratio: float = TRANSLATE_RATIO) -> torch.Tensor:
     n, _, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    ty = torch.randint(-sh, sh + 1, (n, 1, 1))
-    tx = torch.randint(-sw, sw + 1, (n, 1, 1))
-    gy, gx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ty = torch.randint(-sh, sh + 1, (n, 1, 1)).to(x.device)
+    tx = torch.randint(-sw, sw + 1, (n, 1, 1)).to(x.device)
+    gy, gx = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
     gy = torch.clamp(gy.unsqueeze(0) + ty + 1, 0, h + 1)
     gx = torch.clamp(gx.unsqueeze(0) + tx + 1, 0, w + 1)
     xp = F.pad(x, [1, 1, 1, 1]).permute(0, 2, 3, 1)               # zero border: shifted-in pixels are 0
-    return xp[torch.arange(n).view(n, 1, 1), gy, gx].permute(0, 3, 1, 2).contiguous()
+    return xp[torch.arange(n, device=x.device).view(n, 1, 1), gy, gx].permute(0, 3, 1, 2).contiguous()
 
 
 def augment(x: torch.Tensor, prob: float = AUG_PROB) -> torch.Tensor:
     """DiffAugment('color,translation') with probability `prob` for the batch, then a random flip per image."""
     if torch.rand(()) < prob:
         x = _translate(_colour(x))
-    flip = torch.rand(x.shape[0]) < 0.5
+    flip = _host_rand(x.shape[0], like=x) < 0.5
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 

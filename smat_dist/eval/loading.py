@@ -44,21 +44,27 @@ def load_config(ck: Path) -> Config:
     raise CheckpointError(f"no config.yaml in {ck} or its run folder")
 
 
-def load_method(path: str, fb=None, comm: Comm | None = None) -> MethodSetup:
+def load_method(path: str, fb=None, comm: Comm | None = None, control: Comm | None = None,
+                device: torch.device | None = None) -> MethodSetup:
     """The method of the newest complete checkpoint under `path`; with a multi-rank `comm`, this rank's
-    slice of its pool (every rank of comm must call it)."""
+    slice of its pool (every rank of comm must call it). It is built on `device` (default: the rank's compute
+    device: its GPU where there is one); `control` carries the load's agreement (default: comm)."""
     ck = find_latest(path)
     if ck is None:
         raise CheckpointError(f"{path}: no complete checkpoint (no 'latest' file or manifest.json)")
     manifest = read_manifest(ck)
     cfg = load_config(ck)
-    comm = comm or Comm()
+    comm = comm or Comm(device_bound=True)
+    if device is None:
+        from smat_dist.distributed.engine import device as rank_device
+
+        device = rank_device()
     setup = build(cfg.model, cfg.method, seed=cfg.train.seed, comm=comm, hyper=None, fb=fb,
-                  merge="sharded" if comm.world > 1 else "local")
+                  merge="sharded" if comm.world > 1 else "local", device=device)
     parts = {"replicated": ModuleState(setup.method, cfg.method.name)}
     if setup.pool is not None:
         parts["pool"] = setup.pool
-    Checkpointer(ck.parent, comm).load(ck, parts, expect={
+    Checkpointer(ck.parent, control or comm).load(ck, parts, expect={
         "method": cfg.method.name, "backbone": cfg.model.name, "backbone_signature": setup.fb.space.signature()})
     log.info("loaded %s model from %s (%d tasks; pool slice %s of %d ranks)", cfg.method.name, ck, manifest["tasks"],
              "-" if setup.pool is None else f"[{setup.pool.store.lo}, {setup.pool.store.hi})", comm.world)

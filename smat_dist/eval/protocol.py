@@ -20,6 +20,7 @@ import torch.distributed as dist
 from smat_dist.config.schema import Config, EvalConfig
 from smat_dist.data.episodes import EpisodeConfig, episode_config  # noqa: F401 (re-exported)
 from smat_dist.data.fixed_sets import EVAL_SEED, fixed_episodes
+from smat_dist.data.remote import RemotePolicy
 from smat_dist.data.spec import SpecError, load_spec
 from smat_dist.eval.finetune import LoraRunner, finetune_full, task_theta
 from smat_dist.eval.stats import average, domain_summary
@@ -39,8 +40,9 @@ class Domain:
 
 
 def domains_from_config(cfg: Config) -> list[Domain]:
-    out = [Domain(load_spec(s).name, s, "id") for s in cfg.data.sources]
-    out += [Domain(load_spec(s).name, s, "ood") for s in cfg.data.eval_sources]
+    policy = RemotePolicy.of(cfg.data)
+    out = [Domain(load_spec(s, policy).name, s, "id") for s in cfg.data.sources]
+    out += [Domain(load_spec(s, policy).name, s, "ood") for s in cfg.data.eval_sources]
     names = [d.name for d in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -79,6 +81,7 @@ class Evaluator:
     def __init__(self, setup, cfg: EvalConfig):
         self.setup, self.cfg = setup, cfg
         self.kind = setup.kind
+        self.device = _device_of(setup)
         self.scale = float(setup.method.cfg.logit_scale)
         self._lora: LoraRunner | None = None
 
@@ -98,9 +101,12 @@ class Evaluator:
         return self._lora
 
     def logits(self, ep, mode: str, lr: float | None, seed: int) -> torch.Tensor:
+        ep = _episode_to(ep, self.device)
         if mode == "zeroshot":
             return self.setup.method.predict(ep, self.setup.pool)
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed seeds the CUDA generators too (LoRA's dropout runs there): fork them with the CPU's
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
             torch.manual_seed(seed)
             theta = task_theta(self.setup, ep)
             if mode == "full":
@@ -111,7 +117,19 @@ class Evaluator:
 
     def accuracy(self, ep, mode: str, lr: float | None, seed: int) -> float:
         logits = self.logits(ep, mode, lr, seed)
-        return float((logits.argmax(-1) == ep.query_labels).double().mean())
+        return float((logits.argmax(-1) == ep.query_labels.to(logits.device)).double().mean())
+
+
+def _device_of(setup) -> torch.device:
+    """Where a loaded method computes (its frozen backbone's tensors)."""
+    return setup.fb.theta_pre.device
+
+
+def _episode_to(ep, dev: torch.device):
+    from dataclasses import replace
+
+    return replace(ep, support=ep.support.to(dev), query=ep.query.to(dev),
+                   support_labels=ep.support_labels.to(dev), query_labels=ep.query_labels.to(dev))
 
 
 def _world() -> tuple[int, int]:

@@ -15,6 +15,7 @@ bad config or data, 1 for a run that failed (a rank or the SLURM job).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from omegaconf import DictConfig
 
 from smat_dist.config.hydra import ConfigError, compose, config_dir, hydra_message, to_config
 from smat_dist.config.schema import Config, LauncherName
+from smat_dist.config.sense import run_warnings
 from smat_dist.launch.env import DEFAULT_RANK_FN, LaunchError, RankFnSpec
-from smat_dist.train.run_folder import check, prepare_run_dir, resumed_config
+from smat_dist.train.resume_check import check_resume
+from smat_dist.train.run_folder import check, prepare_run_dir, resumed_config, unused
 from smat_dist.utils.log import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -39,6 +42,7 @@ def final_config(composed: Config, overrides: list[str]) -> tuple[Config, bool]:
     if composed.resume:
         run_dir = str(Path(composed.resume).resolve())
         cfg = resumed_config(run_dir, composed, overrides)
+        check_resume(run_dir, cfg)   # on this host, before the run folder changes or any rank/job starts
         cfg.run_dir = run_dir
         return cfg, True
     return composed, False
@@ -55,20 +59,26 @@ def run(dcfg: DictConfig, rank_fn: RankFnSpec = DEFAULT_RANK_FN) -> dict:
     run_dir = cfg.run_dir if resuming else str(Path(hc.runtime.output_dir).resolve())  # run_dir, sweep folder or new
     cfg.run_dir = run_dir
     check(cfg, data=rank_fn == DEFAULT_RANK_FN)   # another rank function (a test's) may read no data
+    fresh = not resuming and unused(run_dir)
     prepare_run_dir(cfg, run_dir, resuming)
     log.info("run folder %s (%s launcher)", run_dir, cfg.launcher.name)
     if cfg.launcher.name == LauncherName.local:
         from smat_dist.launch.local import launch_local
 
-        out = launch_local(cfg, run_dir, rank_fn, progress=True)
+        out = launch_local(cfg, run_dir, rank_fn, progress=True, restarts=cfg.launcher.max_failures)
     else:
         from smat_dist.launch import slurm
 
-        job = slurm.submit(cfg, run_dir, rank_fn)
+        try:
+            job = slurm.submit(cfg, run_dir, rank_fn)
+        except LaunchError:
+            if fresh:   # nothing ran: leave no run folder that holds only this command's config
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         if sweep:   # one job per point: submit them all, do not wait for each in turn
             out = {"status": "submitted", "job_id": job.job_id, "log": str(job.paths.stderr).replace("%t", "0")}
         else:
-            out = slurm.wait(job, total=cfg.train.tasks)
+            out = slurm.wait(job, total=cfg.train.tasks, run_dir=run_dir)
     out = {"run_dir": run_dir, **{k: v for k, v in out.items() if k != "ranks"}}
     print(json.dumps(out, default=str), flush=True)
     return out
@@ -124,6 +134,8 @@ def preflight(argv: list[str], data: bool = True) -> None:
             check(cfg, data=data)
         except ConfigError as e:
             raise ConfigError(f"{e} (sweep point {' '.join(point)})" if multirun else str(e)) from None
+        for warning in run_warnings(cfg, data=data):   # after the checks: a refusal stays one line
+            log.warning("%s%s", warning, f" (sweep point {' '.join(point)})" if multirun else "")
 
 
 def fail(message: str, code: int = 2) -> None:

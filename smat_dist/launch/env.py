@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 from smat_dist.config.schema import Config, LauncherConfig
+from smat_dist.utils.malloc import set_mmap_threshold
 
 RankFn = Callable[[Config, str, Callable[[], bool]], dict]
 RankFnSpec = Union[str, RankFn]   # "package.module:function" or the function itself
@@ -25,10 +26,11 @@ class LaunchError(RuntimeError):
     """A rank or a job failed. `log_path` is the log the user should read first."""
 
     def __init__(self, message: str, log_path: str | None = None, rank: int | None = None,
-                 job_id: str | None = None):
+                 job_id: str | None = None, failure: dict | None = None):
         full = message + (f"\n  log: {log_path}" if log_path else "")
         super().__init__(full)
-        self.log_path, self.rank, self.job_id = log_path, rank, job_id
+        # failure: launch/failure.py's summary of the attempt (cause, victims, task), before the retry decision
+        self.log_path, self.rank, self.job_id, self.failure = log_path, rank, job_id, failure
 
 
 def resolve_rank_fn(spec: RankFnSpec) -> RankFn:
@@ -75,11 +77,6 @@ class StopFlag:
         for s in signums:
             signal.signal(s, self._handler)
         return self
-
-
-# error text of a rank that failed only because a peer went away (a victim, not the cause)
-PEER_ERRORS = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "DistBackendError",
-               "DistNetworkError")
 
 
 def export_slurm_env() -> dict[str, str]:
@@ -152,10 +149,14 @@ def apply_rank_math(lc: LauncherConfig, auto_threads: int) -> str:
 
     n = int(env["OMP_NUM_THREADS"])
     torch.set_num_threads(n)
+    fixed = set_mmap_threshold(lc.malloc_mmap_threshold)
     caps = {k: os.environ[k] for k in PORTABLE_MATH_ENV if k in os.environ}
     line = (f"rank math: {n} intra-op thread(s) (launcher.threads={lc.threads}), portable_math={lc.portable_math}, "
             f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
             + (f", {' '.join(f'{k}={v}' for k, v in caps.items())}" if caps else ""))
+    if lc.malloc_mmap_threshold:
+        line += (f", malloc mmap threshold {lc.malloc_mmap_threshold} B" if fixed
+                 else ", launcher.malloc_mmap_threshold not applied (no glibc mallopt)")
     if replaced:
         line += f"; replaced from the environment: {' '.join(replaced)}"
     if late:

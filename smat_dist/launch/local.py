@@ -3,9 +3,12 @@
 Each rank is a spawned process with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set and its
 stdout+stderr in `<run_dir>/logs/rank<r>.log`; with `progress=True` rank 0's training progress is shown on
 this console (launch/relay.py). Ctrl-C / SIGTERM is turned into the trainer's stop flag (checkpoint at the
-next step boundary, then exit); a second Ctrl-C stops at once. When a rank fails the others are stopped and
-LaunchError names the rank that failed first, its error line (or how it died: a signal, a possible OOM
-kill) and its log.
+next step boundary, then exit); a second Ctrl-C stops at once. When a rank fails, ranks still alive
+`launcher.kill_grace_s` later are SIGKILLed (a rank blocked in a collective never reads a stop flag), the
+cause is named (launch/failure.py: the first rank to fail, its error or signal, its host and task; the others
+as victims) on the console and in `<run_dir>/failure.json`, and with `restarts` > 0 the ranks are started
+again (they resume from `latest`) unless the failure cannot be helped by a rerun. LaunchError names the cause
+and its log.
 """
 from __future__ import annotations
 
@@ -18,16 +21,15 @@ import traceback
 from pathlib import Path
 
 from smat_dist.config.schema import Config
+from smat_dist.launch import failure
 from smat_dist.launch.env import (
     DEFAULT_RANK_FN,
-    PEER_ERRORS,
     LaunchError,
     RankFnSpec,
     StopFlag,
     apply_rank_math,
     describe_exit,
     free_port,
-    last_error_line,
     rank_env,
     resolve_rank_fn,
     tail,
@@ -35,10 +37,6 @@ from smat_dist.launch.env import (
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
-
-# after the first rank fails, give the others this long to notice (their collectives error out) before
-# they are terminated; a rank blocked in a collective would otherwise hang forever
-FAILURE_GRACE_S = 20.0
 
 
 def _rank_main(rank: int, world: int, port: int, cfg: Config, run_dir: str, rank_fn: RankFnSpec,
@@ -65,22 +63,58 @@ def _rank_main(rank: int, world: int, port: int, cfg: Config, run_dir: str, rank
         tb = traceback.format_exc()
         log.error("rank failed:\n%s", tb)
         with open(result_path + ".tmp", "wb") as f:
-            pickle.dump({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb}, f)
+            pickle.dump({**failure.rank_outcome(rank, e, tb), "traceback": tb}, f)
         os.replace(result_path + ".tmp", result_path)
         os._exit(1)
     os.replace(result_path + ".tmp", result_path)
 
 
+def _check_devices(cfg: Config, nproc: int) -> None:
+    """One GPU per local rank under NCCL, refused before any rank starts (not an 'invalid device ordinal')."""
+    from smat_dist.utils.device import DeviceError, check_local_ranks
+
+    backend = str(getattr(cfg.dist.backend, "value", cfg.dist.backend) or "nccl")
+    if backend == "nccl":
+        try:
+            check_local_ranks(nproc)
+        except DeviceError as e:
+            raise LaunchError(str(e)) from None
+
+
 def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_FN, nproc: int | None = None,
-                 progress: bool = False, progress_label: str = "train") -> dict:
+                 progress: bool = False, progress_label: str = "train", restarts: int = 0) -> dict:
     """Run `nproc` (default `cfg.launcher.nproc`) ranks of `rank_fn`; return rank 0's result dict
-    with `"ranks": [every rank's result]` added. Raises LaunchError if any rank fails. `progress`: show rank 0's
-    training progress (the trainer's `tasks N/M` lines) on this console."""
+    with `"ranks": [every rank's result]` added. Raises LaunchError if any rank fails and the failure is not
+    retried. `progress`: show rank 0's training progress (the trainer's `tasks N/M` lines) on this console.
+    `restarts`: how many failed attempts may be started again (smat-train: launcher.max_failures); the rank
+    function must resume from the run folder by itself, as the trainer does."""
     nproc = nproc or cfg.launcher.nproc
     if nproc < 1:
         raise LaunchError(f"launcher.nproc={nproc}: need at least 1 rank")
+    _check_devices(cfg, nproc)
     if isinstance(rank_fn, str):
         resolve_rank_fn(rank_fn)  # fail here, not in every child, on a bad import path
+    while True:
+        try:
+            return _attempt(cfg, run_dir, rank_fn, nproc, progress, progress_label)
+        except LaunchError as e:
+            f = e.failure
+            if f is None:
+                raise
+            f = failure.record_failure(run_dir, f, restarts)
+            if not f["retry"]:
+                where = Path(run_dir) / failure.FAILURE_JSON
+                raise LaunchError(f"{f['message']}{_others(f)}; {f['why']} (details in {where})",
+                                  log_path=e.log_path, rank=e.rank) from None
+            log.warning("%s; %s", f["message"], f["why"])
+
+
+def _others(f: dict) -> str:
+    v = [str(x["rank"]) for x in f["victims"]]
+    return f" (ranks {', '.join(v)} failed too)" if v else ""
+
+
+def _attempt(cfg: Config, run_dir: str, rank_fn: RankFnSpec, nproc: int, progress: bool, progress_label: str) -> dict:
     logs = Path(run_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -103,15 +137,16 @@ def launch_local(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_F
         procs.append(p)
         paths.append((log_path, result_path))
     log.info("launched %d rank(s) of %s; logs in %s", nproc, getattr(rank_fn, "__name__", rank_fn), logs)
+    grace = cfg.launcher.kill_grace_s
     if relay is None:
-        return _supervise(procs, paths)
+        return _supervise(procs, paths, grace)
     with relay:
-        return _supervise(procs, paths)
+        return _supervise(procs, paths, grace)
 
 
-def _supervise(procs: list, paths: list[tuple[str, str]]) -> dict:
+def _supervise(procs: list, paths: list[tuple[str, str]], grace_s: float) -> dict:
     interrupted = []
-    stopped: set[int] = set()   # ranks this launcher terminated or killed: victims, not causes
+    stopped: set[int] = set()   # ranks this launcher killed after another had failed (or on a second Ctrl-C)
 
     def on_signal(signum, frame):
         # forward Ctrl-C / TERM to the ranks as a stop request (they checkpoint and exit);
@@ -133,56 +168,43 @@ def _supervise(procs: list, paths: list[tuple[str, str]]) -> dict:
             for r, p in enumerate(procs):
                 if first_failure is None and p.exitcode not in (None, 0):
                     first_failure, failed_at = r, time.monotonic()
-                    log.error("rank %d %s; stopping the other ranks", r, describe_exit(p.exitcode))
-            if first_failure is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+                    log.error("rank %d %s; ranks still running in %.0f s are killed", r, describe_exit(p.exitcode),
+                              grace_s)
+            if first_failure is not None and time.monotonic() - failed_at > grace_s:
+                # SIGKILL, not a stop request: a rank blocked in a collective (or stopped) never reads its flag
                 for r, p in enumerate(procs):
                     if p.is_alive():
                         stopped.add(r)
-                        p.terminate()
-            time.sleep(0.2)
+                        p.kill()
+            time.sleep(0.1)
         for p in procs:
             p.join()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return _collect(procs, paths, first_failure, stopped)
-
-
-def _is_peer_error(outcome: dict) -> bool:
-    text = outcome.get("error", "") + last_error_line(outcome.get("traceback", ""))
-    return any(p in text for p in PEER_ERRORS)
+    return _collect(procs, paths, first_failure, stopped, interrupted=bool(interrupted))
 
 
 def _collect(procs: list, paths: list[tuple[str, str]], first_failure: int | None,
-             stopped: set[int] = frozenset()) -> dict:
+             stopped: set[int] = frozenset(), interrupted: bool = False) -> dict:
     outcomes = []
-    for (log_path, result_path), p in zip(paths, procs):
+    why_killed = "a second Ctrl-C" if interrupted else "launcher.kill_grace_s"
+    for r, ((log_path, result_path), p) in enumerate(zip(paths, procs)):
         if os.path.exists(result_path):
             with open(result_path, "rb") as f:
                 outcomes.append(pickle.load(f))
-            outcomes[-1]["at"] = os.stat(result_path).st_mtime_ns
-        elif len(outcomes) in stopped:   # terminated by this launcher after another rank failed
-            outcomes.append({"ok": False, "error": f"rank process {describe_exit(p.exitcode)} (stopped by the "
-                             f"launcher)", "traceback": "", "victim": True})
-        else:  # killed (the OOM killer, kill -9, a native crash) before it could report: it is the cause
-            outcomes.append({"ok": False, "died": True, "error": describe_exit(p.exitcode),
+            outcomes[-1].setdefault("at", os.stat(result_path).st_mtime)
+        else:  # killed (by the OOM killer, kill -9, a native crash, or this launcher) before it could report
+            outcomes.append({"ok": False, "died": r not in stopped, "stopped": r in stopped,
+                             "error": (f"was killed by the launcher ({why_killed})" if r in stopped
+                                       else describe_exit(p.exitcode)), "host": failure.host(),
                              "traceback": tail(log_path)})
-    bad = [r for r, o in enumerate(outcomes) if not o["ok"]]
-    if bad:
-        # report the rank that failed first: a rank that died without reporting (it was killed) before one
-        # that raised; among those, the first one seen dead, else the first error written (exit codes can be
-        # seen in any order within one poll); a rank whose error is "the peer went away" is a victim
-        def order(b: int):
-            o = outcomes[b]
-            return (not o.get("died", False), b != first_failure if o.get("died") else False, o.get("victim", False),
-                    _is_peer_error(o), o.get("at", float("inf")), b)
-        r = min(bad, key=order)
-        o = outcomes[r]
-        others = f" (ranks {', '.join(map(str, [b for b in bad if b != r]))} failed too)" if len(bad) > 1 else ""
-        if o.get("died"):
-            raise LaunchError(f"rank {r} of {len(procs)} {o['error']}{others}", log_path=paths[r][0], rank=r)
-        detail = last_error_line(o.get("traceback", "")) or o["error"]
-        raise LaunchError(f"rank {r} of {len(procs)} failed: {detail}{others}", log_path=paths[r][0], rank=r)
+        outcomes[-1]["rank"] = r
+    if any(not o["ok"] for o in outcomes):
+        cause = failure.pick_cause(outcomes, first_failure)
+        summary = None if interrupted else failure.summarize(outcomes, cause)   # the user's stop is not retried
+        raise LaunchError(f"rank {cause} of {len(procs)} {failure.describe(outcomes[cause])}",
+                          log_path=paths[cause][0], rank=cause, failure=summary)
     result = dict(outcomes[0]["result"] or {})
     result["ranks"] = [o["result"] for o in outcomes]
     return result

@@ -20,11 +20,19 @@ from smat_dist.utils.progress import Progress
 
 log = get_logger(__name__)
 
-# the trainer's line (smat_dist.train.metrics, formerly smat_dist.train.trainer); its own rate / eta are dropped
-# (the relay computes them from what it sees, which is right for a resumed run too)
-PROGRESS = re.compile(r"smat_dist\.train\.\w+: tasks (\d+)/(\d+)\s*(.*?)(?:\s+[\d.naif]+ tasks/s.*)?\s*$")
+# the trainer's line (smat_dist.train.metrics, formerly smat_dist.train.trainer). Its own rate (tasks since this
+# attempt started, timed where they ran) is shown: a rate the relay timed itself would count from when it read
+# the lines, and the resume line and the first steps after it often arrive in one read (thousands of tasks/s)
+PROGRESS = re.compile(r"smat_dist\.train\.\w+: tasks (\d+)/(\d+)\s*(.*?)(?:\s+([\d.eE+naif-]+) tasks/s.*)?\s*$")
 RESUMED = re.compile(r"resumed from .* at (\d+) tasks")
 RELAYED = ("validation at", "resumed from")
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 class LogRelay:
@@ -94,8 +102,9 @@ class LogRelay:
         m = PROGRESS.search(line)
         if m:
             done, total, extra = int(m.group(1)), int(m.group(2)), m.group(3).strip()
+            rate = _number(m.group(4))
             if self.progress is not None:
-                self.progress.update_to(done, total, extra=extra)
+                self.progress.update_to(done, total, extra=extra, rate=rate)
             self.seen += 1
             return
         r = RESUMED.search(line)

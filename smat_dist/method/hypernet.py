@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from smat_dist.config.schema import HypernetConfig
+from smat_dist.utils.device import fp32_region
 
 
 class _Block(nn.Module):
@@ -54,6 +55,8 @@ class HyperNetwork(nn.Module):
         nn.init.kaiming_normal_(self.keys)
         # Global count of training tasks seen: drives the temperature and is saved with the model.
         self.register_buffer("tasks_seen", torch.zeros((), dtype=torch.long))
+        self._seen_host: int | None = None
+        self.register_load_state_dict_pre_hook(self._host_count_from_state)
         self.block.eval()
 
     def train(self, mode: bool = True) -> "HyperNetwork":
@@ -75,8 +78,27 @@ class HyperNetwork(nn.Module):
                     p._power_method(p._reshape_weight_to_matrix(plist["weight"].original), p.n_power_iterations)
 
     def temperature(self, tasks: int | None = None) -> float:
-        n = int(self.tasks_seen) if tasks is None else tasks
+        n = self.seen() if tasks is None else tasks
         return max(self.cfg.t_min, self.cfg.t_start - n / self.cfg.t_decay)
+
+    def seen(self) -> int:
+        """Tasks seen, from a host mirror of the `tasks_seen` buffer: reading the buffer itself is a device sync,
+        and the temperature is needed in every task. The mirror is read from the buffer once after a load."""
+        if self._seen_host is None:
+            self._seen_host = int(self.tasks_seen)
+        return self._seen_host
+
+    @torch.no_grad()
+    def advance(self, tasks: int) -> None:
+        """Count `tasks` more tasks (the buffer, which the checkpoint holds, and its host mirror)."""
+        seen = self.seen()
+        self.tasks_seen += tasks
+        self._seen_host = seen + tasks
+
+    def _host_count_from_state(self, _module, state_dict, prefix, *_) -> None:
+        """A load sets the host mirror from the incoming (host) state: no read of the device buffer at all."""
+        value = state_dict.get(prefix + "tasks_seen")
+        self._seen_host = int(value) if isinstance(value, torch.Tensor) and value.device.type == "cpu" else None
 
     def logits(self, protos: torch.Tensor) -> torch.Tensor:
         c = protos.shape[0]
@@ -88,13 +110,16 @@ class HyperNetwork(nn.Module):
         """Returns (w [M], logits a [M])."""
         a = self.logits(protos)
         t = self.temperature() if temperature is None else temperature
-        if train:
-            g = torch.Generator().manual_seed(int(task_seed or 0) & 0x7FFFFFFFFFFF)
-            u = torch.rand(a.shape, generator=g).clamp(1e-6, 1 - 1e-6).to(a)
-            s = torch.sigmoid((a + torch.log(u) - torch.log1p(-u)) / t)  # RelaxedBernoulli(t, a).rsample()
-        else:
-            s = torch.sigmoid(a / t)
-        w = s / (s.sum() + 1e-8) if self.experts > 1 else torch.ones_like(s)
+        with fp32_region():   # u near 1 rounds to 1 in bf16 and log1p(-u) is -inf: the noise and w stay fp32
+            a = a.float()
+            if train:
+                # the task's noise from its own generator on the logits' device: no host copy inside a task
+                g = torch.Generator(device=a.device).manual_seed(int(task_seed or 0) & 0x7FFFFFFFFFFF)
+                u = torch.rand(a.shape, generator=g, device=a.device).clamp(1e-6, 1 - 1e-6)
+                s = torch.sigmoid((a + torch.log(u) - torch.log1p(-u)) / t)  # RelaxedBernoulli(t, a).rsample()
+            else:
+                s = torch.sigmoid(a / t)
+            w = s / (s.sum() + 1e-8) if self.experts > 1 else torch.ones_like(s)
         return w, a
 
     def regulariser(self, a: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from smat_dist.utils.device import fp32_math
+
 from smat_dist.method.pool import ExpertPool
 
 
@@ -25,6 +27,7 @@ class _LocalMerge(torch.autograd.Function):
         return merger.pool.expand(merger.zw(w.detach().unsqueeze(0))[0]) * delta
 
     @staticmethod
+    @fp32_math
     def backward(ctx, g):
         merger: LocalMerger = ctx.merger
         pool = merger.pool
@@ -43,6 +46,11 @@ class LocalMerger:
     def __init__(self, pool: ExpertPool, padded: int):
         self.pool, self.padded = pool, padded
         self.lean = bool(pool.cfg.lean)
+        # method.sparsity.release_masks: the deterministic gate recomputes bitwise the same z (noisy gates
+        # would draw again; structured z is small)
+        self.release = (bool(getattr(pool.cfg, "release_masks", False)) and not self.lean
+                        and pool.cfg.noise_eps == 0 and not pool.structured)
+        self._released = False
         self.frozen = bool(getattr(pool, "frozen", False))   # fixed mask pattern: no mask gradient at all
         self._z: torch.Tensor | None = None
         self._active = False
@@ -55,9 +63,13 @@ class LocalMerger:
         Returns z [rows, M], or None for a lean pool (recomputed chunk by chunk where used)."""
         self._train, self._active = train, True
         self._factors = []
+        self._released = False
         if self.lean:
             z = None
             self.stats = self.pool.masks_inplace(train=train, clamp=True, with_stats=True, store=False)[1]
+        elif train and self.release:
+            # its own buffer, freed when released (a buffer kept across steps would keep it resident)
+            z, self.stats = self.pool.masks_inplace(train=True, clamp=True, with_stats=True)
         elif train:
             # The training masks live in a buffer kept across steps: the step ends with end_step.
             z, self.stats = self.pool.masks_inplace(train=True, out=self.pool._persistent("_z_buf"), clamp=True,
@@ -69,15 +81,34 @@ class LocalMerger:
 
     @property
     def z(self) -> torch.Tensor:
+        if self._z is None and self._released:
+            self._recompute()
         assert self._z is not None, "begin_step() first (a lean pool keeps no z: use zw / tz_zw)"
         return self._z
 
     @torch.no_grad()
+    def _recompute(self) -> None:
+        """The released masks again: the same gate on the logits begin_step clamped, so the same bits. Without
+        fused kernels that is the gate alone (no second clamp, no statistics); the fused kernel computes z
+        within its clamp-gate-statistics pass, so it is called as begin_step called it (statistics dropped)."""
+        fused = bool(self.pool.cfg.compile)
+        out = self.pool.masks_inplace(train=True, clamp=fused, with_stats=fused)
+        self._z = out[0] if fused else out
+        self._released = False
+
+    def _release(self) -> None:
+        if self.release and self._train and self._z is not None:
+            self._z, self._released = None, True
+
+    @torch.no_grad()
     def zw(self, W: torch.Tensor) -> torch.Tensor:
-        """W @ z^T: [K, M] -> [K, rows] (each task's merged mask over the gate rows)."""
+        """W @ z^T: [K, M] -> [K, rows] (each task's merged mask over the gate rows). In training with
+        release_masks the masks are dropped after it: the task's forward passes run without them."""
         assert self._active, "begin_step() first"
-        if self._z is not None:
-            return W @ self._z.t()
+        if not self.lean:
+            out = W @ self.z.t()
+            self._release()
+            return out
         pool = self.pool
         out = W.new_empty(W.shape[0], pool.log_alpha.shape[0])
         for a, b in pool._rows():
@@ -86,9 +117,11 @@ class LocalMerger:
 
     @torch.no_grad()
     def tz_zw(self, U: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U @ z, W @ z^T) for U [K, rows], W [K', M]: one pass over the masks for both."""
-        if self._z is not None:
-            return U @ self._z, W @ self._z.t()
+        """(U @ z, W @ z^T) for U [K, rows], W [K', M]: one pass over the masks for both (released masks are
+        recomputed here, in the merge's backward, and kept until the next merge or the step's end)."""
+        if not self.lean:
+            z = self.z
+            return U @ z, W @ z.t()
         pool = self.pool
         uz = U.new_zeros(U.shape[0], pool.experts)
         wz = W.new_empty(W.shape[0], pool.log_alpha.shape[0])
@@ -128,6 +161,6 @@ class LocalMerger:
             if self.lean:
                 sq = self.pool.defer_mask_grad_(self.mask_grad(), penalty_coef)
             else:
-                sq = self.pool.apply_mask_grad_(self._z, self.mask_grad(), penalty_coef, train=True)
-        self._z, self._factors, self._active = None, [], False
+                sq = self.pool.apply_mask_grad_(self.z, self.mask_grad(), penalty_coef, train=True)
+        self._z, self._factors, self._active, self._released = None, [], False, False
         return sq

@@ -47,8 +47,8 @@ class FusedPoolPasses:
         return tuple(t[:rows] for t in buf[1])
 
     def _persistent(self, name: str) -> torch.Tensor:
-        """An [rows, M] buffer kept across steps (masks, mask gradient): allocating 1.4 GB afresh every step
-        costs its page faults again every step."""
+        """An [rows, M] buffer kept across steps (the masks, then the logits' gradient written over them by
+        `apply_mask_grad_`): allocating 1.4 GB afresh every step costs its page faults again every step."""
         t = getattr(self, name, None)
         la = self.log_alpha
         if t is None or t.shape != la.shape or t.device != la.device or t.dtype != la.dtype:
@@ -155,7 +155,8 @@ class FusedPoolPasses:
     def apply_mask_grad_(self, z: torch.Tensor, g_z, penalty_coef: torch.Tensor | None,
                          train: bool = True) -> torch.Tensor | None:
         """log_alpha.grad += the masks' gradient pushed through the gate + the penalty's, chunk by chunk
-        (`_grad_chunk`; a factored g_z is never materialised, each chunk is formed in cache). Returns the
+        (`_grad_chunk`; a factored g_z is never materialised, each chunk is formed in cache). Where the logits
+        have no gradient yet, it is written over `z` (consumed: the caller must not read it after). Returns the
         squared norm of the result over this slice's rows (unstructured pools; None for structured ones, whose
         shared rows are summed over ranks afterwards), so the optimiser's clip needs no extra pass."""
         la = self.log_alpha
@@ -164,16 +165,18 @@ class FusedPoolPasses:
         grad = la.grad
         fresh = grad is None
         if fresh:
-            grad = self._persistent("_grad_buf")
+            # The gradient overwrites the masks, chunk by chunk once each chunk's z has been read: z is dead
+            # after this pass, so the step holds two [rows, M] arrays (logits, masks-then-gradient), not three.
+            grad = z
         w_c, c, coef = self._grad_pass(g_z, penalty_coef, train)
         sq = torch.zeros((), dtype=torch.float64, device=la.device)
         for a, b in self._rows():
             gr = grad[a:b]
             f1, f2, f3, _ = self._scratch(b - a)
-            # a fresh gradient is written in place (no copy pass); otherwise added to what is there
-            self._grad_chunk(a, b, z[a:b] if g_z is not None else None, g_z, w_c, c, coef,
-                             gr if fresh else f1, f2, f3)
-            if not fresh:
+            self._grad_chunk(a, b, z[a:b] if g_z is not None else None, g_z, w_c, c, coef, f1, f2, f3)
+            if fresh:
+                gr.copy_(f1)
+            else:
                 gr.add_(f1)
                 if b > self.n_valid:
                     gr[max(0, self.n_valid - a):] = 0.0

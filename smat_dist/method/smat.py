@@ -92,6 +92,7 @@ class SMAT(nn.Module):
                 # First order: the step's gradient is a constant; the prototypes keep their own gradient path.
                 theta1 = theta1 - cfg.inner_lr * g_theta
                 p1 = p1 - cfg.inner_lr * g_head
+                del g_theta   # P numbers that would otherwise live through the teacher and the outer backward
                 m["loss/support_ce"] = ce_s.detach()
         tc = cfg.teacher
         teach = train and tc.enabled

@@ -27,10 +27,12 @@ import torch
 
 from smat_dist.config.schema import MethodConfig
 from smat_dist.method.controller import LagrangeController
+from smat_dist.method.mask_diagnostics import clip_scale, mask_diagnostics
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.optim import PoolOptimizer
 from smat_dist.method.patterns import top_magnitude
 from smat_dist.method.pool import ExpertPool
+from smat_dist.utils.device import fp32_math
 from smat_dist.utils.spans import span
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -62,8 +64,11 @@ class SparsePool:
         # part of the replicated state, so a resumed run neither repeats nor skips the switch
         self.masks_fixed = self.pattern == "random"
         self.switch_tasks = float(sp.pattern_share) * cfg.total_tasks
+        # logging.mask_diagnostics (set by the trainer): what limits mask learning, logged per step (read-only)
+        self.diagnose = False
 
     # ---- the step ----
+    @fp32_math
     def begin_step(self, train: bool = True) -> None:
         self._train = train
         if (train and self.pattern == "magnitude" and not self.masks_fixed
@@ -88,14 +93,19 @@ class SparsePool:
         """The share of zeros a fixed pattern holds now (tau; 0 for the magnitude pattern before its switch)."""
         return float(self.cfg.sparsity.target) if self.masks_fixed else 0.0
 
+    @fp32_math
     def merge(self, w: torch.Tensor) -> torch.Tensor:
-        """The task's merged delta over the whole (padded) flat space, differentiable w.r.t. w and the pool."""
-        return self.merger.merge(w)
+        """The task's merged delta over the whole (padded) flat space, differentiable w.r.t. w and the pool.
+        fp32 whatever autocast the task runs under: the merge, its collectives and its backward are the
+        pool's sums (a bf16 W @ z^T would round every merged mask and the all-reduced gradients of w)."""
+        return self.merger.merge(w.float())
 
+    @fp32_math
     def end_eval(self) -> None:
         """Close an evaluation pass (begin_step(train=False)): drops the step's masks."""
         self.merger.end_step()
 
+    @fp32_math
     def end_step(self, w_sum: torch.Tensor, n_tasks: int, lr_factor: float, update: bool = True
                  ) -> dict[str, float]:
         """Finish a training step over this rank's `n_tasks` tasks (w_sum: their merging weights summed)."""
@@ -103,8 +113,15 @@ class SparsePool:
             metrics, coef = self.sparsity_terms(w_sum, n_tasks, lr_factor, update)
         with span("mask_backward"):
             sq = self.merger.end_step(coef)
+        diag = {}
+        if self.diagnose:
+            with span("mask_diagnostics"):   # before the step: the gradient the clip is about to scale
+                diag = mask_diagnostics(self.store, coef, self.reduce)
         with span("optimisers"):
             metrics.update(self.optimizer.step(lr_factor, self.reduce, grad_sq=sq))
+        if diag:
+            diag["mask/clip_scale"] = clip_scale(metrics.get("grad_norm/log_alpha"), self.cfg.sparsity.mask_clip)
+        metrics.update(diag)
         return metrics
 
     def sparsity_terms(self, w_sum: torch.Tensor, n_tasks: int, lr_factor: float, update: bool = True

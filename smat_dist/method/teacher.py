@@ -2,8 +2,10 @@
 top blocks only (`method.teacher.top_fraction` < 1).
 
 The teacher is one SGD step on the task's query loss: theta_t = theta' - lr * g_t, with g_t the gradient of
-CE(Q) at theta'. The default path writes theta_t over g_t's own buffer, so the teacher costs one P-vector on
-the compute device. The blockwise path never holds theta_t whole on the device:
+CE(Q) at theta'. The default path takes g_t per parameter tensor (the views the student's query pass ran with,
+kept by a `Tap(None)`: no concatenated P-vector at the step's peak) and writes theta_t over those gradient
+tensors, so the teacher costs one P-vector on the compute device. The blockwise path never holds theta_t whole
+on the device:
 
   * `park(g_t)` moves the teacher gradient to host memory when the backbone runs on an accelerator (pinned
     and copied asynchronously on CUDA); on CPU it stays where it is, as the host is the compute device;
@@ -20,7 +22,7 @@ step adapts only the top blocks (a share of `block_units`, rounded up), the laye
 head. Its gradient is a backward through the student's query graph that stops at the first adapted block
 (autograd runs only the nodes that lead to the requested tensors), and its evaluation re-runs the query pass
 from that block's input, which the student's pass kept (`Tap`). The teacher then costs 3 x fraction query
-passes instead of 3, which is what brings a SMAT task under 2x a P>M>F step (figures in the README).
+passes instead of 3, which is what brings a SMAT task under 2x a P>M>F step (figures in docs/differences.md).
 Pure torch: no DeepSpeed or torch.distributed here.
 """
 from __future__ import annotations
@@ -216,17 +218,23 @@ class DenseTeacher:
             self.layout = top_layout(fb, cfg.top_fraction)
 
     def tap(self) -> Tap | None:
-        """What the student's query pass must keep for this teacher (None: nothing)."""
-        return Tap(self.layout.unit) if self.layout is not None else None
+        """What the student's query pass must keep for this teacher: the top teacher's unit input and views;
+        the in-place teacher's views (its gradient is taken per tensor); the blockwise teacher nothing."""
+        if self.layout is not None:
+            return Tap(self.layout.unit)
+        return None if self.cfg.blockwise else Tap(None)
 
     def gradient(self, ce_q: torch.Tensor, theta1: torch.Tensor, p1: torch.Tensor, tap: Tap | None):
         """The teacher's step direction: (gradient of CE(Q) w.r.t. theta' or the top tensors, w.r.t. p').
         A backward through the student's query graph, which is kept for the outer backward."""
-        if self.layout is None:
+        if self.layout is None and tap is None:     # blockwise: one flat gradient, parked on the host
             return tuple(torch.autograd.grad(ce_q, [theta1, p1], retain_graph=True))
         if tap is None or tap.params is None:
             raise RuntimeError(f"{TOP_KEY}: the student's query pass ran without the teacher's tap")
-        views = [tap.params[n] for n in self.layout.names]
+        # Per tensor, not w.r.t. theta': the flat gradient would be formed by concatenating the per-tensor ones,
+        # P numbers more at the step's peak (the whole student graph is alive here).
+        names = self.layout.names if self.layout is not None else [i.name for i in self.fb.space.infos]
+        views = [tap.params[n] for n in names]
         *g, g_head = torch.autograd.grad(ce_q, views + [p1], retain_graph=True)
         return g, g_head
 
@@ -236,17 +244,19 @@ class DenseTeacher:
         """The teacher's query logits; consumes (overwrites) the gradient buffers."""
         g, g_head = grads
         lr, fb = self.cfg.lr, self.fb
-        if self.layout is not None:
+        if tap is not None:
+            # The teacher's tensors overwrite their own gradients (the in-place teacher: the same elementwise
+            # g * -lr + theta' as on the flat vector, so the same bits; the top teacher: its top tensors).
             params = {n: t.detach() for n, t in tap.params.items()}
-            for name, gi in zip(self.layout.names, g):
+            names = self.layout.names if self.layout is not None else [i.name for i in fb.space.infos]
+            for name, gi in zip(names, g):
                 params[name] = gi.mul_(-lr).add_(params[name])
-            feats = fb.run_from(params, xq, self.layout.unit, tap.activation.detach())
-        elif self.cfg.blockwise:
-            # Never whole on the device: g waits on the host (on an accelerator; on CPU it stays put), each
-            # block's teacher weights are formed just before it runs.
-            feats = teacher_features(fb, theta1, park(g), lr, xq)
+            if self.layout is not None:
+                feats = fb.run_from(params, xq, self.layout.unit, tap.activation.detach())
+            else:
+                feats = fb(params, xq)
         else:
-            # The teacher's weights overwrite its own gradient buffer: its dense copy costs no memory beyond
-            # the gradient it needs anyway (P numbers, this rank's own task only).
-            feats = fb(g.mul_(-lr).add_(theta1.detach()), xq)
+            # The blockwise teacher, never whole on the device: g waits on the host (on an accelerator; on CPU
+            # it stays put), each block's teacher weights are formed just before it runs (the same bits).
+            feats = teacher_features(fb, theta1, park(g), lr, xq)
         return cosine_logits(feats, p1.detach() - lr * g_head, self.logit_scale)

@@ -158,9 +158,10 @@ def _forwards_replaced(units: list[tuple[str, nn.Module]], make: Callable):
 class Tap:
     """Asks `FunctionalBackbone.__call__` to keep what a later partial re-run of the same forward needs:
     the parameter views it ran with (`params`, full names, buffers included) and the input of one unit
-    of `block_units` (`activation`, with its graph). See `FunctionalBackbone.run_from`."""
+    of `block_units` (`activation`, with its graph). See `FunctionalBackbone.run_from`. With `unit=None`
+    only the views are kept (a gradient taken per tensor, never gathered into one vector)."""
 
-    def __init__(self, unit: str):
+    def __init__(self, unit: str | None):
         self.unit = unit
         self.params: dict[str, torch.Tensor] | None = None
         self.activation: torch.Tensor | None = None
@@ -174,6 +175,7 @@ class FunctionalBackbone:
         self.space = FlatSpace.from_module(model, pad_to=pad_to)
         self.buffers = dict(model.named_buffers())
         self.theta_pre = self.space.flatten({n: p.detach() for n, p in model.named_parameters()})
+        self._tie()
         with torch.no_grad():
             dummy = torch.zeros(1, 3, *input_hw(self.model))
             out = self.model(dummy)
@@ -183,19 +185,34 @@ class FunctionalBackbone:
                              f"token, avg or map)")
         self.feature_dim = int(out.shape[-1])
 
+    def _tie(self) -> None:
+        """The module's frozen weights become views into theta_pre, so the backbone is held once, not twice
+        (the module's own tensors and the flat copy: 1.2 GB per rank at ViT-L). The functional forward never
+        reads them; the module's own forward (probes, LoRA's deep copy) sees the same values."""
+        views = self.space.unflatten(self.theta_pre)
+        for name, p in self.model.named_parameters():
+            v = views[name]
+            if p.dtype == v.dtype and p.device == v.device:
+                p.data = v
+
     def to(self, device: torch.device) -> "FunctionalBackbone":
-        self.model.to(device)
-        self.buffers = dict(self.model.named_buffers())
         self.theta_pre = self.theta_pre.to(device)
+        self.model.to(device)
+        self._tie()
+        self.buffers = dict(self.model.named_buffers())
         return self
 
 
-    def __call__(self, theta: torch.Tensor, x: torch.Tensor, tap: "Tap | None" = None) -> torch.Tensor:
-        params = self.space.unflatten(theta)
+    def __call__(self, theta: torch.Tensor | dict[str, torch.Tensor], x: torch.Tensor, tap: "Tap | None" = None
+                 ) -> torch.Tensor:
+        """Features of `x` under theta: the flat vector, or one tensor per parameter name (buffers added here)."""
+        params = dict(theta) if isinstance(theta, dict) else self.space.unflatten(theta)
         params.update(self.buffers)
         if tap is None:
             return torch.func.functional_call(self.model, params, (x,))
         tap.params, tap.activation = params, None
+        if tap.unit is None:
+            return torch.func.functional_call(self.model, params, (x,))
 
         def keep_input(_module, args):
             if tap.activation is None:    # checkpoint_blocks re-enters the unit: keep the outer call's input

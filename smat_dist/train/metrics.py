@@ -43,12 +43,12 @@ class MetricsLogger:
             from smat_dist.train import wandb_run
 
             wandb_run.log(m, tasks)
-        if self._tasks0 is None:
+        if self._tasks0 is None:   # this process's first step: the rate counts from this start (a resume) only
             self._tasks0, self._t0 = tasks - per_step, time.perf_counter() - m["step_s"]
         if step % max(1, self.cfg.train.log_every) == 0 or tasks >= self.total:
             rate = (tasks - self._tasks0) / max(1e-9, time.perf_counter() - self._t0)
             eta = (self.total - tasks) / rate if rate > 0 else float("nan")
-            log.info("tasks %d/%d loss %.4f acc %.3f %.2f tasks/s eta %s", tasks, self.total,
+            log.info("tasks %d/%d loss %.4f acc %.3f %.3g tasks/s eta %s", tasks, self.total,
                      m.get("loss/task", float("nan")), m.get("acc/query", float("nan")), rate, _eta(eta))
 
     def close(self) -> None:

@@ -8,6 +8,8 @@ config of `resume=RUN_DIR`.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -77,9 +79,17 @@ def prepare_run_dir(cfg: Config, run_dir: str, resuming: bool) -> None:
         raise ConfigError(f"run_dir={run_dir} already holds a run with a different {CONFIG_FILE}: "
                           f"continue it with resume={run_dir}, or choose another run_dir")
     d.mkdir(parents=True, exist_ok=True)
-    if path.is_file() and path.read_text() != text:
-        path.rename(d / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    path.write_text(text)
+    tmp = d / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(text)
+    if path.is_file() and path.read_text() != text:   # the previous config is kept beside the new one
+        shutil.copy2(path, d / f"config.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    os.replace(tmp, path)   # last and atomic: config.yaml is always one whole config, the old or the new
+
+
+def unused(run_dir: str) -> bool:
+    """Whether `run_dir` holds nothing of a run yet: absent, or only Hydra's `.hydra/` record of this command."""
+    d = Path(run_dir)
+    return not d.exists() or all(p.name == ".hydra" for p in d.iterdir())
 
 
 def check(cfg: Config, data: bool = True) -> None:
@@ -95,6 +105,7 @@ def check(cfg: Config, data: bool = True) -> None:
 def check_data(cfg: Config) -> None:
     """Each data.sources entry's train split (and val split when validating) can give the configured episodes:
     one line naming the source, the split, and the class or count at fault (the rank's own sampler rules)."""
+    from smat_dist.data.remote import RemotePolicy
     from smat_dist.data.sampler import EpisodeSampler, SamplerConfig
     from smat_dist.data.spec import SpecError, load_spec
 
@@ -108,10 +119,14 @@ def check_data(cfg: Config) -> None:
     for i, src in enumerate(d.sources):
         where = f"data.sources[{i}]={src}"
         try:
-            spec = load_spec(src)
+            spec = load_spec(src, RemotePolicy.of(d))
         except (SpecError, OSError) as e:
             raise ConfigError(f"{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         for split in splits:
+            if split == "train" and not spec.splits.get("train"):
+                raise ConfigError(f"{where}: split 'train' has no class, a dataset to evaluate on, not to train on "
+                                  "(smat-convert imagefolder without --splits puts every class in test): name it in "
+                                  "data.eval_sources, or convert it with --splits train=0.7,val=0.15,test=0.15")
             if split == "val" and not spec.splits.get("val"):
                 raise ConfigError(f"{where}: split 'val' has no class, but train.val_every_tasks="
                                   f"{cfg.train.val_every_tasks} validates on it (set train.val_every_tasks=0)")

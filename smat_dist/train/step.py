@@ -6,6 +6,8 @@ DeepSpeed engine behind smat_dist.distributed).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from smat_dist.method.optim import HyperOptimizer, lr_factor
@@ -33,13 +35,29 @@ class _TaskMetrics:
         for key, v in res.metrics.items():
             self.sums[key] = self.sums.get(key, 0.0) + v
 
-    def check_finite(self) -> None:
-        ok = torch.stack(self.finite).tolist()        # the step's one sync for the check
-        if all(ok):
+    def check_finite(self, comm=None) -> None:
+        """Raise NonFiniteLoss on every rank if any rank's task was non-finite. With `comm` (R ranks) the
+        flags are all-gathered first: a rank that raised alone would leave the others waiting in the next
+        collective until the process-group timeout. Ranks hold the same number of tasks (train.tasks_per_rank),
+        rank r's j-th task being global task first(r) + j."""
+        ok = torch.stack(self.finite).float()
+        rank = 0
+        if comm is not None and comm.world > 1:
+            ok, rank = comm.all_gather(ok), comm.rank
+        flags = ok.reshape(-1, len(self.finite)).tolist()   # the step's one sync for the check
+        bad = [(r, j) for r, row in enumerate(flags) for j, v in enumerate(row) if not v]
+        if not bad:
             return
-        index, ep = self.tasks[ok.index(False)]
-        raise NonFiniteLoss(f"non-finite loss at task {index} (source {getattr(ep, 'source', '?')}, "
-                            f"episode {getattr(ep, 'index', '?')}); the step's summed terms: {self.result(1)}")
+        r, j = bad[0]
+        k = len(self.finite)
+        index = self.tasks[0][0] + (r - rank) * k + j
+        if r == rank:
+            ep = self.tasks[j][1]
+            where = f"rank {r}, source {getattr(ep, 'source', '?')}, episode {getattr(ep, 'index', '?')}"
+            raise NonFiniteLoss(f"non-finite loss at task {index} ({where}); the step's summed terms: "
+                                f"{self.result(1)}")
+        raise NonFiniteLoss(f"non-finite loss at task {index} (rank {r}: its log names the source and episode); "
+                            f"every rank stops at this step")
 
     def result(self, k: int) -> dict[str, float]:
         keys = list(self.sums)
@@ -48,8 +66,13 @@ class _TaskMetrics:
 
 
 def smat_step(method: SMAT, pool: SparsePool, hyper: HyperOptimizer, episodes, first_index: int,
-              tasks_seen: int) -> dict[str, float]:
-    """Train on `episodes` (this rank's tasks, global indices first_index..); returns averaged metrics."""
+              tasks_seen: int, autocast=None, comm=None) -> dict[str, float]:
+    """Train on `episodes` (this rank's tasks, global indices first_index..); returns averaged metrics.
+
+    `autocast` (bf16 on GPU) covers each task's forward only: backward runs outside it, so the gradients
+    follow the dtypes their forward chose, and the pool's entry points turn autocast off for its own math.
+    `comm`: the ranks that must agree on a non-finite loss (device flags: the trainer's step Comm)."""
+    autocast = autocast or contextlib.nullcontext()
     cfg = method.cfg
     factor = lr_factor(tasks_seen, cfg)
     k = len(episodes)
@@ -58,34 +81,37 @@ def smat_step(method: SMAT, pool: SparsePool, hyper: HyperOptimizer, episodes, f
     w_sum = torch.zeros(cfg.experts, device=pool.store.log_alpha.device)
     acc = _TaskMetrics()
     for j, ep in enumerate(episodes):
-        res = method.task(ep, pool, first_index + j, train=True)
+        with autocast:
+            res = method.task(ep, pool, first_index + j, train=True)
         acc.add(res, ep, first_index + j)
         with span("outer_backward"):
             hyper.backward(res.loss, k)
-        w_sum += res.w
-    acc.check_finite()
+        w_sum += res.w.detach()
+    acc.check_finite(comm)
     out = acc.result(k)
     out.update(pool.end_step(w_sum, k, factor))
     with span("optimisers"):
         out.update(hyper.step(factor))
         hyper.with_full_params(method.hypernet.power_iteration_)
-    with torch.no_grad():
-        method.hypernet.tasks_seen += k * pool.world
+    method.hypernet.advance(k * pool.world)
     out["temperature"] = method.hypernet.temperature()
     out["lr_factor"] = factor
     return out
 
 
-def dense_step(method, hyper: HyperOptimizer, episodes, first_index: int, tasks_seen: int) -> dict[str, float]:
-    """P>M>F: dense meta-tuning step."""
+def dense_step(method, hyper: HyperOptimizer, episodes, first_index: int, tasks_seen: int,
+               autocast=None, comm=None) -> dict[str, float]:
+    """P>M>F: dense meta-tuning step (autocast around each task's forward, and `comm`, as smat_step)."""
+    autocast = autocast or contextlib.nullcontext()
     factor = lr_factor(tasks_seen, method.cfg)
     k = len(episodes)
     acc = _TaskMetrics()
     for j, ep in enumerate(episodes):
-        res = method.task(ep, None, first_index + j, train=True)
+        with autocast:
+            res = method.task(ep, None, first_index + j, train=True)
         acc.add(res, ep, first_index + j)
         hyper.backward(res.loss, k)
-    acc.check_finite()
+    acc.check_finite(comm)
     out = acc.result(k)
     out.update(hyper.step(factor))
     out["lr_factor"] = factor

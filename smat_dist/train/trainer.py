@@ -20,7 +20,9 @@ from smat_dist.data.episodes import EpisodeStream, episode_config
 from smat_dist.distributed.build import build
 from smat_dist.distributed.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
 from smat_dist.distributed.comm import Comm
-from smat_dist.distributed.engine import DeepSpeedPart, device, init_distributed, universal_checkpoint
+from smat_dist.distributed.engine import (DeepSpeedPart, control_group, device, init_distributed,
+                                          universal_checkpoint)
+from smat_dist.distributed.timeouts import shorten_after_first_step
 from smat_dist.train.metrics import MetricsLogger
 from smat_dist.train.state import RngState, TrainState
 from smat_dist.train.step import NonFiniteLoss, dense_step, smat_step
@@ -48,8 +50,6 @@ def _peak_mem() -> int:
 
 
 def _to(ep, dev: torch.device):
-    if dev.type == "cpu":
-        return ep
     return dataclasses.replace(ep, support=ep.support.to(dev, non_blocking=True),
                                query=ep.query.to(dev, non_blocking=True),
                                support_labels=ep.support_labels.to(dev), query_labels=ep.query_labels.to(dev))
@@ -64,27 +64,34 @@ class Trainer:
             raise ValueError(f"method.name={cfg.method.name!r} has nothing to meta-train "
                              "(use smat-eval for 'pretrained')")
         self.dev = device()
-        self.comm = Comm()          # counts the pool's collectives (the benchmark's bytes per task)
-        self.log_comm = Comm()      # metrics and control traffic, counted apart
+        # Three views of the process group: the pool's merge traffic (device tensors, counted: the benchmark's
+        # bytes per task); the step's small device reductions (sparsity counts, clip norms); and host-side
+        # control (stop flags, metrics, checkpoint agreement), which under NCCL has its own gloo group.
+        self.comm = Comm(device_bound=True)
+        self.step_comm = Comm(device_bound=True)
+        self.log_comm = Comm(group=control_group())
         self.k = cfg.train.tasks_per_rank
         universal = None
         if resume_from is not None and read_manifest(resume_from)["world_size"] != world and cfg.dist.zero_stage > 0:
             # ZeRO partitions the replicated optimiser state by world size: re-partition it through DeepSpeed's
             # universal checkpoint (the pool is re-sliced by our own loader).
             universal = universal_checkpoint(resume_from, run_dir / ".universal" / resume_from.name, self.log_comm)
-        self.setup = build(cfg.model, cfg.method, seed=cfg.train.seed, comm=self.comm, control=self.log_comm,
+        self.setup = build(cfg.model, cfg.method, seed=cfg.train.seed, comm=self.comm, control=self.step_comm,
                            merge=str(getattr(cfg.dist.pool, "value", cfg.dist.pool)), hyper="deepspeed",
                            dist_cfg=cfg.dist, tasks_per_rank=self.k, universal=universal is not None, device=self.dev)
         self.method, self.pool, self.hyper = self.setup.method, self.setup.pool, self.setup.hyper
+        if self.pool is not None:
+            self.pool.diagnose = bool(cfg.logging.mask_diagnostics)
         self.autocast = autocast_for(self.dev, cfg.dist.precision)
         self.state = TrainState()
         self.checkpointer = Checkpointer(run_dir / "checkpoints", self.log_comm, keep=cfg.checkpoint.keep,
-                                         async_save=cfg.checkpoint.async_save)
+                                         async_save=cfg.checkpoint.async_save, keep_every=cfg.checkpoint.keep_every)
         if resume_from is not None:
             manifest = self.checkpointer.load(resume_from, self.parts(), expect=self.identity(), universal=universal)
             log.info("resumed from %s at %d tasks (written by %d ranks)", resume_from, manifest["tasks"],
                      manifest["world_size"])
         self.last_saved = self.state.tasks if resume_from is not None else None
+        self.tasks_at_start = self.state.tasks   # the first step of this attempt ends the long start-up timeout
 
     def identity(self) -> dict:
         return {"method": self.cfg.method.name, "backbone": self.cfg.model.name,
@@ -99,10 +106,11 @@ class Trainer:
 
     def train_step(self, episodes) -> dict:
         first = self.state.cursor + self.rank * self.k
-        with self.autocast:
-            if self.pool is not None:
-                return smat_step(self.method, self.pool, self.hyper, episodes, first, self.state.tasks)
-            return dense_step(self.method, self.hyper, episodes, first, self.state.tasks)
+        if self.pool is not None:
+            return smat_step(self.method, self.pool, self.hyper, episodes, first, self.state.tasks, self.autocast,
+                             comm=self.step_comm)
+        return dense_step(self.method, self.hyper, episodes, first, self.state.tasks, self.autocast,
+                          comm=self.step_comm)
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -193,6 +201,8 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
                 log.error("%s; stopping. The last good checkpoint stays 'latest' in %s", e, run_dir / "checkpoints")
                 raise
             dt = time.perf_counter() - t0
+            if st.tasks == tr.tasks_at_start:
+                shorten_after_first_step(cfg.dist, *[g for g in (control_group(),) if g is not None])
             st.tasks += per_step
             st.cursor += per_step
             m = metrics.average(m)
@@ -208,6 +218,9 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
         if st.tasks != tr.last_saved:
             tr.save()
         tr.close()
+    except BaseException as e:
+        e.smat_tasks = st.tasks   # where it failed, for the launcher's failure record (launch/failure.py)
+        raise
     finally:
         metrics.close()
         stream.close()

@@ -6,6 +6,7 @@ print everything twice, while warnings and errors from any rank are always shown
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 _CONFIGURED = False
@@ -14,7 +15,13 @@ _CONFIGURED = False
 def _rank() -> int:
     from smat_dist.utils.ranks import rank_world
 
-    return rank_world()[0]
+    rank = rank_world()[0]
+    if rank == 0 and "RANK" not in os.environ:
+        # a SLURM task before the launcher exported RANK (its first lines): SLURM's own task id is its rank
+        procid = os.environ.get("SLURM_PROCID", "")
+        if procid.isdigit():
+            return int(procid)
+    return rank
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -75,6 +75,7 @@ class Progress:
         self.t0 = time.monotonic()
         self.last_line = float("-inf")
         self.extra = ""
+        self.rate: float | None = None   # a rate measured where the work runs (LogRelay), else timed here
         self._bar = None
         self._redirect = contextlib.ExitStack()
         if bar is None:
@@ -98,13 +99,17 @@ class Progress:
 
     def line(self) -> str:
         rate, left = eta(self.done, self.total, time.monotonic() - self.t0, self.start)
+        if self.rate is not None and self.rate > 0:
+            rate, left = self.rate, max(0, self.total - self.done) / self.rate
         pct = 100.0 * self.done / self.total if self.total else 100.0
         rate_s = f"{rate:.3g} {self.units}/s" if rate == rate else f"? {self.units}/s"
         text = (f"{self.desc}: {self.done}/{self.total} {self.units} ({pct:.0f}%), {rate_s}, "
                 f"ETA {fmt_duration(left) if self.done < self.total else '0s'}")
         return text + (f" | {self.extra}" if self.extra else "")
 
-    def update_to(self, done: int, total: int | None = None, extra: str = "") -> None:
+    def update_to(self, done: int, total: int | None = None, extra: str = "", rate: float | None = None) -> None:
+        """Progress at `done`; `rate`: units/s measured by whoever did the work (shown instead of this timer's)."""
+        self.rate = rate
         if total is not None and total != self.total:
             self.total = int(total)
             if self._bar is not None:

@@ -1,5 +1,5 @@
 """The CPU math of the ranks the local launcher starts comes from the config, not from the machine (issue 16,
-README "Reproducibility"): launcher.threads fixes every rank's intra-op thread count whatever os.cpu_count()
+docs/demo.md "Reproducibility"): launcher.threads fixes every rank's intra-op thread count whatever os.cpu_count()
 and the shell's OMP_NUM_THREADS say, and launcher.portable_math caps ATen / oneDNN / MKL to their portable
 kernels. Before, each rank ran cpu_count // nproc threads (1 here, 8 on a 16-core machine), and the thread
 count changes how reductions split: a different final pool in the last bits, then in the masks."""

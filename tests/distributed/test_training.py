@@ -72,6 +72,7 @@ def one_rank_run(data_dir, tmp_path_factory):
 def _with_val(cfg):
     cfg.train.val_every_tasks = 4
     cfg.data.val_episodes = 3
+    cfg.logging.mask_diagnostics = True    # read-only: also checked to be the same on 2 ranks as on 1
     return cfg
 
 
@@ -92,6 +93,11 @@ def test_two_ranks_equal_one_rank_on_the_same_tasks(two_rank_run, one_rank_run):
     for key in ("loss/query_ce", "loss/kd_dense", "loss/kd_pretrained", "loss/sparsity_penalty", "sparsity/expert0",
                 "temperature", "tasks_per_s", "peak_mem_bytes", "episode/ways"):
         assert key in m[-1], key
+    # the mask diagnostics are global sums over the slices: the same on 2 ranks as on 1 (rounding apart)
+    m1 = [json.loads(x) for x in (d1 / "metrics.jsonl").read_text().splitlines()]
+    for key in ("mask/penalty_grad_norm", "mask/task_grad_norm", "mask/at_clamp_low", "mask/at_clamp_high",
+                "mask/clip_scale"):
+        assert [r[key] for r in m] == pytest.approx([r[key] for r in m1], rel=1e-3, abs=1e-6), key
 
 
 def test_exact_resume_two_ranks(data_dir, two_rank_run, tmp_path):

@@ -63,7 +63,7 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
     report = Path(json.loads(r.stdout.strip().splitlines()[-1])["report"])
     assert report == out / "report.md" and report.is_file()
     # progress was shown per phase and per training step
-    for phase in ("data", "smat", "pmf", "eval", "figures"):
+    for phase in ("data", "smat", "pmf", "eval", "figures", "export"):
         assert f"== phase {phase}" in r.stderr
     assert "smat: 4/4 tasks" in r.stderr and "pmf: 4/4 tasks" in r.stderr
 
@@ -93,8 +93,11 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
     for fig in ("capacity.png", "mask_overlap.png", "expert_dendrogram.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
         assert f"figures/{fig}" in text
+    # the SMAT run exported, and smat-predict's contact sheet on one ID test episode in the report
+    assert (out / "export" / "smat" / "manifest.json").is_file()
+    assert (out / "predict" / "contact_sheet.png").stat().st_size > 1000 and "predict/contact_sheet.png" in text
     timings = json.loads((out / "timings.json").read_text())
-    assert set(timings) == {"data", "smat", "pmf", "eval", "figures"}
+    assert set(timings) == {"data", "smat", "pmf", "eval", "figures", "export"}
     assert all(t["status"] == "ran" for t in timings.values())
 
     # a rerun finds every phase done: nothing is converted, trained or evaluated again
@@ -105,6 +108,26 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
     assert "already trained" in r2.stderr and "launched" not in r2.stderr
     assert seconds < 60
     _check_sweep(out, tree)
+    _check_curve(out, tree)
+
+
+def _check_curve(out: Path, tree: Path) -> None:
+    """smat-demo --quick --curve on the finished demo: both runs kept their checkpoints at 2 and 4 tasks; each is
+    evaluated on the eval phase's episodes on 2 ranks, and the last point is the eval phase's own result."""
+    r, _ = _demo(out, "--extra-ood", str(tree), "--curve")
+    assert r.returncode == 0, f"smat-demo --curve failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    assert "== phase curve" in r.stderr
+    curve = json.loads((out / "curve" / "curve.json").read_text())
+    assert [p["tasks"] for p in curve["points"]] == [2, 4]
+    last = json.loads((out / "curve" / "points" / "tasks-000000004" / "episodes.json").read_text())
+    base = json.loads((out / "eval" / "episodes.json").read_text())
+    for m in ("smat", "pmf"):     # the same checkpoint on the same episodes: the same numbers
+        assert last[m]["zeroshot"] == base[m]["zeroshot"], m
+    assert curve["pretrained"]["ood"] == json.loads((out / "eval" / "results.json").read_text())[
+        "results"]["pretrained"]["zeroshot"]["ood_avg"]
+    assert all(0.0 <= p["masks"]["kept_from_init"] <= 1.0 for p in curve["points"])
+    assert "## Accuracy over meta-training" in (out / "report.md").read_text()
+    assert (out / "curve" / "curve.png").stat().st_size > 10_000
 
 
 def _check_sweep(out: Path, tree: Path) -> None:

@@ -128,6 +128,9 @@ def test_failed_job_reports_error_and_log_path(slurm_cluster, tmp_path):
     assert f"SLURM job {job.job_id} failed" in msg and "ValueError: toy failure at task 2 on rank 1" in msg
     log = Path(e.value.log_path)
     assert log.is_file() and f"log: {log}" in msg and "toy failure" in log.read_text()
+    # requeued once by the job's teardown, then recognised as the same failure and not retried
+    history = [json.loads(x) for x in (run / "failures.jsonl").read_text().splitlines()]
+    assert [h["retry"] for h in history] == [True, False] and "same way at the same task" in msg
 
 
 # ---- the multi-node path: the dev cluster has two slurmd (smat-node1, smat-node2, slurm/devcluster.sh) ----

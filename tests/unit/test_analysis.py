@@ -152,3 +152,16 @@ def test_cli_rejects_a_folder_that_is_neither(tmp_path, capsys):
 def test_dendrogram_needs_two_domains(tmp_path):
     with pytest.raises(ValueError, match="at least two domains"):
         figures.plot_dendrogram({"a": np.ones(4) / 4}, tmp_path / "d.png")
+
+
+def test_curve_refuses_what_is_not_a_pair_of_runs(tmp_path, capsys):
+    """--curve on a folder that is not a training run, or with a bad --points, fails in one line naming it."""
+    from smat_dist.analysis.curve import parse_points
+
+    assert analyze_main([str(tmp_path), "--curve"]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    assert analyze_main([str(tmp_path), "eval.episodes=3"]) == 2
+    assert "for --curve only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--points '160,x'"):
+        parse_points("160,x")
+    assert parse_points("160, 320") == [160, 320] and parse_points(None) is None

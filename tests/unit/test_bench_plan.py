@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from smat_dist.bench.cli import main
 from smat_dist.bench.plan import backbone_shape, hypernet_params, parse_kv, plan, sent_bytes_per_task
@@ -91,3 +92,41 @@ def test_top_teacher_plan_counts_the_tensors_the_teacher_adapts(name, kw):
     assert parse_kv(["teacher_top_fraction=0.25"]) == {"teacher_top_fraction": 0.25}
     with pytest.raises(ValueError, match="choose one"):
         plan(name, teacher_top_fraction=0.25, teacher_blockwise=True, **common)
+
+
+def test_plan_activations_follow_precision_and_block_checkpointing_and_match_real_saved_tensors():
+    """The activations are what autograd keeps (counted on meta); bf16 halves them, checkpointed blocks keep
+    only the blocks' inputs; P>M>F is planned beside SMAT; the buffers outside the sums are stated."""
+    from smat_dist.bench.plan import backbone_shape, saved_activations
+    from smat_dist.bench.step import model_config
+    from smat_dist.model.backbone import build_backbone
+
+    kw = dict(model="vit_tiny_patch16_224", experts=4, image_size=32, patch_size=8, kwargs={"depth": 2})
+    full, bf16, ckpt = plan(**kw), plan(**kw, precision="bf16"), plan(**kw, checkpoint_blocks=True)
+    a = full["memory_bytes"]["activations_per_image"]
+    assert bf16["memory_bytes"]["activations_per_image"] == a // 2 and bf16["precision"] == "bf16"
+    assert ckpt["memory_bytes"]["activations_per_image"] < a / 3
+    assert full["peak_bytes"]["pmf"] < full["peak_bytes"]["sharded"]
+    assert full["eval_masks_bytes"] == full["memory_bytes"]["pool_masks"]
+    # the meta count against the storages a real CPU forward saves (within 20%: views the meta device cannot
+    # tell apart are counted twice there)
+    mc = model_config("vit_tiny_patch16_224", 32, 8)
+    mc.kwargs = {**mc.kwargs, "depth": 2}
+    model = build_backbone(mc)
+    for p in model.parameters():
+        p.requires_grad_(True)      # the meta count's setting: a graph through every layer
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in weights:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(1, 3, 32, 32))
+    real = sum(seen.values())
+    assert real <= backbone_shape(mc)["saved_bytes_per_image"] <= 1.2 * real
+    assert saved_activations(model.to("meta"), (32, 32))["saved_bytes_per_image"] == backbone_shape(mc)[
+        "saved_bytes_per_image"]

@@ -81,4 +81,9 @@ def test_bench_row_has_every_field():
     # CPU peak memory, each contender measured in its own process
     peaks = row["peak_rss_over_base_bytes"]
     assert peaks["pmf"] > 0 and peaks["smat"] > 0
-    assert row["smat_over_pmf_peak_mem"] == pytest.approx(peaks["smat"] / peaks["pmf"])
+    assert row["smat_peak_over_pmf"] == pytest.approx(peaks["smat"] / peaks["pmf"])
+    # the planner beside the measurement (its accuracy is measured at real sizes: docs/design.md)
+    for key in ("smat", "pmf"):
+        assert row[f"plan_peak_over_measured_{key}"] == pytest.approx(row["plan_peak_bytes"][key] / peaks[key])
+    assert row["smat_over_floor"] == pytest.approx(row["smat_over_pmf"] / (78 / 36))
+    assert row["smat_top_over_floor"] == pytest.approx(row["smat_top_over_pmf"] / (69 / 36))

@@ -96,7 +96,7 @@ def test_slurm_executor_parameters_carry_every_launcher_field():
     assert p == {"name": "n", "nodes": 2, "tasks_per_node": 4, "cpus_per_task": 8, "mem_gb": 64.0,
                  "timeout_min": 120, "slurm_signal_delay_s": 90, "gpus_per_node": 4, "slurm_partition": "p",
                  "slurm_account": "acc", "slurm_qos": "high", "slurm_constraint": "a100",
-                 "slurm_additional_parameters": {"requeue": True}}
+                 "slurm_additional_parameters": {"requeue": True}, "slurm_srun_args": ["--kill-on-bad-exit=1"]}
 
 
 def test_stop_flag_only_records_the_signal():

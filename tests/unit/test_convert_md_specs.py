@@ -203,8 +203,11 @@ def test_pmf_h5_takes_the_hierarchical_spec(tmp_path):
     md.write_spec(tmp_path / "h5", spec)
     for label in range(md.n_classes(spec)):
         with h5py.File(tmp_path / "h5" / f"{label}.h5", "w") as f:
-            for j in range(md.count_of(label)):
-                f.create_group(str(j)).create_dataset("image", data=np.full((6, 5, 3), label, dtype=np.uint8))
+            for j in range(md.count_of(label)):  # P>M>F's groups: image, label, id
+                g = f.create_group(str(j))
+                g.create_dataset("image", data=np.full((6, 5, 3), label, dtype=np.uint8))
+                g.create_dataset("label", data=np.array(label))
+                g.create_dataset("id", data=np.array(j))
     assert main(["pmf_h5", "--input", str(tmp_path / "h5"), "--output", str(tmp_path / "o")]) == 0
     got = written(tmp_path / "o")
     assert [c["name"] for c in got["classes"]] == [wn for wn, _ in md.class_order(md.ILSVRC_3_SPLITS)]

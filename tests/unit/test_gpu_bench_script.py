@@ -43,3 +43,12 @@ def test_gpu_bench_script_ends_within_its_budget(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert "step skipped: the script's budget is spent" in res.stdout
     assert "plan skipped" in res.stdout and not (out / "step.jsonl").exists()
+
+
+def test_gpu_bench_script_fails_when_a_part_fails(tmp_path):
+    """A part that exits non-zero (here: no Python that can run it) fails the whole script, naming the part."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path / "out"), PY="/bin/false")
+    res = subprocess.run(["bash", "scripts/gpu_bench.sh"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and "gpu_bench: failed parts:" in res.stderr and " step" in res.stderr

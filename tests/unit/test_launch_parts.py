@@ -25,7 +25,17 @@ def test_describe_exit():
     assert describe_exit(3) == "exited with code 3"
 
 
-def test_plain_srun_gets_master_addr_and_port(monkeypatch):
+@pytest.fixture
+def restored_environ():
+    """export_slurm_env writes os.environ itself: the whole environment is restored after the test
+    (monkeypatch.delenv of a key it did not set would restore the exported value and leak RANK=3 onwards)."""
+    from unittest import mock
+
+    with mock.patch.dict(os.environ):
+        yield
+
+
+def test_plain_srun_gets_master_addr_and_port(restored_environ, monkeypatch):   # restored last
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
@@ -146,6 +156,11 @@ def test_slurm_wait_relays_task0_progress(tmp_path, caplog):
 
         def results(self):
             return [{"status": "done", "tasks": 6}, {"status": "done", "tasks": 6}]
+
+        class watcher:   # sacct's state once every task's result is there (wait checks it is not requeued)
+            @staticmethod
+            def get_state(job_id, mode="standard"):
+                return "COMPLETED"
 
     with caplog.at_level(logging.INFO):
         out = slurm.wait(FakeJob(), poll_s=0.05, total=6)

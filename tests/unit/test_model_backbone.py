@@ -78,3 +78,21 @@ def test_flatten_unflatten_round_trip_and_layout_signature():
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(ValueError, match="model.name='no_such_net'"):
         build_backbone(ModelConfig(name="no_such_net"))
+
+
+@pytest.mark.parametrize("cfg", [VIT, CNN])
+def test_frozen_backbone_is_held_once(cfg):
+    """The module's weights are views into theta_pre (one copy of the backbone, not two); the module's own
+    forward and the functional one on theta_pre agree, and a deep copy (LoRA's) does not write through."""
+    import copy
+
+    fb = FunctionalBackbone(build_backbone(cfg))
+    base = fb.theta_pre.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == base for p in fb.model.parameters())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(fb.model(x), fb(fb.theta_pre, x), rtol=0, atol=0)
+        before = fb.theta_pre.clone()
+        for p in copy.deepcopy(fb.model).parameters():
+            p.add_(1.0)
+    assert torch.equal(fb.theta_pre, before)

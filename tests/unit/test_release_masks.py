@@ -1,0 +1,44 @@
+"""method.sparsity.release_masks (default): the step's masks are dropped between a task's merge and its backward
+(where the whole student graph is alive) and recomputed for the merge's backward. Same bits as keeping them."""
+from __future__ import annotations
+
+import torch
+
+from smat_dist.config.schema import MethodConfig
+from smat_dist.distributed.build import build_local
+from smat_dist.train.step import smat_step
+from tests.unit.test_method_smat import VIT, episodes  # noqa: F401  (fixture)
+
+
+def _setup(release: bool):
+    cfg = MethodConfig(experts=4, warmup_tasks=0, total_tasks=100)
+    cfg.sparsity.release_masks = release
+    cfg.sparsity.init_std = 2.0      # gates clamped at 0 / 1 and inside: every branch of the gate
+    return build_local(VIT, cfg, seed=0)
+
+
+def test_released_masks_train_bitwise_like_kept_ones(episodes):  # noqa: F811
+    runs = {}
+    for release in (False, True):
+        s = _setup(release)
+        outs = [smat_step(s.method, s.pool, s.hyper, [episodes[i], episodes[i + 1]], 2 * i, 2 * i) for i in range(2)]
+        runs[release] = (s, outs)
+    (a, oa), (b, ob) = runs[False], runs[True]
+    assert oa == ob
+    assert torch.equal(a.pool.store.delta, b.pool.store.delta)
+    assert torch.equal(a.pool.store.log_alpha, b.pool.store.log_alpha)
+    # kept: a buffer across steps; released: none left between steps
+    assert getattr(a.pool.store, "_z_buf", None) is not None and getattr(b.pool.store, "_z_buf", None) is None
+
+
+def test_no_masks_alive_between_the_merge_and_the_backward(episodes):  # noqa: F811
+    s = _setup(True)
+    merger = s.pool.merger
+    s.pool.begin_step(train=True)
+    assert merger._z is not None
+    res = s.method.task(episodes[0], s.pool, 0, train=True)
+    assert merger._z is None                  # the task's forward passes (and the teacher) ran without z
+    res.loss.backward()
+    assert merger._z is not None              # recomputed by the merge's backward, for the gate's backward
+    s.pool.end_step(res.w.detach(), 1, 1.0)
+    assert merger._z is None and s.pool.store.log_alpha.grad is None
