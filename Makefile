@@ -28,7 +28,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup apt-lists slurm
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=20
 
 test-all: setup slurm
 	$(VENV)/bin/python -m pytest -q -m ''

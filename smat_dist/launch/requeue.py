@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from smat_dist.launch import failure
+from smat_dist.launch import failure, job_events
 from smat_dist.utils.log import get_logger, setup_logging
 
 log = get_logger(__name__)
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     f = failure.record_failure(run_dir, failure.summarize(outcomes, cause), max_failures)
     log.error("job %s attempt %s: %s; %s", job, attempt, f["message"], f["why"])
     failure.clear_rank_outcomes(run_dir)
+    job_events.record(run_dir, "failed", message=f["message"], why=f["why"],
+                      requeued_by="smat_dist's teardown" if f["retry"] else None)
     if not f["retry"]:
         return rc
     for p in Path(folder).glob(f"{job}_*_result.pkl"):   # the submitter waits for the requeued attempt

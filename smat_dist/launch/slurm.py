@@ -32,7 +32,7 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError, UncompletedJobError
 
 from smat_dist.config.schema import Config, LauncherConfig
-from smat_dist.launch import failure
+from smat_dist.launch import failure, job_events
 from smat_dist.launch.env import (
     DEFAULT_RANK_FN,
     LaunchError,
@@ -98,6 +98,9 @@ class SlurmTrainTask(submitit.helpers.Checkpointable):
         sig = flag.signal_name
         if sig == "SIGUSR2":
             if restarts >= self.cfg.launcher.max_requeues:
+                if rank == 0:
+                    job_events.record(self.run_dir, "stopped", signal=sig, tasks=result.get("tasks"),
+                                      gave_up=f"launcher.max_requeues={self.cfg.launcher.max_requeues} reached")
                 raise UncompletedJobError(
                     f"job {job_id} stopped by {sig} at task {result.get('tasks')} after {restarts} requeue(s) "
                     f"(launcher.max_requeues={self.cfg.launcher.max_requeues}); its checkpoint is in {self.run_dir}: "
@@ -106,9 +109,13 @@ class SlurmTrainTask(submitit.helpers.Checkpointable):
                 subprocess.check_call(["scontrol", "requeue", job_id], timeout=60)
                 log.warning("job %s: %s at task %s, checkpoint written, requeued (%d of %d)", job_id, sig,
                             result.get("tasks"), restarts + 1, self.cfg.launcher.max_requeues)
+                job_events.record(self.run_dir, "stopped", signal=sig, tasks=result.get("tasks"),
+                                  requeued_by="smat_dist", count=restarts + 1, limit=self.cfg.launcher.max_requeues)
         else:
             log.warning("job %s: %s at task %s, checkpoint written; SLURM requeues or cancels the job", job_id,
                         sig, result.get("tasks"))
+            if rank == 0:
+                job_events.record(self.run_dir, "stopped", signal=sig, tasks=result.get("tasks"))
         # leave without a result pickle, so submitit keeps waiting for the requeued attempt (same as
         # submitit's own checkpoint-and-requeue path)
         sys.stdout.flush()
@@ -186,14 +193,17 @@ def wait(job: submitit.Job, poll_s: float = 5.0, total: int | None = None, run_d
     from smat_dist.launch.relay import LogRelay
 
     last = None
+    events = job_events.EventReader(_run_dir(job, run_dir), job.job_id)
     relay = LogRelay(_task_log(job, 0), total, poll_s=min(poll_s, 2.0)) if total else contextlib.nullcontext()
     with relay:
         while not _finished(job):
             state = job.state
             if state != last:
-                log.info("job %s: %s", job.job_id, state)
+                log.info("job %s: %s", job.job_id, job_events.explain_state(state))
                 last = state
+            _tell(events)
             time.sleep(poll_s)
+    _tell(events)
     try:
         results = job.results()
     except (FailedJobError, UncompletedJobError) as e:
@@ -229,13 +239,26 @@ def _finished(job: submitit.Job) -> bool:
     return not job.watcher.get_state(job.job_id, mode="force").startswith(ACTIVE)
 
 
+def _tell(events: job_events.EventReader) -> None:
+    for rec in events.new():
+        log.warning("%s", job_events.describe(rec))
+
+
+def _run_dir(job: submitit.Job, run_dir: str | None) -> str | None:
+    """The run folder the job trains in: the caller's, else the submitted task's."""
+    if run_dir is None:
+        try:
+            run_dir = getattr(job.submission().function, "run_dir", None)
+        except (OSError, ValueError):   # no submitted pickle (not our job)
+            return None
+    return run_dir
+
+
 def _named_failure(job: submitit.Job, run_dir: str | None) -> tuple[str, int] | None:
     """(message, the cause's task) from <run_dir>/failure.json when this job's teardown wrote it."""
     import json
 
-    if run_dir is None:
-        fn = job.submission().function
-        run_dir = getattr(fn, "run_dir", None)
+    run_dir = _run_dir(job, run_dir)
     p = Path(run_dir) / failure.FAILURE_JSON if run_dir else None
     if p is None or not p.is_file() or p.stat().st_mtime < job.paths.submitted_pickle.stat().st_mtime:
         return None

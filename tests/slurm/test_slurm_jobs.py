@@ -21,6 +21,7 @@ import pytest
 from smat_dist.config.hydra import compose
 from smat_dist.launch.env import LaunchError
 from smat_dist.launch.slurm import submit, wait
+from smat_dist.utils.log import setup_logging
 
 pytestmark = pytest.mark.slurm
 
@@ -100,7 +101,8 @@ def test_two_task_job_trains_to_completion(reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["scontrol_requeue", "timeout_signal"])
-def test_requeued_job_resumes_to_the_same_final_state(reference, rank_fn, tmp_path, how):
+def test_requeued_job_resumes_to_the_same_final_state(reference, rank_fn, tmp_path, how, capsys):
+    setup_logging()
     ref_run, ref_result = reference
     run = tmp_path / "run"
     job = submit(job_config(rank_fn, tmp_path, tasks=30), str(run), rank_fn)
@@ -113,12 +115,21 @@ def test_requeued_job_resumes_to_the_same_final_state(reference, rank_fn, tmp_pa
     logs = (run / "submitit" / f"{job.job_id}_0_log.err").read_text()
     assert "attempt 2" in logs, "the job was not requeued"
     assert ("SIGUSR2" if how == "timeout_signal" else "SIGTERM") in logs
+    # the user waiting on the console is told why the first attempt ended and who requeued it
+    console = capsys.readouterr().err
+    if how == "timeout_signal":
+        assert re.search(rf"job {job.job_id} attempt 1: stopped at task \d+ by SIGUSR2 \(sent by SLURM as the time "
+                         r"limit nears.*checkpoint written; requeued by smat_dist \(1 of \d+\)", console), console
+    else:
+        assert re.search(rf"job {job.job_id} attempt 1: stopped at task \d+ by SIGTERM \(sent by SLURM: preemption, "
+                         r"`scontrol requeue` or `scancel`\); checkpoint written; SLURM requeues", console), console
     if rank_fn == TOY:
         assert 5 <= result["resumed_from"] < 30   # resumed from a checkpoint, not from scratch
     assert final_state(result, run) == final_state(ref_result, ref_run)
 
 
-def test_failed_job_reports_error_and_log_path(slurm_cluster, tmp_path):
+def test_failed_job_reports_error_and_log_path(slurm_cluster, tmp_path, capsys):
+    setup_logging()
     run = tmp_path / "run"
     cfg = job_config(TOY, tmp_path, tasks=10, extra=["+model.kwargs.toy_fail_at=2"])
     job = submit(cfg, str(run), TOY)
@@ -131,6 +142,11 @@ def test_failed_job_reports_error_and_log_path(slurm_cluster, tmp_path):
     # requeued once by the job's teardown, then recognised as the same failure and not retried
     history = [json.loads(x) for x in (run / "failures.jsonl").read_text().splitlines()]
     assert [h["retry"] for h in history] == [True, False] and "same way at the same task" in msg
+    console = capsys.readouterr().err
+    assert re.search(rf"job {job.job_id} attempt 1: failed: rank 1 of 2 .*toy failure at task 2.*; requeued by "
+                     r"smat_dist's teardown \(retry 1 of", console), console
+    assert re.search(rf"job {job.job_id} attempt 2: failed: .*; not requeued \(the previous attempt failed the same "
+                     "way", console), console
 
 
 # ---- the multi-node path: the dev cluster has two slurmd (smat-node1, smat-node2, slurm/devcluster.sh) ----
