@@ -123,10 +123,10 @@ def _attempt(cfg: Config, run_dir: str, rank_fn: RankFnSpec, nproc: int, progres
     procs, paths = [], []
     relay = None
     if progress:
-        from smat_dist.launch.relay import LogRelay
+        from smat_dist.launch.relay import ProgressRelay
 
-        # from the log's current end (a resume appends)
-        relay = LogRelay(logs / "rank0.log", cfg.train.tasks, desc=progress_label)
+        # rank 0's progress records, from the file's current end (a resume appends)
+        relay = ProgressRelay(run_dir, cfg.train.tasks, desc=progress_label)
     for r in range(nproc):
         log_path, result_path = str(logs / f"rank{r}.log"), str(logs / f"rank{r}.result.pkl")
         if os.path.exists(result_path):

@@ -178,15 +178,17 @@ def submit(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_FN) -> 
 
 def wait(job: submitit.Job, poll_s: float = 5.0, total: int | None = None, run_dir: str | None = None) -> dict:
     """Wait for the job (across requeues, the teardown's included), report state changes and, given the run's
-    `total` tasks, rank 0's training progress from task 0's log (done/total, rate, ETA); rank 0's result dict
-    with `"ranks"`. `run_dir` (default: the submitted task's): where the teardown names a failure.
+    `total` tasks, rank 0's training progress from the run folder's progress records (done/total, rate, ETA);
+    rank 0's result dict with `"ranks"`. `run_dir` (default: the submitted task's): where rank 0 records its
+    progress and the teardown names a failure.
 
     Raises LaunchError with the job's error line and its log path when it fails, times out for good or is
     cancelled."""
-    from smat_dist.launch.relay import LogRelay
+    from smat_dist.launch.relay import ProgressRelay
 
     last = None
-    relay = LogRelay(_task_log(job, 0), total, poll_s=min(poll_s, 2.0)) if total else contextlib.nullcontext()
+    records = (run_dir or _submitted_run_dir(job)) if total else None
+    relay = ProgressRelay(records, total, poll_s=min(poll_s, 2.0)) if records else contextlib.nullcontext()
     with relay:
         while not _finished(job):
             state = job.state
@@ -229,13 +231,16 @@ def _finished(job: submitit.Job) -> bool:
     return not job.watcher.get_state(job.job_id, mode="force").startswith(ACTIVE)
 
 
+def _submitted_run_dir(job: submitit.Job) -> str | None:
+    return getattr(job.submission().function, "run_dir", None)
+
+
 def _named_failure(job: submitit.Job, run_dir: str | None) -> tuple[str, int] | None:
     """(message, the cause's task) from <run_dir>/failure.json when this job's teardown wrote it."""
     import json
 
     if run_dir is None:
-        fn = job.submission().function
-        run_dir = getattr(fn, "run_dir", None)
+        run_dir = _submitted_run_dir(job)
     p = Path(run_dir) / failure.FAILURE_JSON if run_dir else None
     if p is None or not p.is_file() or p.stat().st_mtime < job.paths.submitted_pickle.stat().st_mtime:
         return None
