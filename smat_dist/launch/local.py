@@ -1,14 +1,14 @@
 """Local launcher: `launcher.nproc` rank processes on this machine, torchrun-style.
 
 Each rank is a spawned process with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set and its
-stdout+stderr in `<run_dir>/logs/rank<r>.log`; with `progress=True` rank 0's training progress is shown on
-this console (launch/relay.py). Ctrl-C / SIGTERM is turned into the trainer's stop flag (checkpoint at the
-next step boundary, then exit); a second Ctrl-C stops at once. When a rank fails, ranks still alive
-`launcher.kill_grace_s` later are SIGKILLed (a rank blocked in a collective never reads a stop flag), the
-cause is named (launch/failure.py: the first rank to fail, its error or signal, its host and task; the others
-as victims) on the console and in `<run_dir>/failure.json`, and with `restarts` > 0 the ranks are started
-again (they resume from `latest`) unless the failure cannot be helped by a rerun. LaunchError names the cause
-and its log.
+stdout+stderr in `<run_dir>/logs/rank<r>.log`; with `progress=True` rank 0's training progress (its records in
+`<run_dir>/progress.jsonl`) is shown on this console (launch/relay.py). Ctrl-C / SIGTERM is turned into the
+trainer's stop flag (checkpoint at the next step boundary, then exit); a second Ctrl-C stops at once. When a rank
+fails, ranks still alive `launcher.kill_grace_s` later are SIGKILLed (a rank blocked in a collective never reads
+a stop flag), the cause is named (launch/failure.py: the first rank to fail, its error or signal, its host and
+task; the others as victims) on the console and in `<run_dir>/failure.json`, and with `restarts` > 0 the ranks
+are started again (they resume from `latest`) unless the failure cannot be helped by a rerun.
+LaunchError names the cause and its log.
 """
 from __future__ import annotations
 
