@@ -33,6 +33,20 @@ from smat_dist.config.schema import HypernetConfig, ModelConfig
 F32 = 4
 
 
+def model_config(name: str, image_size: int, patch_size: int | None | str = "auto", depth: int | None = None
+                 ) -> ModelConfig:
+    """ModelConfig for the bench: ViTs use patch 12 at 84 px (ModelConfig's default) and their own patch
+    size at other resolutions (`patch_size='auto'`); `depth` truncates a ViT (memory-bound scale points)."""
+    mc = ModelConfig(name=name, image_size=image_size)
+    if patch_size == "auto":
+        mc.patch_size = 12 if image_size == 84 else None
+    else:
+        mc.patch_size = patch_size
+    if depth is not None:
+        mc.kwargs = {**mc.kwargs, "depth": int(depth)}
+    return mc
+
+
 def _meta_model(mc: ModelConfig):
     from smat_dist.model.backbone import build_backbone
 
@@ -186,8 +200,6 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
     precision = precision or ("bf16" if act_bytes == 2 else "fp32")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"plan: precision={precision!r}: expected fp32 or bf16")
-    from smat_dist.bench.step import model_config
-
     if ranks < 1 or experts < 1 or zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"plan: need ranks>=1, experts>=1, zero_stage in 0..3; got {ranks}, {experts}, {zero_stage}")
     mc = model_config(model, image_size, patch_size)

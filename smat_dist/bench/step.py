@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from smat_dist.config.schema import MethodConfig, ModelConfig
+from smat_dist.bench.plan import model_config
+from smat_dist.config.schema import MethodConfig
 from smat_dist.data.episodes import Episode
 from smat_dist.distributed.build import MethodSetup, build_local
 from smat_dist.model.backbone import FunctionalBackbone, block_units
@@ -38,20 +39,6 @@ DEFAULT_MODELS = ("vit_tiny_patch16_224", "efficientnet_lite0")
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def model_config(name: str, image_size: int, patch_size: int | None | str = "auto", depth: int | None = None
-                 ) -> ModelConfig:
-    """ModelConfig for the bench: ViTs use patch 12 at 84 px (ModelConfig's default) and their own patch
-    size at other resolutions (`patch_size='auto'`); `depth` truncates a ViT (memory-bound scale points)."""
-    mc = ModelConfig(name=name, image_size=image_size)
-    if patch_size == "auto":
-        mc.patch_size = 12 if image_size == 84 else None
-    else:
-        mc.patch_size = patch_size
-    if depth is not None:
-        mc.kwargs = {**mc.kwargs, "depth": int(depth)}
-    return mc
 
 
 def synthetic_episode(ways: int = 10, shots: int = 5, queries: int = 10, image_size: int = 84, seed: int = 0,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Callable
 
-from smat_dist.config.schema import (
+from smat_dist.config.choices import (
     Backend,
     ConfigError,
     EpisodeMode,

@@ -36,12 +36,12 @@ class ModuleState:
 
 
 def load_config(ck: Path) -> Config:
-    from smat_dist.config.hydra import load_yaml
+    from smat_dist.train.run_folder import checkpoint_config
 
-    for p in (ck / "config.yaml", ck.parent.parent / "config.yaml"):
-        if p.is_file():
-            return load_yaml(p)
-    raise CheckpointError(f"no config.yaml in {ck} or its run folder")
+    try:
+        return checkpoint_config(ck)
+    except FileNotFoundError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def load_method(path: str, fb=None, comm: Comm | None = None, control: Comm | None = None,

@@ -112,7 +112,7 @@ def export_run(run: str, output: str, step: int | None = None, include_backbone:
     folder `output` (must not exist); returns the manifest written."""
     from safetensors.torch import save_file
 
-    from smat_dist.eval.loading import load_config
+    from smat_dist.train.run_folder import checkpoint_config
 
     t0 = time.perf_counter()
     out = Path(output)
@@ -121,8 +121,11 @@ def export_run(run: str, output: str, step: int | None = None, include_backbone:
     ck = find_checkpoint(run, step)
     try:
         manifest = read_manifest(ck)
-        cfg = load_config(ck)
     except CheckpointError as e:
+        raise L.ExportError(str(e)) from e
+    try:
+        cfg = checkpoint_config(ck)
+    except FileNotFoundError as e:
         raise L.ExportError(str(e)) from e
     kind = "pretrained" if baseline else str(manifest.get("method", cfg.method.name))
     tmp = out.with_name(out.name + ".tmp")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from smat_dist.config.hydra import ConfigError, compose, config_dir, hydra_message, to_config
 from smat_dist.config.schema import Config, LauncherName
-from smat_dist.config.sense import run_warnings
+from smat_dist.launch.sense import run_warnings
 from smat_dist.launch.env import DEFAULT_RANK_FN, LaunchError, RankFnSpec
 from smat_dist.train.resume_check import check_resume
 from smat_dist.train.run_folder import check, prepare_run_dir, resumed_config, unused

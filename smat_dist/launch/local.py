@@ -1,14 +1,14 @@
 """Local launcher: `launcher.nproc` rank processes on this machine, torchrun-style.
 
 Each rank is a spawned process with RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set and its
-stdout+stderr in `<run_dir>/logs/rank<r>.log`; with `progress=True` rank 0's training progress is shown on
-this console (launch/relay.py). Ctrl-C / SIGTERM is turned into the trainer's stop flag (checkpoint at the
-next step boundary, then exit); a second Ctrl-C stops at once. When a rank fails, ranks still alive
-`launcher.kill_grace_s` later are SIGKILLed (a rank blocked in a collective never reads a stop flag), the
-cause is named (launch/failure.py: the first rank to fail, its error or signal, its host and task; the others
-as victims) on the console and in `<run_dir>/failure.json`, and with `restarts` > 0 the ranks are started
-again (they resume from `latest`) unless the failure cannot be helped by a rerun. LaunchError names the cause
-and its log.
+stdout+stderr in `<run_dir>/logs/rank<r>.log`; with `progress=True` rank 0's training progress (its records in
+`<run_dir>/progress.jsonl`) is shown on this console (launch/relay.py). Ctrl-C / SIGTERM is turned into the
+trainer's stop flag (checkpoint at the next step boundary, then exit); a second Ctrl-C stops at once. When a rank
+fails, ranks still alive `launcher.kill_grace_s` later are SIGKILLed (a rank blocked in a collective never reads
+a stop flag), the cause is named (launch/failure.py: the first rank to fail, its error or signal, its host and
+task; the others as victims) on the console and in `<run_dir>/failure.json`, and with `restarts` > 0 the ranks
+are started again (they resume from `latest`) unless the failure cannot be helped by a rerun.
+LaunchError names the cause and its log.
 """
 from __future__ import annotations
 
@@ -123,10 +123,10 @@ def _attempt(cfg: Config, run_dir: str, rank_fn: RankFnSpec, nproc: int, progres
     procs, paths = [], []
     relay = None
     if progress:
-        from smat_dist.launch.relay import LogRelay
+        from smat_dist.launch.relay import ProgressRelay
 
-        # from the log's current end (a resume appends)
-        relay = LogRelay(logs / "rank0.log", cfg.train.tasks, desc=progress_label)
+        # rank 0's progress records, from the file's current end (a resume appends)
+        relay = ProgressRelay(run_dir, cfg.train.tasks, desc=progress_label)
     for r in range(nproc):
         log_path, result_path = str(logs / f"rank{r}.log"), str(logs / f"rank{r}.result.pkl")
         if os.path.exists(result_path):

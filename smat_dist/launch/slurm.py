@@ -185,16 +185,19 @@ def submit(cfg: Config, run_dir: str, rank_fn: RankFnSpec = DEFAULT_RANK_FN) -> 
 
 def wait(job: submitit.Job, poll_s: float = 5.0, total: int | None = None, run_dir: str | None = None) -> dict:
     """Wait for the job (across requeues, the teardown's included), report state changes and, given the run's
-    `total` tasks, rank 0's training progress from task 0's log (done/total, rate, ETA); rank 0's result dict
-    with `"ranks"`. `run_dir` (default: the submitted task's): where the teardown names a failure.
+    `total` tasks, rank 0's training progress from the run folder's progress records (done/total, rate, ETA);
+    rank 0's result dict with `"ranks"`. `run_dir` (default: the submitted task's): where rank 0 records its
+    progress, the job its events (launch/job_events.py) and the teardown a failure.
 
     Raises LaunchError with the job's error line and its log path when it fails, times out for good or is
     cancelled."""
-    from smat_dist.launch.relay import LogRelay
+    from smat_dist.launch.relay import ProgressRelay
 
     last = None
-    events = job_events.EventReader(_run_dir(job, run_dir), job.job_id)
-    relay = LogRelay(_task_log(job, 0), total, poll_s=min(poll_s, 2.0)) if total else contextlib.nullcontext()
+    run_dir = _run_dir(job, run_dir)
+    events = job_events.EventReader(run_dir, job.job_id)
+    records = run_dir if total else None
+    relay = ProgressRelay(records, total, poll_s=min(poll_s, 2.0)) if records else contextlib.nullcontext()
     with relay:
         while not _finished(job):
             state = job.state

@@ -1,4 +1,6 @@
-"""Where a step's metrics go: averaged over ranks, then metrics.jsonl and wandb on rank 0, a progress line."""
+"""Where a step's metrics go: averaged over ranks, then metrics.jsonl and wandb on rank 0, and every
+train.log_every steps a progress line in rank 0's log and its record in progress.jsonl (train/progress_records.py,
+what the launcher's console shows)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from smat_dist.train import progress_records
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -17,7 +20,7 @@ class MetricsLogger:
     """Rank 0 writes metrics.jsonl (appended across requeues) and the wandb run; every rank averages."""
 
     def __init__(self, run_dir: Path, comm, cfg, wandb_id: str | None, total_tasks: int):
-        self.comm, self.cfg, self.total = comm, cfg, total_tasks
+        self.comm, self.cfg, self.total, self.run_dir = comm, cfg, total_tasks, Path(run_dir)
         self.rank0 = comm.rank == 0
         self.file = open(Path(run_dir) / "metrics.jsonl", "a") if self.rank0 else None
         self.wandb = None
@@ -48,8 +51,18 @@ class MetricsLogger:
         if step % max(1, self.cfg.train.log_every) == 0 or tasks >= self.total:
             rate = (tasks - self._tasks0) / max(1e-9, time.perf_counter() - self._t0)
             eta = (self.total - tasks) / rate if rate > 0 else float("nan")
-            log.info("tasks %d/%d loss %.4f acc %.3f %.3g tasks/s eta %s", tasks, self.total,
-                     m.get("loss/task", float("nan")), m.get("acc/query", float("nan")), rate, _eta(eta))
+            loss, acc = m.get("loss/task", float("nan")), m.get("acc/query", float("nan"))
+            shown = f"loss {loss:.4f} acc {acc:.3f}"
+            log.info("tasks %d/%d %s %.3g tasks/s eta %s", tasks, self.total, shown, rate, _eta(eta))
+            progress_records.write(self.run_dir, "progress", tasks=tasks, total=self.total, rate=rate,
+                                   eta_s=None if eta != eta else eta, loss=loss, acc=acc, shown=shown)
+
+    def validation(self, tasks: int, acc_mean: float) -> None:
+        """The validation line in every rank's log; rank 0 writes it as a record too."""
+        text = f"validation at {tasks} tasks: mean zero-shot accuracy {acc_mean:.3f}"
+        log.info("%s", text)
+        if self.rank0:
+            progress_records.write(self.run_dir, "validation", tasks=tasks, acc_mean=acc_mean, text=text)
 
     def close(self) -> None:
         if self.file is not None:

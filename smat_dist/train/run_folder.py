@@ -4,7 +4,8 @@
 configured episodes (enough classes for the ways, enough images for shots + queries). It reads only each
 source's spec.json, so a dataset that cannot work is reported in well under a second, before a run folder,
 a rank or a wandb run exists. `prepare_run_dir` writes the resolved config; `resumed_config` rebuilds the
-config of `resume=RUN_DIR`.
+config of `resume=RUN_DIR`; `checkpoint_config` reads the config a checkpoint was trained with (evaluation and
+export both need it, and neither should import the other for it).
 """
 from __future__ import annotations
 
@@ -66,6 +67,15 @@ def same_config(path: Path, text: str) -> bool:
         return to_yaml(load_yaml(path)) == text
     except Exception:  # noqa: BLE001 - any config that no longer loads is a different run
         return False
+
+
+def checkpoint_config(ck: Path) -> Config:
+    """The config a checkpoint was written with: its own config.yaml, else its run folder's (the checkpoint is
+    <run>/checkpoints/<step>/). FileNotFoundError, naming both places, when neither is there."""
+    for p in (ck / CONFIG_FILE, ck.parent.parent / CONFIG_FILE):
+        if p.is_file():
+            return load_yaml(p)
+    raise FileNotFoundError(f"no {CONFIG_FILE} in {ck} or its run folder")
 
 
 def prepare_run_dir(cfg: Config, run_dir: str, resuming: bool) -> None:

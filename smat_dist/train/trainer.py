@@ -23,6 +23,7 @@ from smat_dist.distributed.comm import Comm
 from smat_dist.distributed.engine import (DeepSpeedPart, control_group, device, init_distributed,
                                           universal_checkpoint)
 from smat_dist.distributed.timeouts import shorten_after_first_step
+from smat_dist.train import progress_records
 from smat_dist.train.metrics import MetricsLogger
 from smat_dist.train.state import RngState, TrainState
 from smat_dist.train.step import NonFiniteLoss, dense_step, smat_step
@@ -88,8 +89,12 @@ class Trainer:
                                          async_save=cfg.checkpoint.async_save, keep_every=cfg.checkpoint.keep_every)
         if resume_from is not None:
             manifest = self.checkpointer.load(resume_from, self.parts(), expect=self.identity(), universal=universal)
-            log.info("resumed from %s at %d tasks (written by %d ranks)", resume_from, manifest["tasks"],
-                     manifest["world_size"])
+            tasks, ranks = int(manifest["tasks"]), int(manifest["world_size"])
+            text = f"resumed from {resume_from} at {tasks} tasks (written by {ranks} ranks)"
+            log.info("%s", text)
+            if rank == 0:
+                progress_records.write(run_dir, "resumed", resumed_at=tasks, checkpoint=str(resume_from),
+                                       ranks=ranks, text=text)
         self.last_saved = self.state.tasks if resume_from is not None else None
         self.tasks_at_start = self.state.tasks   # the first step of this attempt ends the long start-up timeout
 
@@ -211,7 +216,7 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
                       "peak_mem_bytes": _peak_mem()})
             if cfg.train.val_every_tasks and st.tasks % cfg.train.val_every_tasks < per_step:
                 m.update(tr.validate())
-                log.info("validation at %d tasks: mean zero-shot accuracy %.3f", st.tasks, m["val/acc_mean"])
+                metrics.validation(st.tasks, m["val/acc_mean"])
             metrics.log(m, st.tasks, st.tasks // per_step, per_step)
             if cfg.checkpoint.every_tasks and st.tasks - (tr.last_saved or 0) >= cfg.checkpoint.every_tasks:
                 tr.save()

@@ -75,7 +75,7 @@ class Progress:
         self.t0 = time.monotonic()
         self.last_line = float("-inf")
         self.extra = ""
-        self.rate: float | None = None   # a rate measured where the work runs (LogRelay), else timed here
+        self.rate: float | None = None   # a rate measured where the work runs (ProgressRelay), else timed here
         self._bar = None
         self._redirect = contextlib.ExitStack()
         if bar is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from smat_dist.demo_export import export_and_predict, report_lines
+from smat_dist.demo.export import export_and_predict, report_lines
 from tests.export_fixture import export_config, save_rank
 from tests.unit.test_predict import _digits
 

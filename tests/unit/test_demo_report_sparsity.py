@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from smat_dist.demo_report import _sparsity_verdict, sparsity_reached
+from smat_dist.demo.report import _sparsity_verdict, sparsity_reached
 
 
 def _row(train, ev, **extra):

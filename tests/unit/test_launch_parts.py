@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from smat_dist.launch.env import describe_exit, export_slurm_env
-from smat_dist.launch.relay import LogRelay
+from smat_dist.launch.relay import ProgressRelay
+from smat_dist.train import progress_records
 from smat_dist.utils.progress import Progress, fmt_duration
 
 PKG = Path(__file__).resolve().parents[2] / "smat_dist"
@@ -71,16 +72,18 @@ def test_progress_lines_and_durations(caplog):
 
 
 def test_relay_follows_rank0_log(tmp_path, caplog):
-    log_file = tmp_path / "rank0.log"
-    log_file.write_text("old attempt: 12:00:00 [r0] INFO smat_dist.train.metrics: tasks 2/8 loss 9 acc 0 1 tasks/s\n")
-    relay = LogRelay(log_file, 8, bar=False, every_s=0.0)
+    rec = progress_records.write
+    rec(tmp_path, "progress", tasks=2, total=8, rate=1.0, shown="loss 9 acc 0")   # an old attempt's record
+    relay = ProgressRelay(tmp_path, 8, bar=False, every_s=0.0)
     with caplog.at_level(logging.INFO):
         with relay:
-            with open(log_file, "a") as f:
-                f.write("12:00:01 [r0] INFO smat_dist.train.trainer: resumed from x at 2 tasks (written by 2 ranks)\n")
-                f.write("12:00:02 [r0] INFO smat_dist.train.metrics: tasks 4/8 loss 1.5000 acc 0.500 2.00 tasks/s "
-                        "eta 1s\n12:00:03 [r0] INFO smat_dist.train.metrics: tasks 8/8 loss 1.2500 acc 0.750 2.00 ")
-                f.write("tasks/s eta 0s\n")
+            rec(tmp_path, "resumed", resumed_at=2, checkpoint="x", ranks=2,
+                text="resumed from x at 2 tasks (written by 2 ranks)")
+            rec(tmp_path, "progress", tasks=4, total=8, rate=2.0, eta_s=2.0, shown="loss 1.5000 acc 0.500")
+            with open(tmp_path / progress_records.FILE, "a") as f:   # the last record read in two halves
+                f.write('{"kind": "progress", "tasks": 8, "total": 8, "rate": 2.0, ')
+                relay.poll()
+                f.write('"shown": "loss 1.2500 acc 0.750"}\n')
             relay.poll()
     msgs = [r.getMessage() for r in caplog.records]
     assert relay.seen == 2, msgs      # the old attempt's line before the relay started is not read
@@ -91,16 +94,12 @@ def test_relay_follows_rank0_log(tmp_path, caplog):
 
 def test_relay_polled_from_two_threads_reads_each_line_once(tmp_path):
     """The owner's last poll() races the relay's own thread; each appended line is still relayed once."""
-    log_file = tmp_path / "rank0.log"
-    log_file.write_text("")
     n = 400
-    relay = LogRelay(log_file, n, bar=False, every_s=3600.0, poll_s=0.0)
+    relay = ProgressRelay(tmp_path, n, bar=False, every_s=3600.0, poll_s=0.0)
     with relay:
-        with open(log_file, "a") as f:
-            for i in range(1, n + 1):
-                f.write(f"12:00:00 [r0] INFO smat_dist.train.metrics: tasks {i}/{n} loss 1 acc 0 1.00 tasks/s\n")
-                f.flush()
-                relay.poll()
+        for i in range(1, n + 1):
+            progress_records.write(tmp_path, "progress", tasks=i, total=n, rate=1.0, shown="loss 1 acc 0")
+            relay.poll()
         relay.poll()
     assert relay.seen == n
 
@@ -130,8 +129,8 @@ def test_slurm_launcher_does_not_import_the_local_one():
 
 
 def test_slurm_wait_relays_task0_progress(tmp_path, caplog):
-    """slurm.wait follows task 0's submitit log while the job runs (a stand-in job object; the real one is
-    exercised by tests/slurm)."""
+    """slurm.wait follows rank 0's progress records in the run folder while the job runs (a stand-in job
+    object; the real one is exercised by tests/slurm)."""
     from smat_dist.launch import slurm
 
     class FakeJob:
@@ -148,10 +147,8 @@ def test_slurm_wait_relays_task0_progress(tmp_path, caplog):
         def done(self):
             self.polls += 1
             if self.polls == 2:
-                head = "[r0] INFO smat_dist.train.metrics: tasks"
-                with open(tmp_path / "77_0_log.err", "a") as f:
-                    f.write(f"10:00:00 {head} 3/6 loss 1.0 acc 0.5 1.0 tasks/s eta 3s\n"
-                            f"10:00:01 {head} 6/6 loss 0.9 acc 0.6 1.0 tasks/s eta 0s\n")
+                for done, shown in ((3, "loss 1.0 acc 0.5"), (6, "loss 0.9 acc 0.6")):
+                    progress_records.write(tmp_path, "progress", tasks=done, total=6, rate=1.0, shown=shown)
             return self.polls > 3
 
         def results(self):
@@ -163,7 +160,7 @@ def test_slurm_wait_relays_task0_progress(tmp_path, caplog):
                 return "COMPLETED"
 
     with caplog.at_level(logging.INFO):
-        out = slurm.wait(FakeJob(), poll_s=0.05, total=6)
+        out = slurm.wait(FakeJob(), poll_s=0.05, total=6, run_dir=str(tmp_path))
     assert out["status"] == "done" and out["job_id"] == "77"
     msgs = [r.getMessage() for r in caplog.records]
     assert "job 77: RUNNING" in msgs

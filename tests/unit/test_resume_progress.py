@@ -10,20 +10,20 @@ import re
 import subprocess
 import sys
 
-from smat_dist.launch.relay import LogRelay
+from smat_dist.launch.relay import ProgressRelay
+from smat_dist.train import progress_records
 
 
 def test_first_progress_line_after_a_resume_has_the_trainers_rate(tmp_path, caplog):
-    log_file = tmp_path / "rank0.log"
-    log_file.write_text("")
-    relay = LogRelay(log_file, 200, bar=False, every_s=0.0, poll_s=3600)
-    head = "[r0] INFO smat_dist.train.metrics: tasks"
+    relay = ProgressRelay(tmp_path, 200, bar=False, every_s=0.0, poll_s=3600)
+    rec = progress_records.write
     with caplog.at_level(logging.INFO):
         with relay:
-            with open(log_file, "a") as f:   # written over ~20 s by the ranks, read in one poll
-                f.write("12:00:00 [r0] INFO smat_dist.train.trainer: resumed from x at 72 tasks (written by 2 ranks)\n"
-                        f"12:00:10 {head} 74/200 loss 1.2000 acc 0.500 0.2 tasks/s eta 10m30s\n"
-                        f"12:00:20 {head} 76/200 loss 1.1000 acc 0.550 0.2 tasks/s eta 10m20s\n")
+            # written over ~20 s by the ranks, read in one poll
+            rec(tmp_path, "resumed", resumed_at=72, checkpoint="x", ranks=2,
+                text="resumed from x at 72 tasks (written by 2 ranks)")
+            rec(tmp_path, "progress", tasks=74, total=200, rate=0.2, eta_s=630.0, shown="loss 1.2000 acc 0.500")
+            rec(tmp_path, "progress", tasks=76, total=200, rate=0.2, eta_s=620.0, shown="loss 1.1000 acc 0.550")
             relay.poll()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
     assert lines, [r.getMessage() for r in caplog.records]

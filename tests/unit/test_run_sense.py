@@ -11,7 +11,7 @@ import pytest
 from data_tools.cli import main as convert_main
 from smat_dist.config.hydra import compose
 from smat_dist.config.schema import ConfigError
-from smat_dist.config.sense import data_warnings, schedule_warnings
+from smat_dist.launch.sense import data_warnings, schedule_warnings
 from tests import fixtures_layouts as fx
 from tests.data_fixture import make_dataset
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from smat_dist.analysis.sweep import Point, collect, grid, scan, write
+from smat_dist.demo.phases import evaluate, train_method
 from smat_dist.utils.log import get_logger
 
 log = get_logger("smat_dist.demo")
@@ -64,7 +65,6 @@ def run_sweep(out: Path, base: list[str], data: list[str], eval_extra: list[str]
               main: Point) -> tuple[dict, bool]:
     """Train and evaluate every point not done yet; returns ({"files": ..., "points": n}, whether anything ran)."""
     from smat_dist.config.hydra import compose
-    from smat_dist.demo import evaluate, train_method
 
     ran = False
     for k, p in enumerate(points):

@@ -4,6 +4,7 @@ pre-flight logs each as a warning; none of them stops the run).
 A schedule longer than the run (the warmup, the merge temperature's decay, the cosine horizon) silently trains
 a different method than the one configured: a 40-task run under the default 400-task warmup never leaves
 10% of its learning rate. A data source without the classes the run will ask of it is found from spec.json.
+Here, beside the launcher that says them, rather than in config: reading a source's spec needs smat_dist.data.
 """
 from __future__ import annotations
 

@@ -183,7 +183,7 @@ def write_report(out: Path, eval_cfg, smat_cfg, pmf_cfg, results: dict, analysis
     for name, p in analysis.get("figures", {}).items():
         rel = Path(p).resolve().relative_to(out) if Path(p).resolve().is_relative_to(out) else Path(p)
         lines.append(f"- {name}: [{rel}]({rel})")
-    from smat_dist.demo_export import report_lines
+    from smat_dist.demo.export import report_lines
 
     lines += [""] + report_lines(out, exported)
     lines += ["## Wall time per phase", "", "| phase | seconds | status |", "|---|---|---|"]
