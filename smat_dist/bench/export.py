@@ -44,7 +44,7 @@ def save_synthetic(rank: int, world: int, cfg: Config, root: str, fractional: fl
     g = torch.Generator().manual_seed(7)
     parts = {"replicated": ModuleState(setup.method, cfg.method.name)}
     if setup.pool is not None:
-        store = setup.pool.store
+        store = setup.pool.shard
         hi = min(store.hi, store.numel)
         delta = torch.randn(store.numel, generator=g) * 0.05
         with torch.no_grad():
