@@ -37,10 +37,10 @@ def _pool(rank: int, world: int, numel: int, experts: int, seed: int = 0):
     padded = -(-numel // world) * world
     n = padded // world
     cfg = MethodConfig(name="smat", experts=experts)
-    store = PoolShard(rank * n, (rank + 1) * n, numel, experts, cfg.sparsity, seed)
+    shard = PoolShard(rank * n, (rank + 1) * n, numel, experts, cfg.sparsity, seed)
     comm = Comm()
-    pool = Pool(store, LocalMerger(store, padded), cfg, reduce=comm.all_reduce, world=world)
-    pool.optimizer.opt.state[store.delta]["momentum_buffer"] = torch.zeros_like(store.delta)
+    pool = Pool(shard, LocalMerger(shard, padded), cfg, reduce=comm.all_reduce, world=world)
+    pool.optimizer.opt.state[shard.delta]["momentum_buffer"] = torch.zeros_like(shard.delta)
     return pool, comm
 
 
