@@ -107,7 +107,7 @@ def test_reduce_sums_the_slices():
         assert got[k] == pytest.approx(ref[k], rel=1e-6), k
 
 
-def test_sparse_pool_logs_them_with_the_clip_factor():
+def test_the_pool_logs_them_with_the_clip_factor():
     cfg = MethodConfig(experts=M)
     cfg.sparsity.init_std, cfg.sparsity.schedule_share = 2.0, 0.0   # tau from the start: the multipliers stay
     for diagnose in (False, True):
