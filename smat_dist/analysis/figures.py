@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from smat_dist.method import hard_concrete as hc  # noqa: E402
+from smat_dist.pool import gates as hc  # noqa: E402
 from smat_dist.method.protonet import prototypes  # noqa: E402
 from smat_dist.utils.log import get_logger  # noqa: E402
 
@@ -180,9 +180,9 @@ def analyze_pool(setup, out_dir, episodes_by_domain: dict | None = None, plot: b
     if setup.pool is None:
         raise ValueError("the mask analyses need a SMAT model with an expert pool")
     out = Path(out_dir)
-    store, reduce = setup.pool.store, (setup.pool.reduce if setup.pool.world > 1 else None)
-    cap = capacity(setup.fb.space, store, reduce)
-    iou = mask_overlap(setup.fb.space, store, reduce)
+    shard, reduce = setup.pool.shard, (setup.pool.reduce if setup.pool.world > 1 else None)
+    cap = capacity(setup.fb.space, shard, reduce)
+    iou = mask_overlap(setup.fb.space, shard, reduce)
     res = {"capacity": cap, "overlap": iou.tolist(), "figures": {}}
     if plot:
         res["figures"] = {"capacity": plot_capacity(cap, out / "capacity.png"),

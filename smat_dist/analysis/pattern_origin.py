@@ -1,7 +1,7 @@
 """How much of a learned mask pattern was learned: the share of each expert's kept entries that its initial
 draw already ranked on top.
 
-The learned masks start as logits drawn N(mean, std^2) per entry and expert (method/pool.py); the penalty
+The learned masks start as logits drawn N(mean, std^2) per entry and expert (smat_dist/pool/draws.py); the penalty
 lowers every logit, the task gradient reorders them. If training only shifts the draw, the entries an expert
 keeps at the end (training gate open, log alpha above -1.599) are the ones whose initial logits were highest,
 so the share of kept entries whose initial logit lies in the top `kept` fraction of N(mean, std^2) is ~1; for
@@ -23,8 +23,8 @@ import torch
 
 from smat_dist.distributed import checkpoint as ckpt
 from smat_dist.distributed.shard_file import ShardReader
-from smat_dist.method import hard_concrete as hc
-from smat_dist.method.pool import _chunked_normal
+from smat_dist.pool import gates as hc
+from smat_dist.pool.draws import chunked_normal
 
 ROWS = 1 << 18   # rows per read: one init chunk, [ROWS, M] float32 at a time
 
@@ -88,7 +88,7 @@ def init_share(run_dir: str | Path) -> dict | None:
     both = torch.zeros(M, dtype=torch.float64)
     for path, digest in files:                       # pass 2: of those, how many the initial draw ranked on top
         for g0, la in _blocks(path, digest, numel):
-            init = _chunked_normal(seed, g0, g0 + la.shape[0], M, mean, std)
+            init = chunked_normal(seed, g0, g0 + la.shape[0], M, mean, std)
             both += ((la > zero_below) & (init > cut)).sum(0, dtype=torch.float64)
     from_init = [float(b / k) if k > 0 else float("nan") for b, k in zip(both.tolist(), kept.tolist())]
     return {"experts": M, "kept": share, "from_init": from_init, "checkpoint": str(ck)}

@@ -30,17 +30,17 @@ from smat_dist.utils.memory import rss_bytes as _rss  # noqa: E402
 def _pool(rank: int, world: int, numel: int, experts: int, seed: int = 0):
     from smat_dist.config.schema import MethodConfig
     from smat_dist.distributed.comm import Comm
-    from smat_dist.method.merge import LocalMerger
-    from smat_dist.method.pool import ExpertPool
-    from smat_dist.method.sparse_pool import SparsePool
+    from smat_dist.pool.merge import LocalMerger
+    from smat_dist.pool.pool import Pool
+    from smat_dist.pool.shard import PoolShard
 
     padded = -(-numel // world) * world
     n = padded // world
     cfg = MethodConfig(name="smat", experts=experts)
-    store = ExpertPool(rank * n, (rank + 1) * n, numel, experts, cfg.sparsity, seed)
+    shard = PoolShard(rank * n, (rank + 1) * n, numel, experts, cfg.sparsity, seed)
     comm = Comm()
-    pool = SparsePool(store, LocalMerger(store, padded), cfg, reduce=comm.all_reduce, world=world)
-    pool.optimizer.opt.state[store.delta]["momentum_buffer"] = torch.zeros_like(store.delta)
+    pool = Pool(shard, LocalMerger(shard, padded), cfg, reduce=comm.all_reduce, world=world)
+    pool.optimizer.opt.state[shard.delta]["momentum_buffer"] = torch.zeros_like(shard.delta)
     return pool, comm
 
 
@@ -54,7 +54,7 @@ def _save_rank(rank: int, world: int, root: str, numel: int, experts: int) -> di
     torch.set_num_threads(1)
     pool, comm = _pool(rank, world, numel, experts)
     with torch.no_grad():
-        pool.store.delta.normal_(0, 1, generator=torch.Generator().manual_seed(rank))
+        pool.shard.delta.normal_(0, 1, generator=torch.Generator().manual_seed(rank))
     out = {"slice_bytes": _slice_bytes(pool)}
     sync = Checkpointer(Path(root) / "sync", comm, async_save=False)
     t0 = time.perf_counter()
@@ -88,7 +88,7 @@ def _load_rank(rank: int, world: int, root: str, numel: int, experts: int) -> di
     ck.load(find_latest(Path(root) / "async"), {"pool": pool}, expect={"experts": experts})
     return {"load_s": time.perf_counter() - t0, "peak_over_base": _peak() - base, "built_bytes": built,
             "slice_bytes": _slice_bytes(pool), "hashed": ck.stats["hashed"],
-            "pool_bytes": sum(t.numel() * t.element_size() for t in (pool.store.delta, pool.store.log_alpha))}
+            "pool_bytes": sum(t.numel() * t.element_size() for t in (pool.shard.delta, pool.shard.log_alpha))}
 
 
 def run(ranks: int = 4, reshard_to: int = 3, pool_gb: float = 1.0, experts: int = 8, root: str | None = None,

@@ -44,23 +44,23 @@ def save_synthetic(rank: int, world: int, cfg: Config, root: str, fractional: fl
     g = torch.Generator().manual_seed(7)
     parts = {"replicated": ModuleState(setup.method, cfg.method.name)}
     if setup.pool is not None:
-        store = setup.pool.store
-        hi = min(store.hi, store.numel)
-        delta = torch.randn(store.numel, generator=g) * 0.05
+        shard = setup.pool.shard
+        hi = min(shard.hi, shard.numel)
+        delta = torch.randn(shard.numel, generator=g) * 0.05
         with torch.no_grad():
-            store.delta[: hi - store.lo].copy_(delta[store.lo:hi])
+            shard.delta[: hi - shard.lo].copy_(delta[shard.lo:hi])
         del delta
-        shape = (store.numel, cfg.method.experts)
+        shape = (shard.numel, cfg.method.experts)
         # drawn in row blocks, so a large pool never holds three [P, M] temporaries at once
-        for a in range(0, store.numel, 1 << 18):
-            b = min(store.numel, a + (1 << 18))
+        for a in range(0, shard.numel, 1 << 18):
+            b = min(shard.numel, a + (1 << 18))
             s = (b - a, shape[1])
             la = torch.where(torch.rand(s, generator=g) < 0.5, 6.0, -6.0)
             la = torch.where(torch.rand(s, generator=g) < fractional, torch.rand(s, generator=g) * 4 - 2, la)
-            lo, up = max(a, store.lo), min(b, hi)
+            lo, up = max(a, shard.lo), min(b, hi)
             if lo < up:
                 with torch.no_grad():
-                    store.log_alpha[lo - store.lo:up - store.lo].copy_(la[lo - a:up - a])
+                    shard.log_alpha[lo - shard.lo:up - shard.lo].copy_(la[lo - a:up - a])
         parts["pool"] = setup.pool
     else:
         with torch.no_grad():

@@ -102,7 +102,7 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
         base = _rss()
     comm, rep_comm, ctl_comm = Comm(device_bound=True), Comm(device_bound=True), Comm(device_bound=True)
     sparse = build_pool(fb, cfg, seed, comm, ctl_comm, merge=point["path"])
-    pool = sparse.store
+    pool = sparse.shard
     params = list(method.hypernet.parameters())
     hyper = _AllReducedHyper(TorchHyperOptimizer(hypernet_optimizer(params, cfg), cfg.hypernet.clip), params, rep_comm)
     amp = autocast_for(dev, point.get("precision", "auto"))

@@ -8,6 +8,7 @@ checks what it needs.
 """
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any, Callable
 
@@ -227,7 +228,7 @@ def _cross(cfg: Any) -> None:
     if sp.init == SparsityInit.hard and sp.init_std <= 0:
         raise ConfigError(f"method.sparsity.init=hard needs method.sparsity.init_std > 0, got {sp.init_std}")
     if sp.pattern != SparsityPattern.learned:
-        _check_fixed_pattern(sp)
+        check_pattern(sp)
     if sp.lean and sp.structured:
         raise ConfigError("method.sparsity.lean=true: allowed only with method.sparsity.structured=false")
     if m.teacher.blockwise and m.teacher.top_fraction < 1:
@@ -249,15 +250,26 @@ def _cross(cfg: Any) -> None:
             raise ConfigError(f"{key}: every entry must be a folder or URL, got {bad[0]!r}")
 
 
-def _check_fixed_pattern(sp: Any) -> None:
+# The hard-concrete gate's constants (smat_dist.pool.gates, which needs torch): temperature 2/3 in training,
+# stretch to (gamma, zeta) = (-0.1, 1.1).
+_GATE_BETA, _GATE_GAMMA, _GATE_ZETA = 2.0 / 3.0, -0.1, 1.1
+
+
+def exact_gate_logit(sp: Any) -> float:
+    """|log_alpha| beyond which both the training and the eval gate are exactly 0 or 1 (gates.threshold's
+    larger value: the training gate's at beta 2/3, the eval gate's at method.sparsity.eval_gate's beta)."""
+    s1 = (1.0 - _GATE_GAMMA) / (_GATE_ZETA - _GATE_GAMMA)
+    eval_beta = _GATE_BETA if str(sp.eval_gate) == "train" else 1.0
+    return max(_GATE_BETA, eval_beta) * math.log(s1 / (1.0 - s1))
+
+
+def check_pattern(sp: Any) -> None:
     """A hand-designed pattern (random, magnitude) holds its logits at +-clamp, which must put both gates at
     exactly 0 / 1; magnitude ranks single entries by |delta|, so it has no structured form."""
-    from smat_dist.method import hard_concrete as hc   # pure torch; only needed for these patterns
-
     if sp.pattern == SparsityPattern.magnitude and sp.structured:
         raise ConfigError("method.sparsity.pattern=magnitude: allowed only with method.sparsity.structured=false "
                           "(top-k by |delta| is per entry; use pattern=random for structured gates)")
-    need = max(hc.threshold(train=True), hc.threshold(train=False, eval_beta=hc.eval_beta(sp)))
+    need = exact_gate_logit(sp)
     if sp.clamp <= need:
         raise ConfigError(f"method.sparsity.clamp={sp.clamp}: must be > {need:.4f} with method.sparsity.pattern="
                           f"{_show(sp.pattern)} (the fixed logits +-clamp must close / open both gates exactly)")

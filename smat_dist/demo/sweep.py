@@ -50,7 +50,7 @@ def sweep_grid(args, main: Point) -> list[Point]:
 
 def main_point(cfg) -> Point:
     return Point(float(cfg.method.sparsity.target), int(cfg.method.experts),
-                 str(getattr(cfg.method.sparsity, "pattern", "learned")))
+                 str(cfg.method.sparsity.pattern))
 
 
 def check_points(points: list[Point], base: list[str]) -> None:

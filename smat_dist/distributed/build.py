@@ -13,21 +13,20 @@ import torch
 
 from smat_dist.config.schema import DistConfig, MethodConfig, ModelConfig
 from smat_dist.distributed.comm import Comm
-from smat_dist.distributed.sharded import build_merger
 from smat_dist.method.baselines import PMF, Pretrained
-from smat_dist.method.merge import LocalMerger
 from smat_dist.method.optim import TorchHyperOptimizer, hypernet_optimizer
-from smat_dist.method.pool import ExpertPool
 from smat_dist.method.smat import SMAT
-from smat_dist.method.sparse_pool import SparsePool
 from smat_dist.model.backbone import FunctionalBackbone, build_backbone
+from smat_dist.pool.merge import LocalMerger, build_merger
+from smat_dist.pool.pool import Pool
+from smat_dist.pool.shard import PoolShard
 
 
 @dataclass
 class MethodSetup:
     fb: FunctionalBackbone
     method: torch.nn.Module
-    pool: SparsePool | None         # SMAT only: this rank's slice of the expert pool and its updates
+    pool: Pool | None               # SMAT only: this rank's slice of the expert pool and its updates
     hyper: object | None            # the replicated trainables' optimiser (HyperOptimizer); None: not trained
     kind: str                       # "smat" | "pmf" | "pretrained"
 
@@ -35,19 +34,19 @@ class MethodSetup:
 @dataclass
 class _Parts:
     method: torch.nn.Module
-    pool: SparsePool | None
+    pool: Pool | None
     optimizer: torch.optim.Optimizer | None
     clip: float | None
 
 
 def build_pool(fb: FunctionalBackbone, cfg: MethodConfig, seed: int, comm: Comm, control: Comm | None = None,
-               merge: str = "sharded") -> SparsePool:
+               merge: str = "sharded") -> Pool:
     """This rank's slice of the expert pool over fb's flat space, with its merge strategy and optimiser."""
-    store = ExpertPool.for_space(fb.space, comm.rank, comm.world, cfg.experts, cfg.sparsity, seed)
-    store = store.to(fb.theta_pre.device)
-    merger = LocalMerger(store, fb.space.padded) if merge == "local" else build_merger(merge, store,
+    shard = PoolShard.for_space(fb.space, comm.rank, comm.world, cfg.experts, cfg.sparsity, seed)
+    shard = shard.to(fb.theta_pre.device)
+    merger = LocalMerger(shard, fb.space.padded) if merge == "local" else build_merger(merge, shard,
                                                                                       fb.space.padded, comm)
-    return SparsePool(store, merger, cfg, reduce=(control or comm).all_reduce, world=comm.world)
+    return Pool(shard, merger, cfg, reduce=(control or comm).all_reduce, world=comm.world)
 
 
 def _smat(fb, cfg: MethodConfig, seed: int, comm: Comm, control: Comm, merge: str) -> _Parts:

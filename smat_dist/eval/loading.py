@@ -67,5 +67,5 @@ def load_method(path: str, fb=None, comm: Comm | None = None, control: Comm | No
     Checkpointer(ck.parent, control or comm).load(ck, parts, expect={
         "method": cfg.method.name, "backbone": cfg.model.name, "backbone_signature": setup.fb.space.signature()})
     log.info("loaded %s model from %s (%d tasks; pool slice %s of %d ranks)", cfg.method.name, ck, manifest["tasks"],
-             "-" if setup.pool is None else f"[{setup.pool.store.lo}, {setup.pool.store.hi})", comm.world)
+             "-" if setup.pool is None else f"[{setup.pool.shard.lo}, {setup.pool.shard.hi})", comm.world)
     return setup

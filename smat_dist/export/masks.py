@@ -6,7 +6,7 @@ masks (more than half of them) is stored dense instead, so an export never costs
 Bits are packed row-major over the [numel, M] mask block (bit k = entry k // M, expert k % M; little bit
 order within a byte), so rows [a, b) with a and b multiples of 8 are the whole bytes [a*M/8, b*M/8) and a
 chunk of rows packs and unpacks on its own. The gate here repeats, op for op, the pool's eval-mode pass
-(ExpertPool.masks_inplace(train=False, clamp=True): clamp, multiply by 1/beta, the stretched sigmoid): the
+(PoolPasses.masks_inplace(train=False, clamp=True): clamp, multiply by 1/beta, the stretched sigmoid): the
 same float32 values, so a merge from the packed masks equals the checkpoint's bit for bit
 (tests/unit/test_export.py compares them).
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from smat_dist.method import hard_concrete as hc
+from smat_dist.pool import gates as hc
 
 # Rows per streamed chunk: a multiple of 8 (whole bytes of packed bits at any M); 2^16 rows x 256 experts of
 # float32 masks is 64 MB of scratch.

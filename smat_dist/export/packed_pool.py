@@ -1,7 +1,7 @@
 """An exported SMAT pool for evaluation: packed eval masks, delta and the fractional entries in memory,
 merged chunk by chunk into one task's merged delta.
 
-It stands where a SparsePool stands in evaluation (begin_step(train=False), merge(w), end_eval()). A merge is
+It stands where a Pool (smat_dist.pool) stands in evaluation (begin_step(train=False), merge(w), end_eval()). A merge is
 the checkpoint pool's exact computation ((w @ z^T) * delta, rows in chunks: each output entry is the same
 length-M dot product, so the chunking does not change a bit on CPU), with z unpacked one chunk at a time:
 the pool's memory is the packed masks, delta and one merged delta, never the [P, M] float masks.

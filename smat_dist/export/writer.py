@@ -21,7 +21,7 @@ from smat_dist.distributed.shard_file import ShardReader
 from smat_dist.export import layout as L
 from smat_dist.export.masks import CHUNK_ROWS, eval_gate
 from smat_dist.export.pool_file import PoolFileWriter
-from smat_dist.method import hard_concrete as hc
+from smat_dist.pool import gates as hc
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)

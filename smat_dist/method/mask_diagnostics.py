@@ -2,7 +2,7 @@
 mask gradient is formed and before the pool optimiser's norm-5 clip.
 
 The logits' gradient is the task's (through the gate) plus the sparsity penalty's, coef_m * p (1 - p) with
-p = sigmoid(log_alpha + L0_SHIFT) (pool_passes._grad_chunk). When the penalty's part dominates the norm, the
+p = sigmoid(log_alpha + L0_SHIFT) (smat_dist.pool.passes). When the penalty's part dominates the norm, the
 clip scales the whole step down by the penalty's size and the task's reordering of the logits is what is left
 of 5 / norm; a logit at the clamp gets no task gradient at all (its gate is saturated at 0 or 1). So per step:
 
@@ -22,25 +22,25 @@ import math
 
 import torch
 
-from smat_dist.method import hard_concrete as hc
+from smat_dist.pool import gates as hc
 
 
 @torch.no_grad()
-def mask_diagnostics(store, coef: torch.Tensor | None, reduce) -> dict[str, float]:
-    """The metrics above for `store` (an ExpertPool slice) and the step's penalty coefficients [M]; collective
+def mask_diagnostics(shard, coef: torch.Tensor | None, reduce) -> dict[str, float]:
+    """The metrics above for `shard` (a PoolShard) and the step's penalty coefficients [M]; collective
     (every rank calls it in the same step). {} for pools it does not apply to."""
-    if store.structured or store.frozen or coef is None:
+    if shard.structured or shard.pattern.frozen or coef is None:
         return {}
-    la, grad = store.log_alpha, store.log_alpha.grad
-    c = float(store.cfg.clamp)
+    la, grad = shard.log_alpha, shard.log_alpha.grad
+    c = float(shard.cfg.clamp)
     coef = coef.to(la.dtype).unsqueeze(0)
     acc = torch.zeros(4, dtype=torch.float64, device=la.device)   # pen^2, task^2, at -c, at +c
-    for a, b in store._rows():
-        b = min(b, store.n_valid)
+    for a, b in shard.passes.rows():
+        b = min(b, shard.n_valid)
         if a >= b:
             break
         lc = la[a:b]
-        f1, f2, f3, _ = store._scratch(b - a)    # the pool's chunk buffers: no allocation per chunk
+        f1, f2, f3, _ = shard.passes.scratch(b - a)    # the pool's chunk buffers: no allocation per chunk
         torch.add(lc, hc.L0_SHIFT, out=f1).sigmoid_()
         f1.sub_(torch.mul(f1, f1, out=f2)).mul_(coef)            # the penalty's gradient: coef p (1 - p)
         pen = f1.view(-1)
@@ -51,7 +51,7 @@ def mask_diagnostics(store, coef: torch.Tensor | None, reduce) -> dict[str, floa
         acc[2] += torch.le(lc, -c, out=f3).sum()                 # 0/1 floats: a bool sum is several times slower
         acc[3] += torch.ge(lc, c, out=f3).sum()
     pen_sq, task_sq, low, high = reduce(acc).tolist()
-    n = float(store.numel) * store.experts
+    n = float(shard.numel) * shard.experts
     pen_n = math.sqrt(pen_sq)
     out = {"mask/penalty_grad_norm": pen_n, "mask/at_clamp_low": low / n, "mask/at_clamp_high": high / n}
     if grad is not None:
@@ -59,10 +59,3 @@ def mask_diagnostics(store, coef: torch.Tensor | None, reduce) -> dict[str, floa
         out["mask/task_grad_norm"] = task_n
         out["mask/penalty_share"] = pen_n / (pen_n + task_n) if pen_n + task_n > 0 else float("nan")
     return out
-
-
-def clip_scale(grad_norm: float | None, clip: float) -> float | None:
-    """The factor the pool optimiser's clip applies to the logits' step (PoolOptimizer.step's rule)."""
-    if grad_norm is None:
-        return None
-    return clip / (grad_norm + 1e-12) if grad_norm > clip else 1.0

@@ -47,7 +47,7 @@ def _episode_tensors(ep):
 
 
 class SMAT(nn.Module):
-    """The trainable, replicated part of SMAT (the hypernetwork); the expert pool is passed in (sparse_pool.py)."""
+    """The trainable, replicated part of SMAT (the hypernetwork); the expert pool is passed in (smat_dist.pool)."""
 
     def __init__(self, backbone: FunctionalBackbone, cfg: MethodConfig, seed: int = 0):
         super().__init__()
@@ -63,7 +63,7 @@ class SMAT(nn.Module):
         return self.hypernet(protos, train=train, task_seed=task_seed(self.seed, task_index))
 
     def task(self, ep, pool, task_index: int, train: bool = True) -> TaskResult:
-        """One task; `pool` is anything with merge(w) -> merged delta (a SparsePool between begin/end)."""
+        """One task; `pool` is anything with merge(w) -> merged delta (a smat_dist.pool Pool between begin/end)."""
         cfg, fb = self.cfg, self.fb
         xs, ys, xq, yq, ways = _episode_tensors(ep)
         theta_pre = fb.theta_pre

@@ -12,7 +12,7 @@ import torch
 
 from smat_dist.method.optim import HyperOptimizer, lr_factor
 from smat_dist.method.smat import SMAT
-from smat_dist.method.sparse_pool import SparsePool
+from smat_dist.pool.pool import Pool
 from smat_dist.utils.spans import span
 
 
@@ -65,7 +65,7 @@ class _TaskMetrics:
         return {key: v / k for key, v in zip(keys, torch.stack(vals).tolist())} if keys else {}
 
 
-def smat_step(method: SMAT, pool: SparsePool, hyper: HyperOptimizer, episodes, first_index: int,
+def smat_step(method: SMAT, pool: Pool, hyper: HyperOptimizer, episodes, first_index: int,
               tasks_seen: int, autocast=None, comm=None) -> dict[str, float]:
     """Train on `episodes` (this rank's tasks, global indices first_index..); returns averaged metrics.
 
@@ -78,7 +78,7 @@ def smat_step(method: SMAT, pool: SparsePool, hyper: HyperOptimizer, episodes, f
     k = len(episodes)
     with span("masks"):
         pool.begin_step(train=True)
-    w_sum = torch.zeros(cfg.experts, device=pool.store.log_alpha.device)
+    w_sum = torch.zeros(cfg.experts, device=pool.device)
     acc = _TaskMetrics()
     for j, ep in enumerate(episodes):
         with autocast:

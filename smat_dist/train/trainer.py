@@ -23,6 +23,7 @@ from smat_dist.distributed.comm import Comm
 from smat_dist.distributed.engine import (DeepSpeedPart, control_group, device, init_distributed,
                                           universal_checkpoint)
 from smat_dist.distributed.timeouts import shorten_after_first_step
+from smat_dist.method.mask_diagnostics import mask_diagnostics
 from smat_dist.train import progress_records
 from smat_dist.train.metrics import MetricsLogger
 from smat_dist.train.state import RngState, TrainState
@@ -82,7 +83,7 @@ class Trainer:
                            dist_cfg=cfg.dist, tasks_per_rank=self.k, universal=universal is not None, device=self.dev)
         self.method, self.pool, self.hyper = self.setup.method, self.setup.pool, self.setup.hyper
         if self.pool is not None:
-            self.pool.diagnose = bool(cfg.logging.mask_diagnostics)
+            self.pool.diagnostics = mask_diagnostics if cfg.logging.mask_diagnostics else None
         self.autocast = autocast_for(self.dev, cfg.dist.precision)
         self.state = TrainState()
         self.checkpointer = Checkpointer(run_dir / "checkpoints", self.log_comm, keep=cfg.checkpoint.keep,

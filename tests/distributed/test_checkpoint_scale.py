@@ -119,7 +119,7 @@ ck = Checkpointer(root, Comm(), async_save=True)
 ck.save(2, {"pool": s.pool}, {"experts": 64})
 ck.wait()
 with torch.no_grad():
-    s.pool.store.delta.add_(1.0)
+    s.pool.shard.delta.add_(1.0)
 real = shard_file._HashingFile.write
 def slow(self, mv):          # a slow filesystem: the save is still in flight when the kill arrives
     real(self, mv)
@@ -154,8 +154,8 @@ def test_kill_9_during_async_save_keeps_the_previous_latest(tmp_path):
 
     fresh = build_local(ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 2}), MethodConfig(experts=64),
                         seed=0)
-    want = fresh.pool.store.delta.detach().clone()
+    want = fresh.pool.shard.delta.detach().clone()
     with torch.no_grad():
-        fresh.pool.store.delta.add_(7.0)
+        fresh.pool.shard.delta.add_(7.0)
     Checkpointer(root, Comm()).load(find_latest(root), {"pool": fresh.pool}, expect={"experts": 64})
-    torch.testing.assert_close(fresh.pool.store.delta.detach(), want, rtol=0, atol=0)   # the step-2 state
+    torch.testing.assert_close(fresh.pool.shard.delta.detach(), want, rtol=0, atol=0)   # the step-2 state

@@ -28,5 +28,5 @@ def test_sharded_pool_evaluation_equals_one_rank(data, single, world):
         assert per == single[1]
         assert r["results"] == single[0]["results"]
     rows = [r["pool_entries_here"] for r, _ in res]
-    total = make_setups()["smat"].pool.store.log_alpha.shape[0]
+    total = make_setups()["smat"].pool.shard.log_alpha.shape[0]
     assert max(rows) <= -(-total // world) + world     # each rank holds its slice only

@@ -6,9 +6,9 @@ import torch
 from smat_dist.bench.spawn import run_ranks
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
-from smat_dist.distributed.sharded import GatherMerger, ShardedMerger
-from smat_dist.method.merge import LocalMerger
-from smat_dist.method.pool import ExpertPool
+from smat_dist.pool.merge import GatherMerger, ShardedMerger
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.shard import PoolShard
 
 pytestmark = pytest.mark.dist
 
@@ -26,7 +26,7 @@ def _target(t: int) -> torch.Tensor:
 
 
 def _pool(lo, hi, lean=False):
-    pool = ExpertPool(lo, hi, P, M, SparsityConfig(init_std=1.0, lean=lean), seed=3)
+    pool = PoolShard(lo, hi, P, M, SparsityConfig(init_std=1.0, lean=lean), seed=3)
     with torch.no_grad():
         pool.delta.copy_(torch.linspace(-1, 1, PAD)[lo:hi])
     return pool
@@ -43,7 +43,7 @@ def _run(rank, world, kind):
     loss = (d * _target(rank)).sum()
     loss.backward()
     merger.end_step()
-    gla = pool.deferred_grad() if kind == "lean" else pool.log_alpha.grad.clone()   # lean: never materialised
+    gla = pool.passes.deferred_grad() if kind == "lean" else pool.log_alpha.grad.clone()   # lean: never materialised
     return dict(d=d.detach(), gw=w.grad.clone(), gdelta=pool.delta.grad.clone(), gla=gla,
                 bytes=comm.sent_bytes)
 

@@ -11,12 +11,12 @@ import torch
 from smat_dist.bench.spawn import run_ranks
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
-from smat_dist.distributed.sharded import ShardedMerger
-from smat_dist.method.merge import LocalMerger
-from smat_dist.method.pool import ExpertPool
+from smat_dist.pool.merge import ShardedMerger
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.shard import PoolShard
 from tests.data_fixture import make_dataset
 from tests.distributed.helpers import tiny_config, train_rank
-from tests.unit.test_method_structured import _space
+from tests.unit.test_pool_structured import _space
 
 pytestmark = pytest.mark.dist
 M = 3
@@ -39,7 +39,7 @@ def _delta(sp):
 
 def _rank(rank, world):
     sp = _space(pad_to=world)
-    pool = ExpertPool.for_space(sp, rank, world, M, CFG, seed=4)
+    pool = PoolShard.for_space(sp, rank, world, M, CFG, seed=4)
     with torch.no_grad():
         pool.delta.copy_(_delta(sp)[pool.lo:pool.hi])
     merger = ShardedMerger(pool, sp.padded, Comm())
@@ -55,7 +55,7 @@ def _rank(rank, world):
 def test_structured_sharded_merge_equals_single_process(world):
     res = run_ranks(_rank, world)
     sp = _space(pad_to=world)
-    pool = ExpertPool.for_space(sp, 0, 1, M, CFG, seed=4)
+    pool = PoolShard.for_space(sp, 0, 1, M, CFG, seed=4)
     with torch.no_grad():
         pool.delta.copy_(_delta(sp))
     merger = LocalMerger(pool, sp.padded)

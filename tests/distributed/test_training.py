@@ -46,7 +46,7 @@ def _assert_same_state(a, b, exact: bool = False):
         torch.testing.assert_close(la[:n], lb[:n], rtol=0, atol=0)
     else:
         torch.testing.assert_close(la[:n], lb[:n], rtol=0, atol=1e-2)
-        from smat_dist.method.hard_concrete import gate
+        from smat_dist.pool.gates import gate
         assert (gate(la[:n]) == 0).eq(gate(lb[:n]) == 0).float().mean() > 0.9999
     ra, rb = a[0]["replicated"], b[0]["replicated"]
     # AdamW normalises each update by the gradient's own scale, so near-zero gradients (the skill tokens
@@ -148,7 +148,7 @@ def _nan_rank(rank, world, cfg, run_dir):
         calls["n"] += 1
         if calls["n"] == 2:  # poison the shared delta on the second step
             with torch.no_grad():
-                pool.store.delta[0] = float("nan")
+                pool.shard.delta[0] = float("nan")
         return real(method, pool, *a, **k)
 
     trainer.smat_step = poisoned

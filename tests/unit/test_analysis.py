@@ -17,7 +17,7 @@ from smat_dist.data.fixed_sets import fixed_episodes
 from smat_dist.distributed.build import build_local
 from smat_dist.eval.protocol import Domain, evaluate
 from smat_dist.eval.report import write_results
-from smat_dist.method import hard_concrete as hc
+from smat_dist.pool import gates as hc
 from smat_dist.train.step import smat_step
 from tests.data_fixture import make_dataset
 
@@ -62,7 +62,7 @@ def test_mask_figures_from_a_real_run(run, data, tmp_path):
                           "dendrogram": "expert_dendrogram.png"}[key]
         assert res["figures"][key] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the numbers behind the figures agree with the eval-mode masks computed directly
-    z = run.pool.store.masks(train=False)[: run.fb.space.numel] > 0
+    z = run.pool.shard.masks(train=False)[: run.fb.space.numel] > 0
     assert res["capacity"]["overall"] == pytest.approx(z.double().mean(0).tolist())
     assert 0 < min(res["capacity"]["overall"]) and max(res["capacity"]["overall"]) < 1  # a trained, partly sparse pool
     kinds = {i.kind for i in run.fb.space.infos}
@@ -83,8 +83,8 @@ def test_mask_figures_from_a_real_run(run, data, tmp_path):
 
 def test_masks_use_the_eval_gate(run):
     # eval gate (beta = 1): an entry is non-zero iff log_alpha > -2.398
-    la = run.pool.store.log_alpha.detach()[: run.fb.space.numel]
-    cap = figures.capacity(run.fb.space, run.pool.store)
+    la = run.pool.shard.log_alpha.detach()[: run.fb.space.numel]
+    cap = figures.capacity(run.fb.space, run.pool.shard)
     expect = (la > -hc.threshold(train=False)).double().mean(0)
     assert cap["overall"] == pytest.approx(expect.tolist(), abs=1e-6)
 

@@ -22,7 +22,7 @@ def test_meta_count_equals_real_model():
     assert hypernet_params(shape["feature_dim"], 5) == sum(p.numel() for p in setup.method.hypernet.parameters())
     assert hypernet_params(64, 3) == sum(p.numel() for p in HyperNetwork(64, 3, HypernetConfig()).parameters())
     p = plan(TINY.name, experts=5, ranks=1, image_size=32, patch_size=8, kwargs={"depth": 2})
-    pool = setup.pool.store
+    pool = setup.pool.shard
     assert p["memory_bytes"]["pool_params"] == 4 * (pool.delta.numel() + pool.log_alpha.numel())
 
 

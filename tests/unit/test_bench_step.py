@@ -26,8 +26,8 @@ def test_breakdown_times_the_real_step():
     with recording(timer):
         res = smat_step(timed.method, timed.pool, timed.hyper, _eps(), 5, 5)
     assert res == out
-    torch.testing.assert_close(timed.pool.store.delta, real.pool.store.delta, rtol=0, atol=0)
-    torch.testing.assert_close(timed.pool.store.log_alpha, real.pool.store.log_alpha, rtol=0, atol=0)
+    torch.testing.assert_close(timed.pool.shard.delta, real.pool.shard.delta, rtol=0, atol=0)
+    torch.testing.assert_close(timed.pool.shard.log_alpha, real.pool.shard.log_alpha, rtol=0, atol=0)
     assert {"masks", "frozen_pass", "hypernet", "merge", "support_pass", "inner_grad", "query_pass", "teacher_grad",
             "teacher_eval", "outer_backward", "mask_backward", "pool_terms", "optimisers"} <= set(timer.s)
     assert all(v > 0 for v in timer.s.values())

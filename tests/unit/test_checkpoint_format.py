@@ -71,10 +71,10 @@ def _parts(s, state):
 def test_checkpointer_round_trip_of_parts(tmp_path, async_save):
     a = _smat()
     with torch.no_grad():
-        a.pool.store.delta.normal_(0, 1, generator=torch.Generator().manual_seed(1))
-        a.pool.store.log_alpha.normal_(0, 3, generator=torch.Generator().manual_seed(2))
+        a.pool.shard.delta.normal_(0, 1, generator=torch.Generator().manual_seed(1))
+        a.pool.shard.log_alpha.normal_(0, 3, generator=torch.Generator().manual_seed(2))
         a.pool.controller.multipliers.copy_(torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64))
-    a.pool.optimizer.opt.state[a.pool.store.delta]["momentum_buffer"] = torch.full_like(a.pool.store.delta, 0.25)
+    a.pool.optimizer.opt.state[a.pool.shard.delta]["momentum_buffer"] = torch.full_like(a.pool.shard.delta, 0.25)
     ck = Checkpointer(tmp_path / "checkpoints", Comm(), keep=2, async_save=async_save)
     st = TrainState(tasks=8, cursor=8, wandb_run_id="abc12345")
     ck.save(8, _parts(a, st), {"method": "smat", "experts": 3}, texts={"config.yaml": "x: 1\n"})
@@ -82,10 +82,10 @@ def test_checkpointer_round_trip_of_parts(tmp_path, async_save):
     assert find_latest(tmp_path) == final and not list((tmp_path / "checkpoints").glob("*.tmp"))
     m = read_manifest(final)
     assert {"pool-rank00000.safetensors", "train.pt", "rng-rank00000.pt", "config.yaml"} <= set(m["files"])
-    assert m["shards"]["pool"][0]["tensors"]["delta"] == {"index": "range", "lo": 0, "hi": a.pool.store.numel}
+    assert m["shards"]["pool"][0]["tensors"]["delta"] == {"index": "range", "lo": 0, "hi": a.pool.shard.numel}
 
     b, st2 = _smat(seed=5), TrainState()
-    assert not torch.equal(b.pool.store.log_alpha, a.pool.store.log_alpha)
+    assert not torch.equal(b.pool.shard.log_alpha, a.pool.shard.log_alpha)
     Checkpointer(tmp_path / "checkpoints", Comm()).load(final, _parts(b, st2), expect={"experts": 3})
     for k, v in a.pool.state_dict()["tensors"].items():
         assert torch.equal(b.pool.state_dict()["tensors"][k], v), k

@@ -26,7 +26,7 @@ def make_setups(seed: int = 0, sharded: bool = False):
         smat = build(MODEL, MethodConfig(experts=4), seed=seed, comm=Comm(), merge="sharded", hyper=None)
     else:
         smat = build_local(MODEL, MethodConfig(experts=4), seed=seed)
-    store = smat.pool.store
+    store = smat.pool.shard
     g = torch.Generator().manual_seed(123)
     full = torch.randn(store.numel, generator=g) * 0.05      # the same delta whatever the slicing
     with torch.no_grad():
@@ -121,7 +121,7 @@ def _eval_on_ranks(rank, world, domains, sharded=False):
     setups = make_setups(sharded=sharded)
     res, per = evaluate(setups, domains, CFG, EP_CFG)
     if sharded:
-        res["pool_entries_here"] = setups["smat"].pool.store.log_alpha.shape[0]
+        res["pool_entries_here"] = setups["smat"].pool.shard.log_alpha.shape[0]
     return res, per
 
 

@@ -14,19 +14,19 @@ from smat_dist.export.layout import ExportError
 from smat_dist.export.loader import load_export
 from smat_dist.export.masks import eval_gate, pack, unpack
 from smat_dist.export.writer import export_run
-from smat_dist.method import hard_concrete as hc
-from smat_dist.method.pool import ExpertPool
+from smat_dist.pool import gates as hc
+from smat_dist.pool.shard import PoolShard
 from tests.export_fixture import export_config, save_rank
 
 
 @pytest.mark.parametrize("gate", ["upstream", "train"])
 def test_packed_masks_are_the_pools_eval_masks(gate):
     cfg = SparsityConfig(eval_gate=gate)
-    pool = ExpertPool(0, 1003, 1003, 5, cfg, seed=3)
+    pool = PoolShard(0, 1003, 1003, 5, cfg, seed=3)
     with torch.no_grad():
         pool.log_alpha.copy_(torch.rand(1003, 5, generator=torch.Generator().manual_seed(1)) * 14 - 7)
     z = eval_gate(pool.log_alpha, cfg.clamp, hc.eval_beta(cfg))
-    want = pool.masks_inplace(train=False, clamp=True)
+    want = pool.passes.masks_inplace(train=False, clamp=True)
     assert torch.equal(z, want)
     bits, pos, val = pack(z)
     assert bits.numel() == -(-1003 * 5 // 8)

@@ -137,7 +137,7 @@ def test_a_model_built_and_never_moved_is_host_born():
         assert host_born(stay.fb.theta_pre) and host_born(next(stay.method.hypernet.parameters()))
         cfg = MethodConfig(name="smat", experts=3)
         moved = build_local(TINY, cfg, device=torch.device("cpu"))
-        tensors = ([moved.fb.theta_pre] + list(moved.method.parameters()) + list(moved.pool.store.parameters()))
+        tensors = ([moved.fb.theta_pre] + list(moved.method.parameters()) + list(moved.pool.shard.parameters()))
         assert not any(host_born(t) for t in tensors)
 
 
@@ -161,7 +161,7 @@ def test_resume_into_a_pool_on_another_device(tmp_path):
     """A GPU run builds its pool on the device before the load: the load must not need host memory."""
     a = _smat()
     with torch.no_grad():
-        a.pool.store.log_alpha.add_(torch.randn_like(a.pool.store.log_alpha))
+        a.pool.shard.log_alpha.add_(torch.randn_like(a.pool.shard.log_alpha))
     ck = Checkpointer(tmp_path / "checkpoints", Comm(), async_save=False)
     ck.save(5, {"pool": a.pool, "train": TrainState(5, 5)}, {"experts": 3})
     final = ck.wait()
@@ -169,7 +169,7 @@ def test_resume_into_a_pool_on_another_device(tmp_path):
     b.pool.to(torch.device("meta"))
     Checkpointer(tmp_path / "checkpoints", Comm()).load(final, {"pool": b.pool, "train": TrainState()},
                                                          expect={"experts": 3})
-    assert b.pool.store.log_alpha.device.type == "meta"
+    assert b.pool.shard.log_alpha.device.type == "meta"
 
 
 # ---------------------------------------------------------------- bf16 autocast stays out of the pool
@@ -182,7 +182,7 @@ def _merge_and_backward(s, w, g, autocast):
         d = pool.merge(w)
     d.backward(g)
     pool.merger.end_step(None)
-    return d.detach(), w.grad, pool.store.log_alpha.grad
+    return d.detach(), w.grad, pool.shard.log_alpha.grad
 
 
 @pytest.mark.parametrize("lean", [False, True])
@@ -278,7 +278,7 @@ def test_evaluation_loads_a_run_onto_the_rank_device(tmp_path, episodes):
     ck.wait()
     s = load_method(str(tmp_path), device=torch.device("meta"))
     tensors = ([s.fb.theta_pre] + list(s.method.parameters()) + list(s.method.buffers())
-               + list(s.pool.store.parameters()) + list(s.pool.store.buffers()))
+               + list(s.pool.shard.parameters()) + list(s.pool.shard.buffers()))
     assert {t.device.type for t in tensors} == {"meta"}
     ev = Evaluator(s, EvalConfig())
     with ev:

@@ -129,3 +129,16 @@ def test_smat_dist_modules_used_by_data_tools_do_not_import_data_tools():
     assert back == [], f"smat_dist modules that data_tools imports lead back to {back}"
     data_layer = {m for m in g if m.startswith("smat_dist.data")}
     assert sorted(m for m in reach(g, data_layer) if m.startswith("data_tools")) == []
+
+
+def test_the_pool_package_depends_only_on_its_lower_layers():
+    """smat_dist.pool may use utils, config, model and distributed.comm only (no method/, train/, DeepSpeed);
+    method/ reaches the pool through its package, and the torch-free preflight (config) never imports it."""
+    g = graph()
+    pool = {m for m in g if m == "smat_dist.pool" or m.startswith("smat_dist.pool.")}
+    allowed = ("smat_dist.pool", "smat_dist.utils", "smat_dist.config", "smat_dist.model")
+    bad = sorted(f"{m} -> {t}" for m in pool for t in g[m] if t.startswith("smat_dist")
+                 and not t.startswith(allowed) and t not in ("smat_dist", "smat_dist.distributed.comm"))
+    assert bad == []
+    config = {m for m in g if m.startswith("smat_dist.config")}
+    assert sorted(m for m in reach(g, config) if m.startswith("smat_dist.pool")) == []

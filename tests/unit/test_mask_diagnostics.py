@@ -6,23 +6,24 @@ import pytest
 import torch
 
 from smat_dist.config.schema import MethodConfig, SparsityConfig
-from smat_dist.method.mask_diagnostics import clip_scale, mask_diagnostics
-from smat_dist.method.merge import LocalMerger
-from smat_dist.method.pool import ExpertPool
-from smat_dist.method.sparse_pool import SparsePool
+from smat_dist.method.mask_diagnostics import mask_diagnostics
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.optim import clip_scale
+from smat_dist.pool.pool import Pool
+from smat_dist.pool.shard import PoolShard
 
 N, M = 1000, 4
 COEF = torch.tensor([1e-3, -5e-4, 0.0, 2e-3])
 
 
-def _pool(lean: bool = False) -> ExpertPool:
-    p = ExpertPool(0, N, N - 3, M, SparsityConfig(init_std=2.0, lean=lean), seed=1)
+def _pool(lean: bool = False) -> PoolShard:
+    p = PoolShard(0, N, N - 3, M, SparsityConfig(init_std=2.0, lean=lean), seed=1)
     with torch.no_grad():
         p.delta.normal_(0, 1, generator=torch.Generator().manual_seed(2))
     return p
 
 
-def _step(p: ExpertPool, task: bool):
+def _step(p: PoolShard, task: bool):
     """One training step's mask gradient through the production pass: the task's (if `task`) + the penalty's."""
     mg = LocalMerger(p, N)
     mg.begin_step(train=True)
@@ -34,8 +35,8 @@ def _step(p: ExpertPool, task: bool):
     return mg
 
 
-def _grad(p: ExpertPool) -> torch.Tensor:
-    return (p.log_alpha.grad if p.log_alpha.grad is not None else p.deferred_grad()).clone()
+def _grad(p: PoolShard) -> torch.Tensor:
+    return (p.log_alpha.grad if p.log_alpha.grad is not None else p.passes.deferred_grad()).clone()
 
 
 def test_norms_split_the_gradient_the_optimiser_sees():
@@ -87,7 +88,7 @@ def test_reduce_sums_the_slices():
     ref = mask_diagnostics(whole, COEF, lambda t: t)
     parts = []
     for lo, hi in ((0, N // 2), (N // 2, N)):
-        s = ExpertPool(lo, hi, N - 3, M, SparsityConfig(init_std=2.0), seed=1)
+        s = PoolShard(lo, hi, N - 3, M, SparsityConfig(init_std=2.0), seed=1)
         mg = LocalMerger(s, N)
         mg.begin_step(train=True)
         mg.end_step(COEF)
@@ -106,16 +107,16 @@ def test_reduce_sums_the_slices():
         assert got[k] == pytest.approx(ref[k], rel=1e-6), k
 
 
-def test_sparse_pool_logs_them_with_the_clip_factor():
+def test_the_pool_logs_them_with_the_clip_factor():
     cfg = MethodConfig(experts=M)
     cfg.sparsity.init_std, cfg.sparsity.schedule_share = 2.0, 0.0   # tau from the start: the multipliers stay
     for diagnose in (False, True):
-        store = ExpertPool(0, N, N - 3, M, cfg.sparsity, seed=1)
+        store = PoolShard(0, N, N - 3, M, cfg.sparsity, seed=1)
         with torch.no_grad():
             store.delta.normal_(0, 1, generator=torch.Generator().manual_seed(2))
-        pool = SparsePool(store, LocalMerger(store, N), cfg)
+        pool = Pool(store, LocalMerger(store, N), cfg)
         pool.controller.multipliers.fill_(5000.0)    # a penalty large enough to meet the clip
-        pool.diagnose = diagnose
+        pool.diagnostics = mask_diagnostics if diagnose else None
         pool.begin_step(train=True)
         w = torch.full((M,), 1.0 / M, requires_grad=True)
         (pool.merge(w) * torch.randn(N, generator=torch.Generator().manual_seed(1))).sum().backward()
@@ -129,7 +130,7 @@ def test_sparse_pool_logs_them_with_the_clip_factor():
 
 
 def test_fixed_patterns_have_nothing_to_report():
-    p = ExpertPool(0, 50, 50, 2, SparsityConfig(pattern="random"))
+    p = PoolShard(0, 50, 50, 2, SparsityConfig(pattern="random"))
     assert mask_diagnostics(p, COEF[:2], lambda t: t) == {}
 
 

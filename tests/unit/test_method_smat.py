@@ -10,7 +10,7 @@ import torch
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.data.episodes import Episode, EpisodeConfig, EpisodeStream
 from smat_dist.distributed.build import build_local
-from smat_dist.method import hard_concrete as hc
+from smat_dist.pool import gates as hc
 from smat_dist.train.step import NonFiniteLoss, smat_step
 from tests.data_fixture import make_dataset
 
@@ -72,14 +72,14 @@ def test_gradients_reach_delta_masks_and_hypernetwork(episodes):
     cfg.hypernet.logit_reg = 0.0  # so any hypernetwork gradient comes through the merged weights
     s = build_local(SMALL_VIT, cfg, seed=0)
     with torch.no_grad():
-        s.pool.store.delta.normal_(0, 1e-2)  # log_alpha and the hypernetwork only see the task once delta != 0
+        s.pool.shard.delta.normal_(0, 1e-2)  # log_alpha and the hypernetwork only see the task once delta != 0
     pool_g, hyper_g = {}, {}
     _capture_grads(s.pool.optimizer.opt, pool_g)
     _capture_grads(s.hyper.opt, hyper_g)
     assert float(s.pool.controller.multipliers.abs().sum()) == 0.0  # no sparsity gradient in this step
     with torch.no_grad():
-        s.pool.store.log_alpha.mul_(4.0)  # spread the logits so that some lie beyond the train threshold
-    la = s.pool.store.log_alpha.detach().clamp(-cfg.sparsity.clamp, cfg.sparsity.clamp).clone()
+        s.pool.shard.log_alpha.mul_(4.0)  # spread the logits so that some lie beyond the train threshold
+    la = s.pool.shard.log_alpha.detach().clamp(-cfg.sparsity.clamp, cfg.sparsity.clamp).clone()
     _step(s, episodes[:2])
     assert pool_g["delta.0"].abs().sum() > 0
     g_la = pool_g["log_alpha.0"]
@@ -114,14 +114,14 @@ def test_sparsity_penalty_gradient_alone_matches_hand_formula(episodes):
     assert pool_g["delta.0"].abs().sum() > 0
     # now with multipliers, delta still 0
     with torch.no_grad():
-        s.pool.store.delta.zero_()
+        s.pool.shard.delta.zero_()
     lam = torch.tensor([1.0, 0.5, 2.0, 0.0], dtype=torch.float64)
     s.pool.controller.multipliers.copy_(lam)
-    la0 = s.pool.store.log_alpha.detach().clone().clamp(-cfg.sparsity.clamp, cfg.sparsity.clamp)
+    la0 = s.pool.shard.log_alpha.detach().clone().clamp(-cfg.sparsity.clamp, cfg.sparsity.clamp)
     out = _step(s, episodes[1:2], first=1)
     w = torch.tensor([out[f"w_mean/expert{m}"] for m in range(4)], dtype=torch.float64)
     p = torch.sigmoid(la0.double() + hc.L0_SHIFT)
-    expect = (p * (1 - p) * (lam * w) / s.pool.store.numel).float()
+    expect = (p * (1 - p) * (lam * w) / s.pool.shard.numel).float()
     assert out["grad_norm/log_alpha"] < cfg.sparsity.mask_clip  # not clipped, so comparable as is
     assert torch.allclose(pool_g["log_alpha.0"], expect, rtol=1e-4, atol=1e-12)
     assert float(pool_g["log_alpha.0"][:, 3].abs().sum()) == 0.0  # lambda_3 == 0
@@ -136,7 +136,7 @@ def test_trainable_count(episodes):
     # tokens 4d, keys Md, LN 2x2d, qkv 3d^2 (no bias), proj d^2+d, fc1 2d^2+2d, fc2 2d^2+d
     hyper = 4 * d + M * d + 4 * d + 3 * d * d + d * d + d + 2 * d * d + 2 * d + 2 * d * d + d
     assert sum(p.numel() for p in s.method.hypernet.parameters()) == hyper
-    trainable = sum(p.numel() for p in list(s.pool.store.parameters()) + list(s.method.parameters())
+    trainable = sum(p.numel() for p in list(s.pool.shard.parameters()) + list(s.method.parameters())
                     if p.requires_grad)
     assert trainable == (M + 1) * numel + hyper
     # the multipliers belong to the pool component: saved with it, not gradient-trained
@@ -211,7 +211,7 @@ def test_state_dict_round_trip_restores_everything(episodes):
 def test_same_task_same_w_for_permuted_labels(episodes):
     s = build_local(SMALL_VIT, _cfg(), seed=0)
     with torch.no_grad():
-        s.pool.store.delta.normal_(0, 1e-2)
+        s.pool.shard.delta.normal_(0, 1e-2)
     ep = episodes[0]
     perm = torch.tensor([2, 0, 3, 1])
     pe = _permuted(ep, perm)
@@ -234,7 +234,7 @@ def test_same_task_same_w_for_permuted_labels(episodes):
 def test_nan_loss_raises_naming_the_task(episodes):
     s = build_local(SMALL_VIT, _cfg(), seed=0)
     with torch.no_grad():
-        s.pool.store.delta[0] = float("nan")
+        s.pool.shard.delta[0] = float("nan")
     ep = episodes[3]
     with pytest.raises(NonFiniteLoss) as e:
         smat_step(s.method, s.pool, s.hyper, [ep], 41, 41)
@@ -265,4 +265,4 @@ def test_vit_and_cnn_train(episodes, model, delta_lr, steps):
                                       "loss/hyper_reg", "loss/sparsity_penalty", "loss/lagrangian"))
     after = _query_ce(s, eps)
     assert after < 0.9 * before, (before, after)
-    assert float(s.pool.store.delta.detach().abs().sum()) > 0
+    assert float(s.pool.shard.delta.detach().abs().sum()) > 0

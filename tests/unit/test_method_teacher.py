@@ -133,7 +133,7 @@ def _train(mc: ModelConfig, blockwise: bool, episodes):
     cfg.teacher.blockwise = blockwise
     s = build_local(mc, cfg, seed=0)
     with torch.no_grad():
-        s.pool.store.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
+        s.pool.shard.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
     before = _state(s.fb)
     grads: dict[str, torch.Tensor] = {}
 

@@ -107,7 +107,7 @@ def test_smat_trains_with_the_top_teacher(episodes):
         cfg.teacher.top_fraction = top
         s = build_local(VIT, cfg, seed=0)
         with torch.no_grad():
-            s.pool.store.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
+            s.pool.shard.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
         torch.manual_seed(123)
         outs = [smat_step(s.method, s.pool, s.hyper, episodes[i:i + 1], i, i) for i in range(3)]
         return outs, s

@@ -20,7 +20,7 @@ def _train(method: str, checkpoint: bool):
         else:
             m = dense_step(s.method, s.hyper, [synthetic_episode(3, 2, 2, 32, seed=0, index=i)], i, i)
         losses.append(m["loss/task"])
-    delta = (s.pool.store.delta if s.pool is not None else s.method.delta).detach().clone()
+    delta = (s.pool.shard.delta if s.pool is not None else s.method.delta).detach().clone()
     return losses, delta
 
 

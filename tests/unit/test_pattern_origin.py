@@ -12,7 +12,7 @@ from smat_dist.config.schema import Config, MethodConfig, ModelConfig, TrainConf
 from smat_dist.distributed.build import build_local
 from smat_dist.distributed.checkpoint import Checkpointer
 from smat_dist.distributed.comm import Comm
-from smat_dist.method.pool import _chunked_normal
+from smat_dist.pool.draws import chunked_normal
 from smat_dist.train.state import RngState, TrainState
 
 TINY = ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 1, "embed_dim": 64, "num_heads": 2})
@@ -22,16 +22,16 @@ def _save(tmp_path, logits_from, structured=False, seed=3, pattern="learned"):
     cfg = Config(model=TINY, method=MethodConfig(name="smat", experts=3), train=TrainConfig(seed=seed))
     cfg.method.sparsity.structured, cfg.method.sparsity.pattern = structured, pattern
     s = build_local(cfg.model, cfg.method, seed=seed)
-    la = s.pool.store.log_alpha
+    la = s.pool.shard.log_alpha
     if logits_from is not None:
-        init = _chunked_normal(seed, 0, la.shape[0], 3, 0.0, cfg.method.sparsity.init_std)
-        assert torch.equal(la.detach()[:s.pool.store.n_valid], init[:s.pool.store.n_valid])  # the regenerated draw
+        init = chunked_normal(seed, 0, la.shape[0], 3, 0.0, cfg.method.sparsity.init_std)
+        assert torch.equal(la.detach()[:s.pool.shard.n_valid], init[:s.pool.shard.n_valid])  # the regenerated draw
         with torch.no_grad():
             la.copy_(logits_from(init))
     ck = Checkpointer(tmp_path / "checkpoints", Comm(), keep=1, async_save=False)
     ck.save(4, {"pool": s.pool, "train": TrainState(tasks=4), "rng": RngState()},
             {"method": "smat", "experts": 3}, texts={"config.yaml": to_yaml(cfg)})
-    return s.pool.store.numel
+    return s.pool.shard.numel
 
 
 def test_a_shifted_draw_keeps_the_draws_top_entries(tmp_path):

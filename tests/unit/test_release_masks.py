@@ -25,10 +25,10 @@ def test_released_masks_train_bitwise_like_kept_ones(episodes):  # noqa: F811
         runs[release] = (s, outs)
     (a, oa), (b, ob) = runs[False], runs[True]
     assert oa == ob
-    assert torch.equal(a.pool.store.delta, b.pool.store.delta)
-    assert torch.equal(a.pool.store.log_alpha, b.pool.store.log_alpha)
+    assert torch.equal(a.pool.shard.delta, b.pool.shard.delta)
+    assert torch.equal(a.pool.shard.log_alpha, b.pool.shard.log_alpha)
     # kept: a buffer across steps; released: none left between steps
-    assert getattr(a.pool.store, "_z_buf", None) is not None and getattr(b.pool.store, "_z_buf", None) is None
+    assert "z" in a.pool.shard.passes.kept and "z" not in b.pool.shard.passes.kept
 
 
 def test_no_masks_alive_between_the_merge_and_the_backward(episodes):  # noqa: F811
@@ -41,4 +41,4 @@ def test_no_masks_alive_between_the_merge_and_the_backward(episodes):  # noqa: F
     res.loss.backward()
     assert merger._z is not None              # recomputed by the merge's backward, for the gate's backward
     s.pool.end_step(res.w.detach(), 1, 1.0)
-    assert merger._z is None and s.pool.store.log_alpha.grad is None
+    assert merger._z is None and s.pool.shard.log_alpha.grad is None

@@ -13,8 +13,8 @@ import yaml
 from smat_dist.bench.step import synthetic_episode
 from smat_dist.config.schema import MethodConfig, ModelConfig, SparsityInit
 from smat_dist.distributed.build import build_local
-from smat_dist.method import hard_concrete as hc
-from smat_dist.method.controller import LagrangeController
+from smat_dist.pool import gates as hc
+from smat_dist.pool.controller import LagrangeController
 from smat_dist.train.step import smat_step
 
 # depth 1, width 16: 6.7k backbone parameters, so 160 SMAT tasks take a few seconds on one core
@@ -135,7 +135,7 @@ def test_schedule_counter_travels_with_the_replicated_state():
     b.pool.load_replicated(old)           # a checkpoint from before the schedule keeps the counter as it is
     assert float(b.pool.controller.tasks) == 37.0
     # lambda_lr_scale=numel: lr per million pool entries
-    assert a.pool.controller.lr == pytest.approx(SHIPPED["lambda_lr"] * a.pool.store.numel / 1e6)
+    assert a.pool.controller.lr == pytest.approx(SHIPPED["lambda_lr"] * a.pool.shard.numel / 1e6)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.9])
@@ -143,7 +143,7 @@ def test_init_hard_starts_at_target_and_l0_at_expected_density(target):
     for init in (SparsityInit.hard, SparsityInit.l0):
         cfg = _cfg(target, short_run=False)
         cfg.sparsity.init = init
-        la = build_local(MICRO_VIT, cfg, seed=0).pool.store.log_alpha.detach()
+        la = build_local(MICRO_VIT, cfg, seed=0).pool.shard.log_alpha.detach()
         if init == SparsityInit.hard:
             assert float((la <= -hc.threshold(train=True)).double().mean()) == pytest.approx(target, abs=0.02)
         else:
@@ -174,7 +174,7 @@ def test_expert_weight_enters_the_penalty_and_the_multiplier_step(weight):
     lam0 = pool.controller.multipliers.clone()
     out, coef = pool.sparsity_terms(w * 2, n_tasks=2, lr_factor=1.0)
     assert [out[f"w_mean/expert{m}"] for m in range(4)] == pytest.approx(w.tolist())
-    numel = pool.store.numel
+    numel = pool.shard.numel
     assert coef.double().tolist() == pytest.approx((lam0 * expected / numel).tolist(), rel=1e-6)
     sparsity = torch.tensor([out[f"sparsity/expert{m}"] for m in range(4)], dtype=torch.float64)
     step = pool.controller.lr * (0.9 - sparsity) * expected

@@ -8,8 +8,8 @@ import torch
 
 from smat_dist.config.schema import MethodConfig, SparsityConfig
 from smat_dist.distributed.build import build_local
-from smat_dist.method.merge import LocalMerger
-from smat_dist.method.pool import ExpertPool
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.shard import PoolShard
 from smat_dist.train.step import smat_step
 from tests.unit.test_method_smat import VIT, episodes  # noqa: F401  (fixture)
 
@@ -27,27 +27,27 @@ def test_lean_pool_trains_like_the_stored_pool(episodes):  # noqa: F811
     for lean in (False, True):
         s = _setup(lean)
         with torch.no_grad():
-            s.pool.store.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
+            s.pool.shard.delta.normal_(0, 1e-2, generator=torch.Generator().manual_seed(3))
         outs = [smat_step(s.method, s.pool, s.hyper, [episodes[i], episodes[i + 1]], 2 * i, 2 * i) for i in range(3)]
         runs[lean] = (s, outs)
     (a, oa), (b, ob) = runs[False], runs[True]
     for x, y in zip(oa, ob):
         for k in ("loss/task", "loss/query_ce", "sparsity/expert0", "density_l0/expert1", "grad_norm/log_alpha"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
-    torch.testing.assert_close(a.pool.store.delta, b.pool.store.delta, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a.pool.shard.delta, b.pool.shard.delta, rtol=1e-5, atol=1e-7)
     # mask lr 1e6: rounding-order differences of the chunked products show at ~1e-3 in the logits
-    torch.testing.assert_close(a.pool.store.log_alpha, b.pool.store.log_alpha, rtol=0, atol=1e-2)
-    assert (a.pool.store.log_alpha - _setup(False).pool.store.log_alpha).abs().max() > 0.1   # the logits did move
+    torch.testing.assert_close(a.pool.shard.log_alpha, b.pool.shard.log_alpha, rtol=0, atol=1e-2)
+    assert (a.pool.shard.log_alpha - _setup(False).pool.shard.log_alpha).abs().max() > 0.1   # the logits did move
     # nothing of size [rows, M] besides the logits: no z buffer, no gradient buffer, no .grad
-    assert getattr(b.pool, "_z_buf", None) is None and getattr(b.pool, "_grad_buf", None) is None
-    assert b.pool.store.log_alpha.grad is None
+    assert b.pool.shard.passes.kept == {}
+    assert b.pool.shard.log_alpha.grad is None
 
 
 def test_lean_merge_and_deferred_gradient_equal_the_stored_ones():
     n, m = 1000, 5
     pools = []
     for lean in (False, True):
-        p = ExpertPool(0, n, n - 3, m, SparsityConfig(init_std=2.0, lean=lean), seed=1)
+        p = PoolShard(0, n, n - 3, m, SparsityConfig(init_std=2.0, lean=lean), seed=1)
         with torch.no_grad():
             p.delta.normal_(0, 1, generator=torch.Generator().manual_seed(2))
         pools.append(p)
@@ -63,7 +63,7 @@ def test_lean_merge_and_deferred_gradient_equal_the_stored_ones():
         ((d[0] * tgt).square().sum() + (d[1] * tgt).sum()).backward()
         stats = mg.stats.clone()
         mg.end_step(coef)
-        g = p.log_alpha.grad if p.log_alpha.grad is not None else p.deferred_grad()
+        g = p.log_alpha.grad if p.log_alpha.grad is not None else p.passes.deferred_grad()
         res.append((d[0].detach(), d[1].detach(), ws[0].grad, ws[1].grad, p.delta.grad, stats, g.clone()))
         mg.begin_step(train=False)
         res[-1] = res[-1] + (mg.merge(w1).detach(),)
@@ -74,10 +74,10 @@ def test_lean_merge_and_deferred_gradient_equal_the_stored_ones():
 
 def test_lean_refuses_what_it_cannot_recompute():
     with pytest.raises(ValueError, match="lean"):
-        ExpertPool(0, 8, 8, 2, SparsityConfig(lean=True, noise_eps=1e-6))
+        PoolShard(0, 8, 8, 2, SparsityConfig(lean=True, noise_eps=1e-6))
     with pytest.raises(ValueError, match="lean"):
-        ExpertPool(0, 8, 8, 2, SparsityConfig(lean=True, structured=True))
+        PoolShard(0, 8, 8, 2, SparsityConfig(lean=True, structured=True))
     from smat_dist.distributed.comm import Comm
-    from smat_dist.distributed.sharded import build_merger
+    from smat_dist.pool.merge import build_merger
     with pytest.raises(ValueError, match="lean"):
-        build_merger("gather", ExpertPool(0, 8, 8, 2, SparsityConfig(lean=True)), 8, Comm())
+        build_merger("gather", PoolShard(0, 8, 8, 2, SparsityConfig(lean=True)), 8, Comm())

@@ -12,20 +12,22 @@ import time
 import pytest
 import torch
 
-import smat_dist.method.pool as pool_mod
+import smat_dist.pool.draws as draws
 from smat_dist.bench.step import synthetic_episode
+from smat_dist.config.checks import check_pattern
 from smat_dist.config.hydra import ConfigError, compose
 from smat_dist.config.schema import MethodConfig, SparsityConfig, SparsityPattern
 from smat_dist.distributed.build import build_local
-from smat_dist.method import hard_concrete as hc
-from smat_dist.method.merge import LocalMerger
-from smat_dist.method.patterns import top_magnitude
-from smat_dist.method.pool import ExpertPool
-from smat_dist.method.sparse_pool import SparsePool
 from smat_dist.model.flat import FlatSpace
+from smat_dist.pool import gates as hc
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.passes import PoolPasses
+from smat_dist.pool.patterns import top_magnitude
+from smat_dist.pool.pool import Pool
+from smat_dist.pool.shard import PoolShard
 from smat_dist.train.step import smat_step
 from tests.unit.test_method_smat import VIT
-from tests.unit.test_method_structured import _Net
+from tests.unit.test_pool_structured import _Net
 
 EXPERTS = 4
 
@@ -44,7 +46,7 @@ def _step(s, i: int) -> dict:
     return smat_step(s.method, s.pool, s.hyper, [EPISODES[(2 * i) % 4], EPISODES[(2 * i + 1) % 4]], 2 * i, 2 * i)
 
 
-def _hard(pool: ExpertPool, train: bool) -> torch.Tensor:
+def _hard(pool: PoolShard, train: bool) -> torch.Tensor:
     """Per-expert share of exactly-zero real entries in the training or eval gate."""
     z = pool.masks(train=train)
     return pool.zero_counts(z) / pool.numel
@@ -56,7 +58,7 @@ def _hard(pool: ExpertPool, train: bool) -> torch.Tensor:
 def test_random_pattern_is_fixed_at_tau_in_both_gates_and_frozen_while_delta_trains(target, eval_gate):
     t0 = time.time()
     s = build_local(VIT, _cfg("random", target, eval_gate=eval_gate), seed=0)
-    store = s.pool.store
+    store = s.pool.shard
     la0 = store.log_alpha.detach().clone()
     real = la0[: store.n_valid]
     assert bool((real.abs() == store.cfg.clamp).all())            # every logit at +-clamp
@@ -90,11 +92,11 @@ def test_fixed_pattern_skips_the_mask_backward(monkeypatch):
     """No factors are recorded and the gate backward (apply_mask_grad_) never runs; w and delta get gradients."""
     n, m = 300, 3
     cfg = SparsityConfig(pattern=SparsityPattern.random, target=0.5)
-    p = ExpertPool(0, n, n - 5, m, cfg, seed=1)
+    p = PoolShard(0, n, n - 5, m, cfg, seed=1)
     with torch.no_grad():
         p.delta.normal_(0, 1, generator=torch.Generator().manual_seed(2))
-    monkeypatch.setattr(ExpertPool, "apply_mask_grad_", lambda *a, **k: pytest.fail("mask backward ran"))
-    monkeypatch.setattr(ExpertPool, "defer_mask_grad_", lambda *a, **k: pytest.fail("mask backward ran"))
+    monkeypatch.setattr(PoolPasses, "apply_mask_grad_", lambda *a, **k: pytest.fail("mask backward ran"))
+    monkeypatch.setattr(PoolPasses, "defer_mask_grad_", lambda *a, **k: pytest.fail("mask backward ran"))
     mg = LocalMerger(p, n)
     mg.begin_step(train=True)
     w = torch.tensor([0.2, 0.3, 0.5], requires_grad=True)
@@ -106,11 +108,11 @@ def test_fixed_pattern_skips_the_mask_backward(monkeypatch):
 
 @pytest.mark.parametrize("structured", [False, True])
 def test_random_pattern_slice_at_world_two_equals_the_single_process_slice(structured, monkeypatch):
-    monkeypatch.setattr(pool_mod, "_INIT_CHUNK", 16)      # several init chunks, boundaries inside the slices
+    monkeypatch.setattr(draws, "INIT_CHUNK", 16)      # several init chunks, boundaries inside the slices
     space = FlatSpace.from_module(_Net(), pad_to=2)
     cfg = SparsityConfig(pattern=SparsityPattern.random, target=0.6, structured=structured)
-    one = ExpertPool.for_space(space, 0, 1, EXPERTS, cfg, seed=7)
-    ranks = [ExpertPool.for_space(space, r, 2, EXPERTS, cfg, seed=7) for r in range(2)]
+    one = PoolShard.for_space(space, 0, 1, EXPERTS, cfg, seed=7)
+    ranks = [PoolShard.for_space(space, r, 2, EXPERTS, cfg, seed=7) for r in range(2)]
     full = one.entry_log_alpha(0, space.padded)
     for r, p in enumerate(ranks):
         lo, hi = space.shard_range(r, 2)
@@ -125,11 +127,11 @@ def test_random_pattern_slice_at_world_two_equals_the_single_process_slice(struc
 
 def test_learned_pattern_draws_the_upstream_logits_bit_for_bit():
     """pattern=learned (the default) keeps the pre-pattern initialisation: N(mean, std^2) per fixed chunk."""
-    p = ExpertPool(5, 700, 690, 3, SparsityConfig(), seed=4)
+    p = PoolShard(5, 700, 690, 3, SparsityConfig(), seed=4)
     g = torch.Generator().manual_seed((4 * 1_000_003 + 0 * 7919 + 17) & 0x7FFFFFFFFFFF)
-    ref = torch.empty(pool_mod._INIT_CHUNK, 3).normal_(0.0, 0.5, generator=g)[5:700]
+    ref = torch.empty(draws.INIT_CHUNK, 3).normal_(0.0, 0.5, generator=g)[5:700]
     ref[685:] = -p.cfg.clamp
-    assert torch.equal(p.log_alpha.detach(), ref) and p.log_alpha.requires_grad and not p.frozen
+    assert torch.equal(p.log_alpha.detach(), ref) and p.log_alpha.requires_grad and not p.pattern.frozen
 
 
 # ---- magnitude ----
@@ -145,7 +147,7 @@ def _reference_top(delta: torch.Tensor, numel: int, keep: int) -> torch.Tensor:
 def test_magnitude_pattern_is_dense_then_fixed_to_the_top_delta_entries():
     tau = 0.8
     s = build_local(VIT, _cfg("magnitude", tau, total=16), seed=0)      # switch at 0.5 * 16 = 8 tasks
-    store, numel = s.pool.store, s.pool.store.numel
+    store, numel = s.pool.shard, s.pool.shard.numel
     for i in range(4):                                                  # tasks 0..7: dense
         out = _step(s, i)
         assert [out[f"sparsity/expert{m}"] for m in range(EXPERTS)] == [0.0] * EXPERTS
@@ -194,10 +196,10 @@ class _TwoRanks:
 def _magnitude_pool(lo, hi, numel, padded, delta, reduce=None):
     cfg = MethodConfig(experts=3, total_tasks=10)
     cfg.sparsity.pattern, cfg.sparsity.target, cfg.sparsity.pattern_share = "magnitude", 0.7, 0.5
-    store = ExpertPool(lo, hi, numel, 3, cfg.sparsity, seed=0)
+    store = PoolShard(lo, hi, numel, 3, cfg.sparsity, seed=0)
     with torch.no_grad():
         store.delta.copy_(delta[lo:hi])
-    pool = SparsePool(store, LocalMerger(store, padded), cfg, reduce=reduce, world=2 if reduce else 1)
+    pool = Pool(store, LocalMerger(store, padded), cfg, reduce=reduce, world=2 if reduce else 1)
     pool.controller.tasks.fill_(5.0)                 # at the switch point (0.5 * 10)
     return pool
 
@@ -220,8 +222,8 @@ def test_magnitude_masks_of_two_slices_with_a_summing_reduce_equal_one_pool(nume
     for t in threads:
         t.join(timeout=60)
     assert all(p.masks_fixed for p in pools) and one.masks_fixed
-    sliced = torch.cat([p.store.log_alpha.detach() for p in pools])
-    assert torch.equal(sliced, one.store.log_alpha.detach())
+    sliced = torch.cat([p.shard.log_alpha.detach() for p in pools])
+    assert torch.equal(sliced, one.shard.log_alpha.detach())
     keep = round(0.3 * numel)
     assert torch.equal(sliced[:, 0] > 0, _reference_top(delta, numel, keep))
     a = delta[:numel].abs()
@@ -246,7 +248,7 @@ def test_magnitude_switch_survives_a_state_round_trip():
     a.controller.tasks.fill_(2.0)
     a.begin_step(train=True)                        # before the switch: dense
     a.end_eval()
-    assert not a.masks_fixed and bool((a.store.log_alpha.detach() > 0).all())
+    assert not a.masks_fixed and bool((a.shard.log_alpha.detach() > 0).all())
     before = json.loads(json.dumps({k: v for k, v in a.state_dict()["replicated"].items()
                                     if not isinstance(v, torch.Tensor)}))   # the checkpoint keeps these as JSON
     assert before["masks_fixed"] is False and before["pattern"] == "magnitude"
@@ -259,28 +261,28 @@ def test_magnitude_switch_survives_a_state_round_trip():
     # resumed after the switch: the masks are the checkpoint's and are not recomputed from a later delta
     b = _magnitude_pool(0, padded, numel, padded, torch.randn(padded))
     b.load_state_dict(post)
-    assert b.masks_fixed and torch.equal(b.store.log_alpha, a.store.log_alpha)
+    assert b.masks_fixed and torch.equal(b.shard.log_alpha, a.shard.log_alpha)
     with torch.no_grad():
-        b.store.delta.mul_(-3).add_(1)
+        b.shard.delta.mul_(-3).add_(1)
     b.begin_step(train=True)
     b.end_eval()
-    assert torch.equal(b.store.log_alpha, a.store.log_alpha)
+    assert torch.equal(b.shard.log_alpha, a.shard.log_alpha)
     # resumed before the switch: dense, and switches at the saved counter's point to the same masks
     c = _magnitude_pool(0, padded, numel, padded, torch.zeros(padded))
     c.controller.tasks.fill_(0.0)
     c.load_state_dict(pre)
-    assert not c.masks_fixed and float(c.controller.tasks) == 2.0 and bool((c.store.log_alpha > 0).all())
+    assert not c.masks_fixed and float(c.controller.tasks) == 2.0 and bool((c.shard.log_alpha > 0).all())
     c.controller.tasks.fill_(5.0)
     c.begin_step(train=True)
     c.end_eval()
-    assert c.masks_fixed and torch.equal(c.store.log_alpha, a.store.log_alpha)
+    assert c.masks_fixed and torch.equal(c.shard.log_alpha, a.shard.log_alpha)
 
 
 def test_replicated_state_of_other_patterns():
     """A checkpoint from before the patterns (no keys) loads as learned; a pattern mismatch is refused."""
     cfg = MethodConfig(experts=3)
-    store = ExpertPool(0, 50, 50, 3, cfg.sparsity)
-    learned = SparsePool(store, LocalMerger(store, 50), cfg)
+    store = PoolShard(0, 50, 50, 3, cfg.sparsity)
+    learned = Pool(store, LocalMerger(store, 50), cfg)
     old = {k: v for k, v in learned.replicated_state().items() if k not in ("pattern", "masks_fixed")}
     learned.load_replicated(old)
     assert not learned.masks_fixed
@@ -326,8 +328,7 @@ def test_pattern_enum_and_threshold():
     assert [p.value for p in SparsityPattern] == ["learned", "random", "magnitude"]
     assert MethodConfig().sparsity.pattern == "learned" and MethodConfig().sparsity.pattern_share == 0.5
     assert SparsityConfig().clamp > hc.threshold(train=False) > hc.threshold(train=True)
-    with pytest.raises(ValueError, match="clamp"):         # a pool built in code checks the exact gates too
-        ExpertPool(0, 10, 10, 2, SparsityConfig(pattern=SparsityPattern.random, clamp=2.0))
+    with pytest.raises(ValueError, match="clamp"):         # the one check (the pool trusts the validated config)
+        check_pattern(SparsityConfig(pattern=SparsityPattern.random, clamp=2.0))
     with pytest.raises(ValueError, match="structured=false"):
-        ExpertPool.for_space(FlatSpace.from_module(_Net()), 0, 1, 2,
-                             SparsityConfig(pattern=SparsityPattern.magnitude, structured=True))
+        check_pattern(SparsityConfig(pattern=SparsityPattern.magnitude, structured=True))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from smat_dist.config.schema import SparsityConfig
-from smat_dist.method import hard_concrete as hc
-from smat_dist.method.merge import LocalMerger
-from smat_dist.method.pool import ExpertPool
+from smat_dist.pool import gates as hc
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.shard import PoolShard
 
 
 def _sigmoid(x: float) -> float:
@@ -21,9 +21,9 @@ def _gate_by_hand(la: float, train: bool) -> float:
     return min(1.0, max(0.0, _sigmoid(la / beta) * (1.1 - (-0.1)) + (-0.1)))
 
 
-def _pool(la: torch.Tensor, delta: torch.Tensor, numel: int | None = None) -> ExpertPool:
+def _pool(la: torch.Tensor, delta: torch.Tensor, numel: int | None = None) -> PoolShard:
     n, m = la.shape
-    pool = ExpertPool(0, n, numel if numel is not None else n, m, SparsityConfig(), seed=0)
+    pool = PoolShard(0, n, numel if numel is not None else n, m, SparsityConfig(), seed=0)
     with torch.no_grad():
         pool.log_alpha.copy_(la)
         pool.delta.copy_(delta)
@@ -128,3 +128,11 @@ def test_merge_gradient_reaches_logits_through_end_step():
     (((z @ w1) * delta) ** 2).sum().add(((z @ w2) * delta * 3).sum()).backward()
     assert torch.allclose(pool.log_alpha.grad, la_ref.grad, atol=1e-5)
     assert pool.log_alpha.grad.abs().sum() > 0
+
+
+def test_the_config_checks_torch_free_exact_gate_logit_equals_the_gates():
+    from smat_dist.config.checks import exact_gate_logit
+    for eval_gate in ("upstream", "train"):
+        sp = SparsityConfig(eval_gate=eval_gate)
+        want = max(hc.threshold(train=True), hc.threshold(train=False, eval_beta=hc.eval_beta(sp)))
+        assert exact_gate_logit(sp) == pytest.approx(want, rel=1e-12)

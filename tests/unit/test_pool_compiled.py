@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import smat_dist.method.pool_passes as passes
+import smat_dist.pool.passes as passes
 from smat_dist.config.schema import MethodConfig, SparsityConfig
 from smat_dist.distributed.build import build_local
-from smat_dist.method.merge import LocalMerger
-from smat_dist.method.pool import ExpertPool
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.shard import PoolShard
 from smat_dist.train.step import smat_step
 from tests.unit.test_method_smat import VIT, episodes  # noqa: F401  (fixture)
 
@@ -17,7 +17,7 @@ from tests.unit.test_method_smat import VIT, episodes  # noqa: F401  (fixture)
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     # 1024-row chunks at M=4: many full chunks (fused kernels) and a tail with padding (eager path)
-    monkeypatch.setattr(passes, "_CHUNK", 4096)
+    monkeypatch.setattr(passes, "CHUNK", 4096)
     used = []
     real = passes.kernel
 
@@ -34,7 +34,7 @@ def test_fused_passes_equal_eager(tasks, small_chunks):
     n, numel, m = 5000, 4990, 4
     res = []
     for compiled in (False, True):
-        p = ExpertPool(0, n, numel, m, SparsityConfig(init_std=2.0, compile=compiled), seed=1)
+        p = PoolShard(0, n, numel, m, SparsityConfig(init_std=2.0, compile=compiled), seed=1)
         with torch.no_grad():
             p.delta.normal_(0, 1, generator=torch.Generator().manual_seed(2))
         mg = LocalMerger(p, n)
@@ -49,7 +49,7 @@ def test_fused_passes_equal_eager(tasks, small_chunks):
     for a, b in zip(*res):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert res[1][1].abs().sum() > 0
-    assert "_masks_stats" in small_chunks and ("_gate_grad_outer" if tasks == 1 else "_gate_grad_mm") in small_chunks
+    assert "masks_stats" in small_chunks and ("gate_grad_outer" if tasks == 1 else "gate_grad_mm") in small_chunks
 
 
 def test_training_with_fused_passes_matches(episodes):  # noqa: F811
@@ -59,7 +59,7 @@ def test_training_with_fused_passes_matches(episodes):  # noqa: F811
         cfg.sparsity.compile = compiled
         s = build_local(VIT, cfg, seed=0)
         steps = [smat_step(s.method, s.pool, s.hyper, [episodes[i]], i, i) for i in range(2)]
-        outs.append(steps + [s.pool.store.log_alpha.detach().clone()])
+        outs.append(steps + [s.pool.shard.log_alpha.detach().clone()])
     for x, y in zip(outs[0][:2], outs[1][:2]):
         for k in ("loss/task", "sparsity/expert0", "density_l0/expert2", "grad_norm/log_alpha"):
             assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k

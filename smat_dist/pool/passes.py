@@ -7,53 +7,59 @@ chunk by chunk through reused scratch buffers and never allocates a temporary of
     into the logits' gradient, with its squared norm for the clip;
   - the lean pool's `defer_mask_grad_` / `step_deferred_`: the same gradient recomputed chunk by chunk
     inside the update, so neither the masks nor their gradient are ever stored.
-A mixin of ExpertPool (pool.py), which holds the state: log_alpha, n_valid, sizes, cfg, experts.
+An object each PoolShard (shard.py) owns; the shard holds the state (log_alpha, n_valid, sizes, cfg,
+experts), the passes their scratch buffers, the kept masks buffer and a lean pool's deferred gradient.
 """
 from __future__ import annotations
 
 import torch
 
-from smat_dist.method import hard_concrete as hc
-from smat_dist.method.pool_kernels import kernel
+from smat_dist.pool import gates as hc
+from smat_dist.pool.kernels import kernel
 
 # Elements per chunk of the fused pool passes (8 MB of float32): large enough to amortise the per-chunk
 # reductions and launches, small enough to bound the scratch buffers.
-_CHUNK = 1 << 21
+CHUNK = 1 << 21
 
 
-class FusedPoolPasses:
-    """The chunked passes; ExpertPool provides log_alpha, n_valid, sizes, experts and cfg."""
+class PoolPasses:
+    """The chunked passes over one shard's logits."""
 
-    def _chunk_rows(self) -> int:
-        return max(256, _CHUNK // max(1, self.log_alpha.shape[1]))
+    def __init__(self, shard):
+        self.shard = shard
+        self.scratch_bufs = None
+        self.kept: dict[str, torch.Tensor] = {}
+        self.deferred = None                        # a lean pool's gradient, applied by step_deferred_
 
-    def _rows(self):
-        n, step = self.log_alpha.shape[0], self._chunk_rows()
+    def chunk_rows(self) -> int:
+        return max(256, CHUNK // max(1, self.shard.log_alpha.shape[1]))
+
+    def rows(self):
+        n, step = self.shard.log_alpha.shape[0], self.chunk_rows()
         for a in range(0, n, step):
             yield a, min(n, a + step)
 
-    def _scratch(self, rows: int) -> tuple[torch.Tensor, ...]:
+    def scratch(self, rows: int) -> tuple[torch.Tensor, ...]:
         """Four chunk buffers, allocated once and reused by every pass.
 
         Per-chunk temporaries of a few MB sit above glibc's mmap threshold, so each one would be a fresh
         mapping whose pages fault in on first touch, every chunk of every pass."""
-        la = self.log_alpha
+        la = self.shard.log_alpha
         key = (la.device, la.dtype, la.shape[1])
-        buf = getattr(self, "_scratch_bufs", None)
+        buf = self.scratch_bufs
         if buf is None or buf[0] != key:
-            r = min(self._chunk_rows(), la.shape[0])
-            buf = self._scratch_bufs = (key, [torch.empty(r, la.shape[1], device=la.device, dtype=la.dtype)
+            r = min(self.chunk_rows(), la.shape[0])
+            buf = self.scratch_bufs = (key, [torch.empty(r, la.shape[1], device=la.device, dtype=la.dtype)
                                               for _ in range(4)])
         return tuple(t[:rows] for t in buf[1])
 
-    def _persistent(self, name: str) -> torch.Tensor:
+    def persistent(self, name: str) -> torch.Tensor:
         """An [rows, M] buffer kept across steps (the masks, then the logits' gradient written over them by
         `apply_mask_grad_`): allocating 1.4 GB afresh every step costs its page faults again every step."""
-        t = getattr(self, name, None)
-        la = self.log_alpha
+        t = self.kept.get(name)
+        la = self.shard.log_alpha
         if t is None or t.shape != la.shape or t.device != la.device or t.dtype != la.dtype:
-            t = torch.empty_like(la)
-            setattr(self, name, t)
+            t = self.kept[name] = torch.empty_like(la)
         return t
 
     @torch.no_grad()
@@ -65,24 +71,24 @@ class FusedPoolPasses:
         One pass over the logits: optionally clamps them in place first and (with_stats) also returns this
         slice's `stats` while each chunk is in cache: (z, stats) instead of z. store=False (the lean pool)
         computes each chunk in a scratch buffer for the statistics only and returns None for z."""
-        la = self.log_alpha
-        beta = hc.BETA if train else hc.eval_beta(self.cfg)
-        eps = self.cfg.noise_eps if train else 0.0
+        la = self.shard.log_alpha
+        beta = hc.BETA if train else hc.eval_beta(self.shard.cfg)
+        eps = self.shard.cfg.noise_eps if train else 0.0
         if not store and eps > 0:
             raise ValueError("masks cannot be recomputed with the noisy gate (method.sparsity.noise_eps > 0)")
         z = None if not store else torch.empty_like(la) if out is None else out
         stats = self._stats_acc() if with_stats else None
-        fused = self.cfg.compile and eps == 0 and clamp and stats is not None and self.sizes is None
-        for a, b in self._rows():
-            x, lc = (z[a:b] if z is not None else self._scratch(b - a)[3]), la[a:b]
-            if fused and b - a == self._chunk_rows() and b <= self.n_valid:
-                sums = kernel("_masks_stats")(x, lc, 1.0 / beta, self.cfg.clamp,
-                                              -hc.threshold(train=False, eval_beta=hc.eval_beta(self.cfg)))
+        fused = self.shard.cfg.compile and eps == 0 and clamp and stats is not None and self.shard.sizes is None
+        for a, b in self.rows():
+            x, lc = (z[a:b] if z is not None else self.scratch(b - a)[3]), la[a:b]
+            if fused and b - a == self.chunk_rows() and b <= self.shard.n_valid:
+                sums = kernel("masks_stats")(x, lc, 1.0 / beta, self.shard.cfg.clamp,
+                                              -hc.threshold(train=False, eval_beta=hc.eval_beta(self.shard.cfg)))
                 for i in range(3):
                     stats[i] += sums[i]
                 continue
             if clamp:
-                lc.clamp_(-self.cfg.clamp, self.cfg.clamp)
+                lc.clamp_(-self.shard.cfg.clamp, self.shard.cfg.clamp)
             if eps > 0:
                 x.uniform_(0.5 - eps, 0.5 + eps, generator=generator)
                 self._gate_tail_(x.logit_().add_(lc).mul_(1.0 / beta), a, b)
@@ -95,15 +101,15 @@ class FusedPoolPasses:
     @torch.no_grad()
     def gate_rows(self, a: int, b: int, out: torch.Tensor, train: bool = True) -> torch.Tensor:
         """Deterministic-gate masks of rows [a, b) into `out`."""
-        beta = hc.BETA if train else hc.eval_beta(self.cfg)
-        return self._gate_tail_(torch.mul(self.log_alpha[a:b], 1.0 / beta, out=out), a, b)
+        beta = hc.BETA if train else hc.eval_beta(self.shard.cfg)
+        return self._gate_tail_(torch.mul(self.shard.log_alpha[a:b], 1.0 / beta, out=out), a, b)
 
     def _gate_tail_(self, x: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """x = (logit noise +) log_alpha / beta of rows [a, b) -> the stretched, clamped gate, in place;
         padding rows (at the end of the last slice) are 0."""
         x.sigmoid_().mul_(hc.ZETA - hc.GAMMA).add_(hc.GAMMA).clamp_(0.0, 1.0)
-        if b > self.n_valid:
-            x[max(0, self.n_valid - a):] = 0.0
+        if b > self.shard.n_valid:
+            x[max(0, self.shard.n_valid - a):] = 0.0
         return x
 
     def _grad_chunk(self, a: int, b: int, zc, g_z, w_c, c: float, coef, f1, f2, f3) -> torch.Tensor:
@@ -113,14 +119,14 @@ class FusedPoolPasses:
         and dz/dlog_alpha = (zeta - gamma) s (1 - s) / beta = (z - gamma)(zeta - z) * c (with or without the
         logistic noise); 0 where the gate is clamped. The penalty's is coef_m * p (1 - p), p = sigmoid(la + shift).
         g_z is dense [rows, M] or factored (U [rows, K], W [K, M]); w_c is W * c, formed once per pass."""
-        if (self.cfg.compile and g_z is not None and coef is not None and self.sizes is None
-                and b - a == self._chunk_rows() and b <= self.n_valid):
-            la = self.log_alpha[a:b]
+        if (self.shard.cfg.compile and g_z is not None and coef is not None and self.shard.sizes is None
+                and b - a == self.chunk_rows() and b <= self.shard.n_valid):
+            la = self.shard.log_alpha[a:b]
             if isinstance(g_z, tuple):
                 u = g_z[0][a:b]
-                kernel("_gate_grad_outer" if u.shape[1] == 1 else "_gate_grad_mm")(f1, zc, la, u, w_c, coef)
+                kernel("gate_grad_outer" if u.shape[1] == 1 else "gate_grad_mm")(f1, zc, la, u, w_c, coef)
             else:
-                kernel("_gate_grad_dense")(f1, zc, la, g_z[a:b], c, coef)
+                kernel("gate_grad_dense")(f1, zc, la, g_z[a:b], c, coef)
             return f1
         if g_z is not None:
             torch.sub(zc, hc.GAMMA, out=f1)
@@ -134,21 +140,21 @@ class FusedPoolPasses:
         else:
             f1.zero_()
         if coef is not None:
-            torch.add(self.log_alpha[a:b], hc.L0_SHIFT, out=f2).sigmoid_()
+            torch.add(self.shard.log_alpha[a:b], hc.L0_SHIFT, out=f2).sigmoid_()
             torch.mul(f2, f2, out=f3)
             f2.sub_(f3)                      # p (1 - p)
-            if self.sizes is not None:   # a structured gate's penalty counts every entry it controls
-                f2.mul_(self.sizes[a:b].unsqueeze(1))
+            if self.shard.sizes is not None:   # a structured gate's penalty counts every entry it controls
+                f2.mul_(self.shard.sizes[a:b].unsqueeze(1))
             f1.addcmul_(f2, coef)
-        if b > self.n_valid:
-            f1[max(0, self.n_valid - a):] = 0.0
+        if b > self.shard.n_valid:
+            f1[max(0, self.shard.n_valid - a):] = 0.0
         return f1
 
     def _grad_pass(self, g_z, penalty_coef, train: bool):
-        beta = hc.BETA if train else hc.eval_beta(self.cfg)
+        beta = hc.BETA if train else hc.eval_beta(self.shard.cfg)
         c = 1.0 / ((hc.ZETA - hc.GAMMA) * beta)
         w_c = g_z[1] * c if isinstance(g_z, tuple) else None
-        coef = None if penalty_coef is None else penalty_coef.to(self.log_alpha.dtype).unsqueeze(0)
+        coef = None if penalty_coef is None else penalty_coef.to(self.shard.log_alpha.dtype).unsqueeze(0)
         return w_c, c, coef
 
     @torch.no_grad()
@@ -159,7 +165,7 @@ class FusedPoolPasses:
         have no gradient yet, it is written over `z` (consumed: the caller must not read it after). Returns the
         squared norm of the result over this slice's rows (unstructured pools; None for structured ones, whose
         shared rows are summed over ranks afterwards), so the optimiser's clip needs no extra pass."""
-        la = self.log_alpha
+        la = self.shard.log_alpha
         if g_z is None and penalty_coef is None:
             return None
         grad = la.grad
@@ -170,38 +176,38 @@ class FusedPoolPasses:
             grad = z
         w_c, c, coef = self._grad_pass(g_z, penalty_coef, train)
         sq = torch.zeros((), dtype=torch.float64, device=la.device)
-        for a, b in self._rows():
+        for a, b in self.rows():
             gr = grad[a:b]
-            f1, f2, f3, _ = self._scratch(b - a)
+            f1, f2, f3, _ = self.scratch(b - a)
             self._grad_chunk(a, b, z[a:b] if g_z is not None else None, g_z, w_c, c, coef, f1, f2, f3)
             if fresh:
                 gr.copy_(f1)
             else:
                 gr.add_(f1)
-                if b > self.n_valid:
-                    gr[max(0, self.n_valid - a):] = 0.0
+                if b > self.shard.n_valid:
+                    gr[max(0, self.shard.n_valid - a):] = 0.0
             flat = gr.view(-1)
             sq += torch.dot(flat, flat)   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
         la.grad = grad
-        return None if self.sizes is not None else sq
+        return None if self.shard.sizes is not None else sq
 
     # ---- The lean pool (method.sparsity.lean): only the logits are kept. The masks and their gradient are
     # recomputed chunk by chunk where needed, so the [rows, M] state is 1 array instead of 3. ----
 
     def _deferred_chunks(self):
         """(a, b, gradient of rows [a, b)) of the deferred gradient, each chunk recomputed from the logits."""
-        g_z, penalty_coef = self._deferred
+        g_z, penalty_coef = self.deferred
         w_c, c, coef = self._grad_pass(g_z, penalty_coef, True)
-        for a, b in self._rows():
-            f1, f2, f3, f4 = self._scratch(b - a)
+        for a, b in self.rows():
+            f1, f2, f3, f4 = self.scratch(b - a)
             zc = self.gate_rows(a, b, f4) if g_z is not None else None
             yield a, b, self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3)
 
     @torch.no_grad()
     def defer_mask_grad_(self, g_z, penalty_coef: torch.Tensor | None) -> torch.Tensor:
         """Lean end of step: keep the factored gradient for `step_deferred_`; returns its squared norm."""
-        self._deferred = (g_z, penalty_coef)
-        sq = torch.zeros((), dtype=torch.float64, device=self.log_alpha.device)
+        self.deferred = (g_z, penalty_coef)
+        sq = torch.zeros((), dtype=torch.float64, device=self.shard.log_alpha.device)
         for _, _, g in self._deferred_chunks():
             sq += torch.dot(g.view(-1), g.view(-1))
         return sq
@@ -209,40 +215,40 @@ class FusedPoolPasses:
     @torch.no_grad()
     def deferred_grad(self) -> torch.Tensor:
         """The deferred gradient materialised [rows, M] (diagnostics and tests; training never forms it)."""
-        out = torch.empty_like(self.log_alpha)
+        out = torch.empty_like(self.shard.log_alpha)
         for a, b, g in self._deferred_chunks():
             out[a:b] = g
         return out
 
     @property
     def has_deferred(self) -> bool:
-        return self._deferred is not None
+        return self.deferred is not None
 
     @torch.no_grad()
     def step_deferred_(self, lr: float) -> None:
         """log_alpha -= lr * (the deferred gradient), each chunk's gradient recomputed just before its update."""
         for a, b, g in self._deferred_chunks():
-            self.log_alpha[a:b].add_(g, alpha=-lr)
-        self._deferred = None
+            self.shard.log_alpha[a:b].add_(g, alpha=-lr)
+        self.deferred = None
 
     def _stats_acc(self) -> torch.Tensor:
-        return torch.zeros(3, self.experts, dtype=torch.float64, device=self.log_alpha.device)
+        return torch.zeros(3, self.shard.experts, dtype=torch.float64, device=self.shard.log_alpha.device)
 
     def _stats_chunk(self, out: torch.Tensor, zc: torch.Tensor, a: int, b: int) -> None:
-        b = min(b, self.n_valid)
+        b = min(b, self.shard.n_valid)
         if a >= b:
             return
-        zc, la = zc[: b - a], self.log_alpha[a:b]
-        thr = -hc.threshold(train=False, eval_beta=hc.eval_beta(self.cfg))
-        f1 = self._scratch(b - a)[2]
-        if self.sizes is None:
+        zc, la = zc[: b - a], self.shard.log_alpha[a:b]
+        thr = -hc.threshold(train=False, eval_beta=hc.eval_beta(self.shard.cfg))
+        f1 = self.scratch(b - a)[2]
+        if self.shard.sizes is None:
             # comparisons written as 0/1 floats (a bool column sum is ~4x slower); float32 partial sums
             # per chunk are exact for counts below 2^24 rows, accumulated in float64
             out[0] += torch.eq(zc, 0.0, out=f1).sum(0)
             out[1] += torch.add(la, hc.L0_SHIFT, out=f1).sigmoid_().sum(0)
             out[2] += torch.le(la, thr, out=f1).sum(0)
         else:  # each row weighs the number of entries it gates in this slice
-            sz = self.sizes[a:b].double()
+            sz = self.shard.sizes[a:b].double()
             out[0] += sz @ zc.eq(0).double()
             out[1] += sz @ la.add(hc.L0_SHIFT).sigmoid_().double()
             out[2] += sz @ la.le(thr).double()
@@ -251,8 +257,8 @@ class FusedPoolPasses:
     def stats(self, z: torch.Tensor) -> torch.Tensor:
         """[3M] per-expert sums over this slice's real entries: exact zeros of z, P(z != 0), and eval-gate zeros."""
         out = self._stats_acc()
-        for a, b in self._rows():
-            if a >= self.n_valid:
+        for a, b in self.rows():
+            if a >= self.shard.n_valid:
                 break
             self._stats_chunk(out, z[a:b], a, b)
         return out.reshape(-1)

@@ -26,7 +26,7 @@ L0_SHIFT = -BETA * math.log(-GAMMA / ZETA)  # = +1.5986
 
 def eval_beta(cfg) -> float:
     """The eval gate's temperature for a SparsityConfig: 1 (upstream) or the training gate's 2/3."""
-    return BETA if str(getattr(cfg, "eval_gate", "upstream")) == "train" else 1.0
+    return BETA if str(cfg.eval_gate) == "train" else 1.0
 
 
 def gate(log_alpha: torch.Tensor, train: bool = True, eps: float = 0.0,
@@ -62,7 +62,7 @@ def init_mean(cfg) -> float:
             gate's hard sparsity starts at tau (needs init_std > 0);
     l0:     the expected L0 density E[P(z != 0)] starts at 1 - tau (probit approximation of the logistic-normal
             mean); with init_std 0.5 nearly every logit is then below the threshold (hard sparsity ~1)."""
-    kind = str(getattr(cfg, "init", "normal"))
+    kind = str(cfg.init)
     tau, std = float(cfg.target), float(cfg.init_std)
     if kind == "normal":
         return float(cfg.init_mean)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from smat_dist.config.schema import SparsityConfig
-from smat_dist.method.groups import build_layout, entry_groups, tensor_groups
-from smat_dist.method.merge import LocalMerger
-from smat_dist.method.pool import ExpertPool
+from smat_dist.pool.groups import build_layout, entry_groups, tensor_groups
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.shard import PoolShard
 from smat_dist.model.flat import FlatSpace
 
 
@@ -82,8 +82,8 @@ def test_layouts_partition_the_space_at_any_world_size(world):
 def _pools(world_pad=1, experts=3, seed=5):
     sp = _space(pad_to=world_pad)
     cfg = SparsityConfig(structured=True, init_std=2.0)
-    st = ExpertPool.for_space(sp, 0, 1, experts, cfg, seed)
-    un = ExpertPool(0, sp.padded, sp.numel, experts, SparsityConfig(init_std=2.0), seed)
+    st = PoolShard.for_space(sp, 0, 1, experts, cfg, seed)
+    un = PoolShard(0, sp.padded, sp.numel, experts, SparsityConfig(init_std=2.0), seed)
     with torch.no_grad():
         st.delta.normal_(0, 1, generator=torch.Generator().manual_seed(1))
         un.delta.copy_(st.delta)
@@ -114,7 +114,7 @@ def test_structured_merge_gradients_and_stats_equal_tied_unstructured_masks():
         z = merger.begin_step(train=True)
         d1, d2 = merger.merge(w1), merger.merge(w2)
         ((d1 * target).sum() + (d2 * target).square().sum()).backward()
-        stats = pool.stats(z.detach())
+        stats = pool.passes.stats(z.detach())
         merger.end_step(coef)
         res[name] = (d1.detach(), d2.detach(), stats, pool.delta.grad.clone(), pool.log_alpha.grad.clone())
     for a, b in zip(res["st"][:4], res["un"][:4]):
@@ -128,9 +128,9 @@ def test_structured_merge_gradients_and_stats_equal_tied_unstructured_masks():
 
 def test_structured_requires_a_layout_and_gather_path_refuses_it():
     with pytest.raises(ValueError, match="structured"):
-        ExpertPool(0, 8, 8, 2, SparsityConfig(structured=True))
+        PoolShard(0, 8, 8, 2, SparsityConfig(structured=True))
     from smat_dist.distributed.comm import Comm
-    from smat_dist.distributed.sharded import build_merger
+    from smat_dist.pool.merge import build_merger
     _, st, _ = _pools()
     with pytest.raises(ValueError, match="dist.pool=gather"):
         build_merger("gather", st, st.hi, Comm())
