@@ -51,8 +51,8 @@ def load_export(path: str, device: torch.device | None = None):
     """The exported model as a MethodSetup (kind smat / pmf / pretrained; hyper None: evaluation only)."""
     from safetensors.torch import load_file
 
+    from smat_dist.build import MethodSetup
     from smat_dist.config.hydra import ConfigError, load_yaml
-    from smat_dist.distributed.build import MethodSetup
     from smat_dist.export.packed_pool import PackedPool
     from smat_dist.method.baselines import PMF, Pretrained
     from smat_dist.method.smat import SMAT

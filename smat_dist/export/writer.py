@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from smat_dist.distributed.checkpoint import find_latest, read_manifest, verify_file
-from smat_dist.distributed.errors import CheckpointError
-from smat_dist.distributed.reshard import _read_range  # the resharder's range reader, reused as is
-from smat_dist.distributed.shard_file import ShardReader
+from smat_dist.checkpoint import find_latest, read_manifest, verify_file
+from smat_dist.checkpoint.errors import CheckpointError
+from smat_dist.checkpoint.reshard import _read_range  # the resharder's range reader, reused as is
+from smat_dist.checkpoint.shard_file import ShardReader
 from smat_dist.export import layout as L
 from smat_dist.export.masks import CHUNK_ROWS, eval_gate
 from smat_dist.export.pool_file import PoolFileWriter

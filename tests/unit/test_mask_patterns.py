@@ -14,9 +14,9 @@ import torch
 
 import smat_dist.method.pool as pool_mod
 from smat_dist.bench.step import synthetic_episode
+from smat_dist.build import build_local
 from smat_dist.config.hydra import ConfigError, compose
 from smat_dist.config.schema import MethodConfig, SparsityConfig, SparsityPattern
-from smat_dist.distributed.build import build_local
 from smat_dist.method import hard_concrete as hc
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.patterns import top_magnitude

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import smat_dist.method.pool_passes as passes
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, SparsityConfig
-from smat_dist.distributed.build import build_local
 from smat_dist.method.merge import LocalMerger
 from smat_dist.method.pool import ExpertPool
 from smat_dist.train.step import smat_step

@@ -11,8 +11,8 @@ import torch
 import yaml
 
 from smat_dist.bench.step import synthetic_episode
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, ModelConfig, SparsityInit
-from smat_dist.distributed.build import build_local
 from smat_dist.method import hard_concrete as hc
 from smat_dist.method.controller import LagrangeController
 from smat_dist.train.step import smat_step
