@@ -24,7 +24,7 @@ def _backbone(root: Path, manifest: dict, cfg):
     from smat_dist.model.weights import WeightsError
 
     rec = manifest["backbone"]
-    torch.manual_seed(cfg.train.seed)      # as distributed.build: a random-init backbone is the seed's
+    torch.manual_seed(cfg.train.seed)      # as smat_dist.build: a random-init backbone is the seed's
     if rec["included"]:
         cfg.model.pretrained = None
         model = build_backbone(cfg.model)

@@ -49,7 +49,7 @@ def _backbone(cfg, manifest: dict, ck: Path):
     from smat_dist.model.backbone import build_backbone
     from smat_dist.model.flat import FlatSpace
 
-    torch.manual_seed(cfg.train.seed)      # as distributed.build: a random-init backbone is the seed's
+    torch.manual_seed(cfg.train.seed)      # as smat_dist.build: a random-init backbone is the seed's
     model = build_backbone(cfg.model)
     sig = FlatSpace.from_module(model).signature()
     if manifest.get("backbone_signature") not in (None, sig):

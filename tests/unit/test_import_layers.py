@@ -129,3 +129,35 @@ def test_smat_dist_modules_used_by_data_tools_do_not_import_data_tools():
     assert back == [], f"smat_dist modules that data_tools imports lead back to {back}"
     data_layer = {m for m in g if m.startswith("smat_dist.data")}
     assert sorted(m for m in reach(g, data_layer) if m.startswith("data_tools")) == []
+
+
+# smat_dist's layer order: a package imports only from itself and the packages before it.
+LAYERS = ("utils", "config", "distributed", "data", "model", "pool", "method", "checkpoint", "build", "train",
+          "launch", "export", "eval", "predict", "bench", "analysis", "demo")
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "smat_dist" or len(parts) < 2:
+        return None
+    return "demo" if parts[1].startswith("demo") else parts[1]
+
+
+def _above(pkg: str, g: dict[str, set[str]], skip: frozenset = frozenset()) -> list[str]:
+    allowed = set(LAYERS[:LAYERS.index(pkg) + 1])
+    return sorted(f"{m} -> {t}" for m, ts in g.items() if _layer(m) == pkg and m not in skip
+                  for t in ts if _layer(t) is not None and _layer(t) not in allowed)
+
+
+def test_distributed_is_the_process_group_and_the_engine_only():
+    # distributed.sharded is the pool's merge (method-level code), not the process group's
+    g = graph()
+    assert "smat_dist.distributed.process_group" in g and "smat_dist.distributed.engine" in g
+    assert _above("distributed", g, frozenset({"smat_dist.distributed.sharded"})) == []
+
+
+def test_checkpoint_and_build_sit_below_train():
+    g = graph()
+    assert "smat_dist.checkpoint.checkpointer" in g and "smat_dist.build" in g
+    assert _above("checkpoint", g) == []
+    assert _above("build", g) == []
