@@ -15,9 +15,7 @@ import torch.distributed as dist
 from smat_dist.config.schema import DistConfig
 from smat_dist.distributed.timeouts import pg_timeouts
 from smat_dist.utils.device import rank_device
-from smat_dist.utils.log import get_logger
 
-log = get_logger(__name__)
 _control_group = None
 _device: torch.device | None = None
 _check_mode = None
