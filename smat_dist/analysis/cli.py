@@ -49,9 +49,8 @@ def analyze_run(run_dir: Path, out: Path, split: str, episodes: int) -> dict:
     from smat_dist.analysis.figures import analyze_pool
     from smat_dist.config.hydra import load_yaml
     from smat_dist.distributed.comm import Comm
+    from smat_dist.distributed.process_group import control_group
     from smat_dist.eval.loading import load_method
-
-    from smat_dist.distributed.engine import control_group
 
     cfg = load_yaml(run_dir / "config.yaml")
     comm = Comm(device_bound=True)
@@ -75,7 +74,7 @@ def _init_from_env() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         from smat_dist.config.schema import DistConfig
-        from smat_dist.distributed.engine import init_distributed
+        from smat_dist.distributed.process_group import init_distributed
 
         init_distributed(DistConfig())   # the rank's device first, then NCCL (or gloo) and the control group
 
@@ -98,8 +97,8 @@ def _is_sweep(d: Path) -> bool:
 
 def _log_to_wandb(run_dir: Path, figures: dict) -> None:
     """Add the figures to the run's own wandb run (its id is in the checkpoint), offline unless configured."""
+    from smat_dist.checkpoint import find_latest, read_manifest
     from smat_dist.config.hydra import load_yaml
-    from smat_dist.distributed.checkpoint import find_latest, read_manifest
     from smat_dist.train import wandb_run
 
     cfg = load_yaml(run_dir / "config.yaml")
@@ -162,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                     "eval.episodes, eval.ranks, ...)")
     args = ap.parse_intermixed_args(argv)
     setup_logging()
+    from smat_dist.checkpoint import CheckpointError
     from smat_dist.config.hydra import ConfigError
-    from smat_dist.distributed.checkpoint import CheckpointError
 
     d: Path = args.run_dir
     out = args.out or d / ("curve" if args.curve else "analysis")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from smat_dist.analysis.sparsity import read_metrics, sparsity_reached
-from smat_dist.distributed.checkpoint import CheckpointError, checkpoint_tasks
+from smat_dist.checkpoint import CheckpointError, checkpoint_tasks
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)

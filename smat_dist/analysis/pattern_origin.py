@@ -21,8 +21,8 @@ from statistics import NormalDist
 
 import torch
 
-from smat_dist.distributed import checkpoint as ckpt
-from smat_dist.distributed.shard_file import ShardReader
+from smat_dist import checkpoint as ckpt
+from smat_dist.checkpoint.shard_file import ShardReader
 from smat_dist.pool import gates as hc
 from smat_dist.pool.draws import chunked_normal
 

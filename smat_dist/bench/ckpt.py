@@ -49,7 +49,7 @@ def _slice_bytes(pool) -> int:
 
 
 def _save_rank(rank: int, world: int, root: str, numel: int, experts: int) -> dict:
-    from smat_dist.distributed.checkpoint import Checkpointer
+    from smat_dist.checkpoint import Checkpointer
 
     torch.set_num_threads(1)
     pool, comm = _pool(rank, world, numel, experts)
@@ -76,7 +76,7 @@ def _save_rank(rank: int, world: int, root: str, numel: int, experts: int) -> di
 
 
 def _load_rank(rank: int, world: int, root: str, numel: int, experts: int) -> dict:
-    from smat_dist.distributed.checkpoint import Checkpointer, find_latest
+    from smat_dist.checkpoint import Checkpointer, find_latest
 
     torch.set_num_threads(1)
     _pool(rank, world, 1024, experts)   # lazy imports (torch.optim, ...) belong to the baseline, not the slice

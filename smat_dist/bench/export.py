@@ -32,9 +32,9 @@ def synthetic_config(model: ModelConfig, experts: int, method: str = "smat", eva
 def save_synthetic(rank: int, world: int, cfg: Config, root: str, fractional: float = 0.4) -> str:
     """This rank's part of a checkpoint of an untrained pool filled from one global generator (the same pool
     at any world size), written by the Checkpointer as training writes it; returns the checkpoint folder."""
+    from smat_dist.build import build
+    from smat_dist.checkpoint import Checkpointer
     from smat_dist.config.hydra import to_yaml
-    from smat_dist.distributed.build import build
-    from smat_dist.distributed.checkpoint import Checkpointer
     from smat_dist.distributed.comm import Comm
     from smat_dist.eval.loading import ModuleState
 
@@ -77,7 +77,7 @@ def _eval_peak(rank: int, world: int, path: str, exported: bool) -> dict:
     """One process: load (checkpoint or export), one eval-mode merge; peak RSS above the pre-load RSS."""
     from smat_dist.utils.memory import peak_rss_bytes, rss_bytes
 
-    import smat_dist.distributed.build  # noqa: F401 (imports are the baseline, not the pool)
+    import smat_dist.build  # noqa: F401 (imports are the baseline, not the pool)
     import smat_dist.export.loader  # noqa: F401
     base = rss_bytes()
     t0 = time.perf_counter()

@@ -68,8 +68,8 @@ class _AllReducedHyper:
 
 def scale_rank(rank: int, world: int, point: dict) -> dict:
     """One rank of one point: build, warm up one step, time `steps` steps; returns its measurements."""
+    from smat_dist.build import build_pool
     from smat_dist.config.schema import MethodConfig
-    from smat_dist.distributed.build import build_pool
     from smat_dist.distributed.comm import Comm
     from smat_dist.method.optim import TorchHyperOptimizer, hypernet_optimizer
     from smat_dist.method.smat import SMAT

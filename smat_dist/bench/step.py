@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from smat_dist.bench.plan import model_config
+from smat_dist.build import MethodSetup, build_local
 from smat_dist.config.schema import MethodConfig
 from smat_dist.data.episodes import Episode
-from smat_dist.distributed.build import MethodSetup, build_local
 from smat_dist.model.backbone import FunctionalBackbone, block_units
 from smat_dist.train.step import dense_step, smat_step
 from smat_dist.utils.device import autocast_for, pick_device  # noqa: F401 (the benches' pickers)

@@ -61,7 +61,7 @@ def convert_data(out: Path, cache: Path, quick: bool, extra_ood: list[Path]) -> 
 
 
 def trained_tasks(run_dir: Path) -> int:
-    from smat_dist.distributed import checkpoint as ckpt
+    from smat_dist import checkpoint as ckpt
 
     ck = ckpt.find_latest(run_dir) if run_dir.is_dir() else None
     return int(ckpt.read_manifest(ck)["tasks"]) if ck is not None else 0

@@ -26,9 +26,9 @@ def load_setups(cfg, comm=None, control=None) -> dict:
     """{method name: MethodSetup} for cfg.eval.methods. SMAT and P>M>F come from checkpoints (through
     smat_dist.eval.loading.load_method; on several ranks each holds its slice of the pool); the pre-trained
     baseline is the frozen backbone of the same config."""
+    from smat_dist.build import build_local
     from smat_dist.config.schema import MethodConfig
-    from smat_dist.distributed.build import build_local
-    from smat_dist.distributed.engine import device as rank_device
+    from smat_dist.distributed.process_group import device as rank_device
 
     paths = {}
     if cfg.eval.checkpoint:
@@ -40,7 +40,7 @@ def load_setups(cfg, comm=None, control=None) -> dict:
         paths["export"] = cfg.eval.model
     setups: dict = {}
     for key, path in paths.items():
-        from smat_dist.eval.loading import load_method  # the checkpoint format's one door (dist/checkpoint.py)
+        from smat_dist.eval.loading import load_method  # the checkpoint format's one door (smat_dist.checkpoint)
 
         if key == "export":   # an smat-export folder: the whole packed pool in this process, on any rank
             from smat_dist.export.loader import load_export
@@ -98,13 +98,13 @@ def run(cfg) -> dict:
 
     rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from smat_dist.distributed.engine import init_distributed
+        from smat_dist.distributed.process_group import init_distributed
 
         rank, world = init_distributed(cfg.dist)
     elif dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     from smat_dist.distributed.comm import Comm
-    from smat_dist.distributed.engine import control_group
+    from smat_dist.distributed.process_group import control_group
 
     domains = domains_from_config(cfg)
     setups = load_setups(cfg, Comm(device_bound=True), Comm(group=control_group()))
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             del argv[i:i + 2]
     if show is not None and show not in ("job", "all"):
         return fail(f"--cfg {show}: expected job or all (smat-eval has no Hydra config of its own)")
-    from smat_dist.distributed.checkpoint import CheckpointError
+    from smat_dist.checkpoint import CheckpointError
     from smat_dist.eval.run_settings import adopt_run_settings
 
     try:

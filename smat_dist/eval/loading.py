@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
+from smat_dist.build import MethodSetup, build
+from smat_dist.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
 from smat_dist.config.schema import Config
-from smat_dist.distributed.build import MethodSetup, build
-from smat_dist.distributed.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
 from smat_dist.distributed.comm import Comm
 from smat_dist.utils.log import get_logger
 
@@ -56,7 +56,7 @@ def load_method(path: str, fb=None, comm: Comm | None = None, control: Comm | No
     cfg = load_config(ck)
     comm = comm or Comm(device_bound=True)
     if device is None:
-        from smat_dist.distributed.engine import device as rank_device
+        from smat_dist.distributed.process_group import device as rank_device
 
         device = rank_device()
     setup = build(cfg.model, cfg.method, seed=cfg.train.seed, comm=comm, hyper=None, fb=fb,

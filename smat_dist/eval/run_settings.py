@@ -40,7 +40,7 @@ def _plain(v):
 
 def run_config_of(path: str) -> tuple[Config, Path]:
     """(the saved config of the newest complete checkpoint under `path`, that checkpoint's folder)."""
-    from smat_dist.distributed.checkpoint import CheckpointError, find_latest
+    from smat_dist.checkpoint import CheckpointError, find_latest
     from smat_dist.eval.loading import load_config
 
     ck = find_latest(path)

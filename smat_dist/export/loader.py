@@ -24,7 +24,7 @@ def _backbone(root: Path, manifest: dict, cfg):
     from smat_dist.model.weights import WeightsError
 
     rec = manifest["backbone"]
-    torch.manual_seed(cfg.train.seed)      # as distributed.build: a random-init backbone is the seed's
+    torch.manual_seed(cfg.train.seed)      # as smat_dist.build: a random-init backbone is the seed's
     if rec["included"]:
         cfg.model.pretrained = None
         model = build_backbone(cfg.model)
@@ -51,8 +51,8 @@ def load_export(path: str, device: torch.device | None = None):
     """The exported model as a MethodSetup (kind smat / pmf / pretrained; hyper None: evaluation only)."""
     from safetensors.torch import load_file
 
+    from smat_dist.build import MethodSetup
     from smat_dist.config.hydra import ConfigError, load_yaml
-    from smat_dist.distributed.build import MethodSetup
     from smat_dist.export.packed_pool import PackedPool
     from smat_dist.method.baselines import PMF, Pretrained
     from smat_dist.method.smat import SMAT

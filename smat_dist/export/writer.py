@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from smat_dist.distributed.checkpoint import find_latest, read_manifest, verify_file
-from smat_dist.distributed.errors import CheckpointError
-from smat_dist.distributed.reshard import _read_range  # the resharder's range reader, reused as is
-from smat_dist.distributed.shard_file import ShardReader
+from smat_dist.checkpoint import find_latest, read_manifest, verify_file
+from smat_dist.checkpoint.errors import CheckpointError
+from smat_dist.checkpoint.reshard import _read_range  # the resharder's range reader, reused as is
+from smat_dist.checkpoint.shard_file import ShardReader
 from smat_dist.export import layout as L
 from smat_dist.export.masks import CHUNK_ROWS, eval_gate
 from smat_dist.export.pool_file import PoolFileWriter
@@ -49,7 +49,7 @@ def _backbone(cfg, manifest: dict, ck: Path):
     from smat_dist.model.backbone import build_backbone
     from smat_dist.model.flat import FlatSpace
 
-    torch.manual_seed(cfg.train.seed)      # as distributed.build: a random-init backbone is the seed's
+    torch.manual_seed(cfg.train.seed)      # as smat_dist.build: a random-init backbone is the seed's
     model = build_backbone(cfg.model)
     sig = FlatSpace.from_module(model).signature()
     if manifest.get("backbone_signature") not in (None, sig):

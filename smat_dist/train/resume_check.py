@@ -28,8 +28,8 @@ def _get(cfg, key: str):
 def check_resume(run_dir: str, cfg: Config) -> None:
     """ConfigError naming the key, both values and the checkpoint when `cfg` cannot continue `run_dir`'s newest
     complete checkpoint; a run folder without a checkpoint yet has nothing to contradict."""
+    from smat_dist.checkpoint import CheckpointError, find_latest, read_manifest
     from smat_dist.config.hydra import load_yaml
-    from smat_dist.distributed.checkpoint import CheckpointError, find_latest, read_manifest
 
     try:
         ck = find_latest(run_dir)

@@ -1,6 +1,6 @@
 """One optimiser step over this rank's tasks, the same code for one process, torchrun and submitit.
 
-What differs between those settings is built in (smat_dist.distributed.build): the pool component's merge
+What differs between those settings is built in (smat_dist.build): the pool component's merge
 strategy (local / sharded / gather) and its sum over ranks, and the replicated optimiser (plain torch, or a
 DeepSpeed engine behind smat_dist.distributed).
 """

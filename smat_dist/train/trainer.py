@@ -1,7 +1,7 @@
 """The trainer: one rank of meta-training, the same code under one process, torchrun, the deepspeed
 launcher and a submitit task (the launcher only sets RANK/WORLD_SIZE/MASTER_* and calls `train`).
 
-`Trainer` owns what one rank trains with (built by smat_dist.distributed.build), its checkpoint parts
+`Trainer` owns what one rank trains with (built by smat_dist.build), its checkpoint parts
 (the pool component, the DeepSpeed engine, the train state, the RNG) and the loop's pieces: `train_step`,
 `validate`, `save`, `close`; `train()` only wires them to the data stream and the stop flag.
 """
@@ -15,13 +15,13 @@ from typing import Callable, Optional
 
 import torch
 
+from smat_dist.build import build
+from smat_dist.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
+from smat_dist.checkpoint.deepspeed_part import DeepSpeedPart, universal_checkpoint
 from smat_dist.config.schema import Config
 from smat_dist.data.episodes import EpisodeStream, episode_config
-from smat_dist.distributed.build import build
-from smat_dist.distributed.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
 from smat_dist.distributed.comm import Comm
-from smat_dist.distributed.engine import (DeepSpeedPart, control_group, device, init_distributed,
-                                          universal_checkpoint)
+from smat_dist.distributed.process_group import control_group, device, init_distributed
 from smat_dist.distributed.timeouts import shorten_after_first_step
 from smat_dist.method.mask_diagnostics import mask_diagnostics
 from smat_dist.train import progress_records

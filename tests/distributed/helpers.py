@@ -61,7 +61,7 @@ def read_pool_shard(path) -> dict:
     """A saved pool shard as tensors: its entry range [lo, hi), delta, log_alpha, group ids, multipliers."""
     import json
 
-    from smat_dist.distributed.shard_file import ShardReader
+    from smat_dist.checkpoint.shard_file import ShardReader
 
     with ShardReader(path, None) as r:
         rec = json.loads(r.metadata["tensors"])

@@ -109,10 +109,10 @@ def test_flipped_byte_is_named_by_the_rank_that_reads_it(data_dir, tmp_path):
 _KILL_SCRIPT = r"""
 import sys, time, torch
 from smat_dist.config.schema import MethodConfig, ModelConfig
-from smat_dist.distributed.build import build_local
-from smat_dist.distributed.checkpoint import Checkpointer
+from smat_dist.build import build_local
+from smat_dist.checkpoint import Checkpointer
 from smat_dist.distributed.comm import Comm
-from smat_dist.distributed import shard_file
+from smat_dist.checkpoint import shard_file
 root = sys.argv[1]
 s = build_local(ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 2}), MethodConfig(experts=64), seed=0)
 ck = Checkpointer(root, Comm(), async_save=True)
@@ -147,9 +147,9 @@ def test_kill_9_during_async_save_keeps_the_previous_latest(tmp_path):
     assert (tmp / "pool-rank00000.safetensors").exists() and not (tmp / "manifest.json").exists()
     assert (root / "latest").read_text().strip() == "step-000000002"
 
+    from smat_dist.build import build_local
+    from smat_dist.checkpoint import Checkpointer, find_latest
     from smat_dist.config.schema import MethodConfig, ModelConfig
-    from smat_dist.distributed.build import build_local
-    from smat_dist.distributed.checkpoint import Checkpointer, find_latest
     from smat_dist.distributed.comm import Comm
 
     fresh = build_local(ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 2}), MethodConfig(experts=64),

@@ -40,7 +40,7 @@ def _configs(name: str):
 
 def _parts(name: str, comm):
     """The module, optimiser and clip value that `build` gives the replicated optimiser (fresh, seed 0)."""
-    from smat_dist.distributed.build import METHODS
+    from smat_dist.build import METHODS
     from smat_dist.model.backbone import FunctionalBackbone, build_backbone
 
     cfg = _configs(name)
@@ -70,7 +70,8 @@ def _state(module) -> dict:
 def _rank(rank: int, world: int, name: str, stage: int, clip_override: float | None):
     from smat_dist.config.schema import DistConfig
     from smat_dist.distributed.comm import Comm
-    from smat_dist.distributed.engine import DeepSpeedOptimizer, init_distributed
+    from smat_dist.distributed.engine import DeepSpeedOptimizer
+    from smat_dist.distributed.process_group import init_distributed
     from smat_dist.method.optim import TorchHyperOptimizer
 
     dcfg = DistConfig(zero_stage=stage)

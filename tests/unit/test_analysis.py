@@ -10,11 +10,11 @@ import pytest
 from smat_dist.analysis import figures
 from smat_dist.analysis import sweep as sweep_mod
 from smat_dist.analysis.cli import main as analyze_main
+from smat_dist.build import build_local
 from smat_dist.config.hydra import to_yaml
 from smat_dist.config.schema import Config, EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
 from smat_dist.data.fixed_sets import fixed_episodes
-from smat_dist.distributed.build import build_local
 from smat_dist.eval.protocol import Domain, evaluate
 from smat_dist.eval.report import write_results
 from smat_dist.pool import gates as hc

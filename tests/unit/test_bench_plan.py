@@ -8,8 +8,8 @@ import torch
 
 from smat_dist.bench.cli import main
 from smat_dist.bench.plan import backbone_shape, hypernet_params, parse_kv, plan, sent_bytes_per_task
+from smat_dist.build import build_local
 from smat_dist.config.schema import HypernetConfig, MethodConfig, ModelConfig
-from smat_dist.distributed.build import build_local
 from smat_dist.method.hypernet import HyperNetwork
 
 TINY = ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 2})

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from smat_dist.bench.step import Timer, bench_model, count_passes, synthetic_episode
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, ModelConfig
-from smat_dist.distributed.build import build_local
 from smat_dist.train.step import dense_step, smat_step
 from smat_dist.utils.spans import recording
 

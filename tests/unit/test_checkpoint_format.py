@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from smat_dist.build import build_local
+from smat_dist.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
+from smat_dist.checkpoint.shard_file import ShardError, ShardReader, write_shard
 from smat_dist.config.schema import MethodConfig, ModelConfig
-from smat_dist.distributed.build import build_local
-from smat_dist.distributed.checkpoint import Checkpointer, CheckpointError, find_latest, read_manifest
 from smat_dist.distributed.comm import Comm
-from smat_dist.distributed.shard_file import ShardError, ShardReader, write_shard
 from smat_dist.train.state import RngState, TrainState
 
 TINY = ModelConfig(image_size=32, patch_size=8, kwargs={"depth": 1})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from smat_dist.distributed import checkpoint
+from smat_dist.checkpoint import files
 
 
 def test_receipt_is_not_visible_under_its_name_until_written(tmp_path, monkeypatch):
@@ -18,8 +18,8 @@ def test_receipt_is_not_visible_under_its_name_until_written(tmp_path, monkeypat
         seen.append(path.read_text() if path.is_file() else None)
         real_fsync(fd)
 
-    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
-    checkpoint.write_receipt(path, {"rank": 1, "files": {}, "shards": {}})
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    files.write_receipt(path, {"rank": 1, "files": {}, "shards": {}})
     assert seen and all(s is None for s in seen), seen
     assert json.loads(path.read_text())["rank"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig
-from smat_dist.distributed.build import build_local
 from smat_dist.eval.finetune import LoraRunner, finetune_full, support_loss, task_theta
 from smat_dist.eval.protocol import Domain, Evaluator, evaluate
 from tests.data_fixture import make_dataset
@@ -20,7 +20,7 @@ def make_setups(seed: int = 0, sharded: bool = False):
     """SMAT (with a non-zero dense delta so the merge matters) and the pre-trained baseline on one backbone;
     sharded: this rank holds only its slice of the pool and merges through the sharded merger."""
     if sharded:
-        from smat_dist.distributed.build import build
+        from smat_dist.build import build
         from smat_dist.distributed.comm import Comm
 
         smat = build(MODEL, MethodConfig(experts=4), seed=seed, comm=Comm(), merge="sharded", hyper=None)

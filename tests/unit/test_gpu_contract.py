@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from smat_dist.build import build_local
+from smat_dist.checkpoint import Checkpointer
+from smat_dist.checkpoint.shard_file import ShardReader, write_shard
 from smat_dist.config.schema import Config, EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
 from smat_dist.distributed import comm as comm_mod
-from smat_dist.distributed.build import build_local
-from smat_dist.distributed.checkpoint import Checkpointer
 from smat_dist.distributed.comm import CollectiveError, Comm
-from smat_dist.distributed.shard_file import ShardReader, write_shard
 from smat_dist.launch.env import LaunchError
 from smat_dist.train.state import TrainState
 from smat_dist.utils import device as device_mod
@@ -144,7 +144,7 @@ def test_a_model_built_and_never_moved_is_host_born():
 # ---------------------------------------------------------------- resume into device memory
 
 def test_shard_reads_stage_through_a_bounded_host_buffer(tmp_path, monkeypatch):
-    from smat_dist.distributed import shard_file
+    from smat_dist.checkpoint import shard_file
 
     t = torch.randn(1000, 7, generator=torch.Generator().manual_seed(0))
     rec = write_shard(tmp_path / "s.safetensors", {"a": t}, {}, block=4096)

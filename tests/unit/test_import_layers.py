@@ -131,9 +131,44 @@ def test_smat_dist_modules_used_by_data_tools_do_not_import_data_tools():
     assert sorted(m for m in reach(g, data_layer) if m.startswith("data_tools")) == []
 
 
+# smat_dist's layer order: a package imports only from itself and the packages before it.
+LAYERS = ("utils", "config", "distributed", "data", "model", "pool", "method", "checkpoint", "build", "train",
+          "launch", "export", "eval", "predict", "bench", "analysis", "demo")
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "smat_dist" and len(parts) > 1 else None
+
+
+def _against_the_grain(g: dict[str, set[str]]) -> list[str]:
+    rank = {name: i for i, name in enumerate(LAYERS)}
+    return sorted(f"{m} -> {t}" for m, ts in g.items() if _layer(m) in rank
+                  for t in ts if _layer(t) in rank and rank[_layer(t)] > rank[_layer(m)])
+
+
+def test_every_smat_dist_package_has_a_layer():
+    g = graph()
+    assert sorted({_layer(m) for m in g if _layer(m) is not None} - set(LAYERS)) == []
+
+
+def test_no_package_imports_a_later_layer():
+    assert _against_the_grain(graph()) == []
+
+
+def test_the_layer_check_sees_a_wrong_way_import():
+    g = {"smat_dist.pool.shard": {"smat_dist.method.smat"}, "smat_dist.method.smat": {"smat_dist.pool.shard"}}
+    assert _against_the_grain(g) == ["smat_dist.pool.shard -> smat_dist.method.smat"]
+
+
+def test_no_import_cycle_inside_smat_dist():
+    g = graph()
+    assert cycles(g, {m for m in g if m.startswith("smat_dist")}) == []
+
+
 def test_the_pool_package_depends_only_on_its_lower_layers():
     """smat_dist.pool may use utils, config, model and distributed.comm only (no method/, train/, DeepSpeed);
-    method/ reaches the pool through its package, and the torch-free preflight (config) never imports it."""
+    the torch-free preflight (config) never reaches it."""
     g = graph()
     pool = {m for m in g if m == "smat_dist.pool" or m.startswith("smat_dist.pool.")}
     allowed = ("smat_dist.pool", "smat_dist.utils", "smat_dist.config", "smat_dist.model")
@@ -142,3 +177,11 @@ def test_the_pool_package_depends_only_on_its_lower_layers():
     assert bad == []
     config = {m for m in g if m.startswith("smat_dist.config")}
     assert sorted(m for m in reach(g, config) if m.startswith("smat_dist.pool")) == []
+
+
+def test_distributed_is_the_process_group_and_the_engine_only():
+    g = graph()
+    assert "smat_dist.distributed.process_group" in g and "smat_dist.distributed.engine" in g
+    assert sorted(m for m in g if m.startswith("smat_dist.distributed.")) == [
+        "smat_dist.distributed.comm", "smat_dist.distributed.engine", "smat_dist.distributed.process_group",
+        "smat_dist.distributed.timeouts"]

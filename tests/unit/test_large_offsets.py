@@ -9,7 +9,7 @@ import struct
 
 import torch
 
-from smat_dist.distributed.shard_file import ShardReader, digest_record
+from smat_dist.checkpoint.shard_file import ShardReader, digest_record
 
 ROWS = (1 << 31) // 8 + 1000    # [ROWS, 4] float32: 4 GiB + 16 KB of data, past 2^31 and 2^32 bytes
 COLS = 4
@@ -67,7 +67,7 @@ def test_row_ranges_past_4_gib_read_back_exactly(tmp_path):
 def test_a_flipped_byte_past_4_gib_is_named():
     import pytest
 
-    from smat_dist.distributed.shard_file import ShardError
+    from smat_dist.checkpoint.shard_file import ShardError
 
     tmp = __import__("tempfile").mkdtemp()
     from pathlib import Path

@@ -135,7 +135,7 @@ def test_fixed_patterns_have_nothing_to_report():
 
 
 def test_keep_every_keeps_the_curve_points(tmp_path):
-    from smat_dist.distributed.checkpoint import Checkpointer, checkpoint_tasks
+    from smat_dist.checkpoint import Checkpointer, checkpoint_tasks
     from smat_dist.distributed.comm import Comm
     from smat_dist.train.state import TrainState
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
-from smat_dist.distributed.build import build_local
 from smat_dist.method.protonet import cosine_logits, prototypes
 from smat_dist.train.step import NonFiniteLoss, dense_step
 

@@ -7,9 +7,10 @@ import io
 import pytest
 import torch
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.data.episodes import Episode, EpisodeConfig, EpisodeStream
-from smat_dist.distributed.build import build_local
+from smat_dist.build import build_local
 from smat_dist.pool import gates as hc
 from smat_dist.train.step import NonFiniteLoss, smat_step
 from tests.data_fixture import make_dataset

@@ -9,8 +9,8 @@ import weakref
 import pytest
 import torch
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, ModelConfig
-from smat_dist.distributed.build import build_local
 from smat_dist.method.teacher import TeacherWeights, block_layout, park, teacher_features
 from smat_dist.model.backbone import FunctionalBackbone, block_units, build_backbone
 from smat_dist.train.step import smat_step

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, ModelConfig, TeacherConfig
-from smat_dist.distributed.build import build_local
 from smat_dist.method.protonet import cosine_logits
 from smat_dist.method.teacher import DenseTeacher, top_layout
 from smat_dist.model.backbone import FunctionalBackbone, block_units, build_backbone

@@ -11,9 +11,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import EvalConfig, MethodConfig, ModelConfig
 from smat_dist.data.episodes import Episode
-from smat_dist.distributed.build import build_local
 from smat_dist.eval.protocol import Evaluator
 from smat_dist.model.backbone import build_backbone
 from smat_dist.model.weights import WeightsError, hf_to_original

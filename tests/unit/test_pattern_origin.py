@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from smat_dist.analysis.pattern_origin import init_share
+from smat_dist.build import build_local
+from smat_dist.checkpoint import Checkpointer
 from smat_dist.config.hydra import to_yaml
 from smat_dist.config.schema import Config, MethodConfig, ModelConfig, TrainConfig
-from smat_dist.distributed.build import build_local
-from smat_dist.distributed.checkpoint import Checkpointer
 from smat_dist.distributed.comm import Comm
 from smat_dist.pool.draws import chunked_normal
 from smat_dist.train.state import RngState, TrainState

@@ -7,7 +7,7 @@ import torch
 
 import smat_dist.pool.passes as passes
 from smat_dist.config.schema import MethodConfig, SparsityConfig
-from smat_dist.distributed.build import build_local
+from smat_dist.build import build_local
 from smat_dist.pool.merge import LocalMerger
 from smat_dist.pool.shard import PoolShard
 from smat_dist.train.step import smat_step

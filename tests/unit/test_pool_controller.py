@@ -6,9 +6,10 @@ import time
 import pytest
 import torch
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, ModelConfig
 from smat_dist.data.episodes import EpisodeConfig, EpisodeStream
-from smat_dist.distributed.build import build_local
+from smat_dist.build import build_local
 from smat_dist.pool.controller import LagrangeController
 from smat_dist.train.step import smat_step
 from tests.data_fixture import make_dataset

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, SparsityConfig
-from smat_dist.distributed.build import build_local
+from smat_dist.build import build_local
 from smat_dist.pool.merge import LocalMerger
 from smat_dist.pool.shard import PoolShard
 from smat_dist.train.step import smat_step

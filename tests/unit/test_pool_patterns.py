@@ -17,7 +17,7 @@ from smat_dist.bench.step import synthetic_episode
 from smat_dist.config.checks import check_pattern
 from smat_dist.config.hydra import ConfigError, compose
 from smat_dist.config.schema import MethodConfig, SparsityConfig, SparsityPattern
-from smat_dist.distributed.build import build_local
+from smat_dist.build import build_local
 from smat_dist.model.flat import FlatSpace
 from smat_dist.pool import gates as hc
 from smat_dist.pool.merge import LocalMerger

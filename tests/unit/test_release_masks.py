@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig
-from smat_dist.distributed.build import build_local
 from smat_dist.train.step import smat_step
 from tests.unit.test_method_smat import VIT, episodes  # noqa: F401  (fixture)
 

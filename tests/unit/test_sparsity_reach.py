@@ -11,8 +11,9 @@ import torch
 import yaml
 
 from smat_dist.bench.step import synthetic_episode
+from smat_dist.build import build_local
 from smat_dist.config.schema import MethodConfig, ModelConfig, SparsityInit
-from smat_dist.distributed.build import build_local
+from smat_dist.build import build_local
 from smat_dist.pool import gates as hc
 from smat_dist.pool.controller import LagrangeController
 from smat_dist.train.step import smat_step

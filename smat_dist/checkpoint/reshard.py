@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from smat_dist.distributed.errors import CheckpointError
-from smat_dist.distributed.shard_file import ShardReader
+from smat_dist.checkpoint.errors import CheckpointError
+from smat_dist.checkpoint.parts import ShardedPart
+from smat_dist.checkpoint.shard_file import ShardReader
 
 
-def load_sharded(ck: Path, manifest: dict, pname: str, part, counter: dict) -> None:
+def load_sharded(ck: Path, manifest: dict, pname: str, part: ShardedPart, counter: dict) -> None:
     """Re-slice a sharded part to this rank's rows, reading only the overlapping byte ranges."""
     entries = manifest.get("shards", {}).get(pname)
     if not entries:

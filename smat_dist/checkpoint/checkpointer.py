@@ -1,20 +1,12 @@
-"""Sharded, atomic, versioned checkpoints of Stateful parts, written and read at O(pool / ranks) per rank.
+"""The checkpointer: sharded, atomic, versioned checkpoints of a dict of parts, written and read at
+O(pool / ranks) per rank.
 
-A checkpoint is a dict of named parts, each of which saves and loads itself; the checkpointer owns the
-folder, atomicity, the manifest, checksums, keep-last-K, asynchronous writing and re-slicing. Three kinds:
-  sharded  (the expert pool: `sharded_tensors`, `row_index`, `replicated_state`, `load_replicated`)
-           -> `<name>-rank<r>.safetensors`, one per rank (shard_file.py), re-sliced by byte range (reshard.py);
-  engine   (DeepSpeed: `save_to(folder)`, `load_from(folder, universal)`, `own_files(folder, rank)`)
-           -> whatever the engine writes, collectively;
-  state    (`state_dict` / `load_state_dict`; `per_rank = True` for one file per rank) -> `<name>.pt`.
-
-Layout of `CKPT = root/step-<tasks>/`: the parts' files, config.yaml, and manifest.json (written last:
-format version, tasks, world size, the run's identity, each file's size and block digests, each shard's row
-range). Everything is written into `step-<tasks>.tmp/`, renamed when complete; `latest` names the newest
-complete checkpoint and is replaced atomically, so a crash or kill -9 at any moment leaves the previous
-`latest` complete and loadable. Every rank hashes the files it writes while writing them; a loading rank
-verifies only the bytes it reads. `.pt` files load with torch.load(weights_only=True); shard files hold no
-pickle at all.
+Each part saves and loads itself by its kind (parts.py); the checkpointer owns the folder, atomicity, the
+manifest (manifest.py), checksums, keep-last-K, asynchronous writing and re-slicing (reshard.py).
+Everything is written into `step-<tasks>.tmp/` and renamed when complete; `latest` is replaced atomically, so a
+crash or kill -9 at any moment leaves the previous `latest` complete and loadable. Every rank hashes the files
+it writes while writing them; a loading rank verifies only the bytes it reads. `.pt` files load with
+torch.load(weights_only=True); shard files hold no pickle at all.
 
 Asynchronous saving (`async_save=True`): the caller blocks for the collective engine save and a host copy of
 its pool slice; a writer thread writes and hashes the shard, then drops a `done-rank<r>.json` receipt. Rank 0's
@@ -33,48 +25,15 @@ from pathlib import Path
 
 import torch
 
-from smat_dist.distributed.errors import CheckpointError
-from smat_dist.distributed.reshard import load_sharded
-from smat_dist.distributed.shard_file import ShardError, hash_file, write_shard
+from smat_dist.checkpoint.errors import CheckpointError, ShardError
+from smat_dist.checkpoint.files import fsync_dir, fsync_write, save_pt, save_text, write_receipt
+from smat_dist.checkpoint.manifest import FORMAT_VERSION, check_compatible, checkpoint_tasks, read_manifest, verify_file
+from smat_dist.checkpoint.parts import EnginePart, ShardedPart, StatePart, part_kind, per_rank
+from smat_dist.checkpoint.reshard import load_sharded
+from smat_dist.checkpoint.shard_file import hash_file, write_shard
 from smat_dist.utils.log import get_logger
 
 log = get_logger(__name__)
-FORMAT_VERSION = 2
-
-
-def _kind(part) -> str:
-    if hasattr(part, "sharded_tensors"):
-        return "sharded"
-    if hasattr(part, "save_to"):
-        return "engine"
-    return "state"
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_receipt(path: Path, receipt: dict) -> None:
-    """A rank's `done-rank<r>.json`, written beside and renamed into place: rank 0's writer polls for the name and
-    reads it at once, so it must never see the file before its content (it did: a JSONDecodeError on an
-    empty receipt that failed a save, seen once in a demo run on a loaded machine)."""
-    part = path.with_name(path.name + ".part")
-    _fsync_write(part, json.dumps(receipt))
-    os.replace(part, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _index_record(index) -> dict:
@@ -99,65 +58,6 @@ def _host_copy(t: torch.Tensor, copy: bool, buffers: dict | None = None, key=Non
             buffers[key] = buf
     buf.copy_(t)
     return buf
-
-
-def find_latest(path: str | os.PathLike) -> Path | None:
-    """A checkpoint folder, or the newest complete one under a run folder / checkpoints folder."""
-    p = Path(path)
-    if (p / "manifest.json").is_file():
-        return p
-    for root in (p / "checkpoints", p):
-        latest = root / "latest"
-        if latest.is_file():
-            ck = root / latest.read_text().strip()
-            if not (ck / "manifest.json").is_file():
-                raise CheckpointError(f"{latest} names {ck.name}, which has no manifest.json (incomplete or deleted)")
-            return ck
-    return None
-
-
-def checkpoint_tasks(ck: Path) -> int:
-    """The task count in a checkpoint folder's name (step-000000160 -> 160)."""
-    try:
-        return int(Path(ck).name.split("-", 1)[1])
-    except (IndexError, ValueError):
-        raise CheckpointError(f"{ck}: not a checkpoint folder name (step-<tasks>)") from None
-
-
-def read_manifest(ck: Path) -> dict:
-    mf = Path(ck) / "manifest.json"
-    try:
-        manifest = json.loads(mf.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {mf}: {e}") from e
-    if manifest.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{mf}: format version {manifest.get('version')}, this code reads {FORMAT_VERSION} "
-                              "(checkpoints of version 1 predate the sharded format: retrain or use that release)")
-    return manifest
-
-
-def check_compatible(manifest: dict, expect: dict, ck: Path) -> None:
-    """Refuse a checkpoint from another method, backbone or number of experts, naming the difference."""
-    for key in ("method", "backbone", "backbone_signature", "experts"):
-        if key in expect and manifest.get(key) != expect[key]:
-            raise CheckpointError(f"checkpoint {ck} was trained with {key}={manifest.get(key)!r}, "
-                                  f"this run has {key}={expect[key]!r}")
-
-
-def verify_file(ck: Path, rel: str, manifest: dict, counter: dict | None = None) -> Path:
-    """Check one whole (small) file against its manifest digest; names it if missing or corrupt."""
-    p = ck / rel
-    rec = manifest["files"].get(rel)
-    if rec is None:
-        raise CheckpointError(f"checkpoint {ck}: {rel} is not in its manifest")
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {ck} is missing {rel}")
-    got = hash_file(p, rec["block"])
-    if counter is not None:
-        counter["hashed"] = counter.get("hashed", 0) + got["size"]
-    if got["sha256"] != rec["sha256"]:
-        raise CheckpointError(f"checkpoint file {p} is corrupt (sha256 mismatch)")
-    return p
 
 
 class Checkpointer:
@@ -192,41 +92,20 @@ class Checkpointer:
         shards: dict = {}
         kinds = {}
         for pname, part in parts.items():
-            kind = kinds[pname] = _kind(part)
+            kind = kinds[pname] = part_kind(part)
             if kind == "engine":
                 part.save_to(tmp)                                   # collective, in the foreground
                 own += [str(p.relative_to(tmp)) for p in part.own_files(tmp, rank, reading=False)]
             elif kind == "sharded":
-                tensors = part.sharded_tensors()
-                rep = part.replicated_state()
-                data, recs = {}, {}
-                for k, v in rep.items():
-                    if isinstance(v, torch.Tensor):
-                        data[f"_replicated.{k}"] = _host_copy(v, True)
-                for tname, t in tensors.items():
-                    index = part.row_index(tname)
-                    rows = t
-                    if index[0] == "range":
-                        rows = t[: max(0, min(index[2], index[3]) - index[1])]   # padding is not saved
-                    else:
-                        data[f"{tname}.ids"] = _host_copy(index[1], True)
-                    data[tname] = _host_copy(rows, self.async_save, self._host, (pname, tname))
-                    recs[tname] = _index_record(index)
-                metadata = {"part": pname, "rank": str(rank), "world": str(comm.world),
-                            "replicated": json.dumps({k: v for k, v in rep.items() if not isinstance(v, torch.Tensor)}),
-                            "tensors": json.dumps(recs)}
-                rel = f"{pname}-rank{rank:05d}.safetensors"
+                rel, data, metadata, shards[pname] = self._shard_of(pname, part)
                 jobs.append((rel, lambda p, d=data, m=metadata: write_shard(p, d, m)))
-                shards[pname] = {"file": rel, "rank": rank, "tensors": recs}
-            else:
-                per_rank = bool(getattr(part, "per_rank", False))
-                if per_rank or rank == 0:
-                    sd = part.state_dict()
-                    rel = f"{pname}-rank{rank:05d}.pt" if per_rank else f"{pname}.pt"
-                    jobs.append((rel, lambda p, s=sd: _save_pt(p, s)))
+            elif per_rank(part) or rank == 0:
+                sd = part.state_dict()
+                rel = f"{pname}-rank{rank:05d}.pt" if per_rank(part) else f"{pname}.pt"
+                jobs.append((rel, lambda p, s=sd: save_pt(p, s)))
         if rank == 0:
             for fname, text in (texts or {}).items():
-                jobs.append((fname, lambda p, t=text: _save_text(p, t)))
+                jobs.append((fname, lambda p, t=text: save_text(p, t)))
         receipt = {"rank": rank, "shards": shards}
         header = {"version": FORMAT_VERSION, "tasks": tasks, "world_size": comm.world, "parts": kinds, **meta}
         self.stats = {"block_s": None, "hashed": 0, "written": 0}
@@ -262,6 +141,30 @@ class Checkpointer:
         self.last_saved = final
         return final
 
+    def _shard_of(self, pname: str, part: ShardedPart) -> tuple[str, dict, dict, dict]:
+        """A sharded part's file name, tensors on the host, string metadata, and its manifest entry."""
+        rank, world = self.comm.rank, self.comm.world
+        tensors = part.sharded_tensors()
+        rep = part.replicated_state()
+        data, recs = {}, {}
+        for k, v in rep.items():
+            if isinstance(v, torch.Tensor):
+                data[f"_replicated.{k}"] = _host_copy(v, True)
+        for tname, t in tensors.items():
+            index = part.row_index(tname)
+            rows = t
+            if index[0] == "range":
+                rows = t[: max(0, min(index[2], index[3]) - index[1])]   # padding is not saved
+            else:
+                data[f"{tname}.ids"] = _host_copy(index[1], True)
+            data[tname] = _host_copy(rows, self.async_save, self._host, (pname, tname))
+            recs[tname] = _index_record(index)
+        metadata = {"part": pname, "rank": str(rank), "world": str(world),
+                    "replicated": json.dumps({k: v for k, v in rep.items() if not isinstance(v, torch.Tensor)}),
+                    "tensors": json.dumps(recs)}
+        rel = f"{pname}-rank{rank:05d}.safetensors"
+        return rel, data, metadata, {"file": rel, "rank": rank, "tensors": recs}
+
     def _finalize(self, tmp: Path, final: Path, name: str, header: dict) -> None:
         """Rank 0's writer: every rank's receipt, then the manifest, the rename, `latest`, the purge."""
         world = header["world_size"]
@@ -286,14 +189,14 @@ class Checkpointer:
         for r in range(world):
             (tmp / f"done-rank{r:05d}.json").unlink()
         manifest = dict(header, files=files, shards=shards)
-        _fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
-        _fsync_dir(tmp)
+        fsync_write(tmp / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True))
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_write(self.root / "latest.tmp", name)
+        fsync_write(self.root / "latest.tmp", name)
         os.replace(self.root / "latest.tmp", self.root / "latest")
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         ckpts = sorted(p for p in self.root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in ckpts[:-self.keep] if self.keep > 0 else []:
             if not self.kept_for_good(old):
@@ -347,38 +250,28 @@ class Checkpointer:
 
         def local_parts():
             for pname, part in parts.items():
-                kind = _kind(part)
+                kind = part_kind(part)
                 if kind == "sharded":
                     load_sharded(ck, manifest, pname, part, counter)
                 elif kind == "state":
-                    per_rank = bool(getattr(part, "per_rank", False))
-                    rel = f"{pname}-rank{self.comm.rank:05d}.pt" if per_rank else f"{pname}.pt"
-                    if rel not in manifest["files"]:
-                        if per_rank:   # another world size: this rank had no predecessor
-                            continue
-                        raise CheckpointError(f"checkpoint {ck} has no {rel} (part {pname!r})")
-                    p = verify_file(ck, rel, manifest, counter)
-                    part.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+                    self._load_state(ck, manifest, pname, part, counter)
                 else:
                     for p in part.own_files(ck, self.comm.rank, reading=True, universal=universal is not None):
                         verify_file(ck, str(p.relative_to(ck)), manifest, counter)
 
         agree(local_parts)
-        for pname, part in parts.items():
-            if _kind(part) == "engine":
+        for part in parts.values():
+            if isinstance(part, EnginePart):
                 agree(lambda part=part: part.load_from(ck, universal))
         log.info("loaded %s from %s (%d tasks, written by %d ranks; %d bytes verified)", sorted(parts), ck,
                  manifest["tasks"], manifest["world_size"], counter["hashed"])
         return manifest
 
-
-def _save_pt(path: Path, sd) -> dict:
-    torch.save(sd, path)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-    return hash_file(path)
-
-
-def _save_text(path: Path, text: str) -> dict:
-    _fsync_write(path, text)
-    return hash_file(path)
+    def _load_state(self, ck: Path, manifest: dict, pname: str, part: StatePart, counter: dict) -> None:
+        rel = f"{pname}-rank{self.comm.rank:05d}.pt" if per_rank(part) else f"{pname}.pt"
+        if rel not in manifest["files"]:
+            if per_rank(part):   # another world size: this rank had no predecessor
+                return
+            raise CheckpointError(f"checkpoint {ck} has no {rel} (part {pname!r})")
+        p = verify_file(ck, rel, manifest, counter)
+        part.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from smat_dist.checkpoint.errors import ShardError
+
 # the host staging buffer of a read into device memory (bounded whatever the slice size)
 STAGE_BYTES = 64 << 20
 
@@ -30,10 +32,6 @@ _WRITE = 8 << 20            # bytes per write call
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 _FROM = {v: k for k, v in _DTYPES.items()}
-
-
-class ShardError(RuntimeError):
-    """A shard file is missing, truncated, malformed or does not match its recorded digests."""
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:

@@ -1,4 +1,5 @@
-"""The one place a method is assembled from config: backbone, replicated module, pool component, optimiser.
+"""The composition root: the one place a method is assembled from config (backbone, replicated module, pool
+component, optimiser), above the pool, the methods and the checkpoint, below train.
 
 Training, evaluation, analysis, the benchmarks and the tests all build through `build`; they differ only in
 the pool's merge strategy (local in one process, sharded / gather across ranks) and in the replicated
