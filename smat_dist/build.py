@@ -42,12 +42,29 @@ class _Parts:
 
 def build_pool(fb: FunctionalBackbone, cfg: MethodConfig, seed: int, comm: Comm, control: Comm | None = None,
                merge: str = "sharded") -> Pool:
-    """This rank's slice of the expert pool over fb's flat space, with its merge strategy and optimiser."""
+    """This rank's slice of the expert pool over fb's flat space, with its merge strategy and optimiser.
+    merge="zero3": the pool as per-chunk parameters under a DeepSpeed ZeRO-3 engine (a comparison path)."""
+    if merge == "zero3":
+        return _zero3_pool(fb, cfg, seed, comm, control)
     shard = PoolShard.for_space(fb.space, comm.rank, comm.world, cfg.experts, cfg.sparsity, seed)
     shard = shard.to(fb.theta_pre.device)
     merger = LocalMerger(shard, fb.space.padded) if merge == "local" else build_merger(merge, shard,
                                                                                       fb.space.padded, comm)
     return Pool(shard, merger, cfg, reduce=(control or comm).all_reduce, world=comm.world)
+
+
+def _zero3_pool(fb: FunctionalBackbone, cfg: MethodConfig, seed: int, comm: Comm, control: Comm | None,
+                comms_log: bool = False) -> Pool:
+    from smat_dist.distributed.zero3_pool import Zero3PoolStore
+    from smat_dist.pool.zero3 import Zero3Pool, zero3_init
+
+    sp = cfg.sparsity
+    store = Zero3PoolStore(fb.space.padded, cfg.experts, comm.rank, comm.world, zero3_init(cfg, fb.space.numel, seed),
+                           delta_sgd={"lr": cfg.delta_lr, "momentum": cfg.delta_momentum,
+                                      "weight_decay": cfg.delta_weight_decay},
+                           logits_sgd={"lr": sp.mask_lr, "momentum": 0.0, "weight_decay": 0.0},
+                           comms_log=comms_log)
+    return Zero3Pool(store, cfg, fb.space.numel, reduce=(control or comm).all_reduce, world=comm.world)
 
 
 def _smat(fb, cfg: MethodConfig, seed: int, comm: Comm, control: Comm, merge: str) -> _Parts:

@@ -65,6 +65,11 @@ class Pool:
     def device(self) -> torch.device:
         return self.shard.log_alpha.device
 
+    @property
+    def numel(self) -> int:
+        """The number of real (unpadded) entries of the whole pool's flat space."""
+        return self.shard.numel
+
     # ---- the step ----
     @fp32_math
     def begin_step(self, train: bool = True) -> None:
@@ -112,7 +117,7 @@ class Pool:
         local = self.merger.stats
         if local is None:
             raise RuntimeError("end_step() without a training begin_step(): no sparsity counts for this step")
-        M, numel = self.cfg.experts, self.shard.numel
+        M, numel = self.cfg.experts, self.numel
         stats = self.reduce(torch.cat([local, w_sum.double().to(local.device),
                                        torch.tensor([float(n_tasks)], dtype=torch.float64, device=local.device)]))
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
