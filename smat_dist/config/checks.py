@@ -237,6 +237,8 @@ def _cross(cfg: Any) -> None:
     if cfg.dist.pool == PoolPath.gather and sp.structured:
         raise ConfigError("dist.pool=gather: allowed only with method.sparsity.structured=false "
                           "(use dist.pool=sharded)")
+    if cfg.dist.pool == PoolPath.zero3:
+        _check_zero3(cfg)
     if cfg.data.mode == EpisodeMode.variable and cfg.data.max_ways < 5:
         raise ConfigError(f"data.max_ways={cfg.data.max_ways}: must be >= 5 with data.mode=variable "
                           f"(Meta-Dataset episodes have at least 5 ways)")
@@ -248,6 +250,26 @@ def _cross(cfg: Any) -> None:
         bad = [s for s in _get(cfg, key) if not isinstance(s, str) or not s.strip()]
         if bad:
             raise ConfigError(f"{key}: every entry must be a folder or URL, got {bad[0]!r}")
+
+
+def _check_zero3(cfg: Any) -> None:
+    """dist.pool=zero3 (the pool under DeepSpeed ZeRO-3, smat_dist/pool/zero3.py) is a comparison path: learned,
+    unstructured, deterministic, stored gates without fused kernels or diagnostics, and no checkpoints."""
+    sp = cfg.method.sparsity
+    bad = [key for key, on in (("method.sparsity.structured", sp.structured), ("method.sparsity.lean", sp.lean),
+                               ("method.sparsity.noise_eps", sp.noise_eps != 0),
+                               ("method.sparsity.pattern", sp.pattern != SparsityPattern.learned),
+                               ("method.sparsity.compile", sp.compile),
+                               ("logging.mask_diagnostics", cfg.logging.mask_diagnostics)) if on]
+    if bad:
+        raise ConfigError(f"dist.pool=zero3: allowed only with method.sparsity.structured=false, lean=false, "
+                          f"noise_eps=0, pattern=learned, compile=false and logging.mask_diagnostics=false "
+                          f"(got {', '.join(bad)}; use dist.pool=sharded)")
+    ck = [key for key, on in (("checkpoint.every_tasks", cfg.checkpoint.every_tasks),
+                              ("checkpoint.keep_every", cfg.checkpoint.keep_every), ("resume", cfg.resume)) if on]
+    if ck:
+        raise ConfigError(f"dist.pool=zero3 is a benchmark comparison path: checkpoint.*/resume not supported "
+                          f"(set checkpoint.every_tasks=0, checkpoint.keep_every=0 and no resume; got {', '.join(ck)})")
 
 
 # The hard-concrete gate's constants (smat_dist.pool.gates, which needs torch): temperature 2/3 in training,

@@ -59,7 +59,8 @@ class EvalGate(StrEnum):
 
 class PoolPath(StrEnum):
     sharded = "sharded"     # merge where the shard lives (per-task bytes independent of M)
-    gather = "gather"       # all-gather every mask (what plain ZeRO-3 does; comparison only)
+    gather = "gather"       # all-gather every mask (a hand-written imitation of ZeRO-3; comparison only)
+    zero3 = "zero3"         # the pool under real DeepSpeed ZeRO-3 (comparison only: no checkpoints)
 
 
 class Backend(StrEnum):

@@ -82,6 +82,8 @@ class Trainer:
                            merge=str(getattr(cfg.dist.pool, "value", cfg.dist.pool)), hyper="deepspeed",
                            dist_cfg=cfg.dist, tasks_per_rank=self.k, universal=universal is not None, device=self.dev)
         self.method, self.pool, self.hyper = self.setup.method, self.setup.pool, self.setup.hyper
+        # dist.pool=zero3 is a comparison path without checkpoints (the config check refuses checkpoint.* / resume)
+        self.can_save = not (cfg.method.name == "smat" and cfg.dist.pool == "zero3")
         if self.pool is not None:
             self.pool.diagnostics = mask_diagnostics if cfg.logging.mask_diagnostics else None
         self.autocast = autocast_for(self.dev, cfg.dist.precision)
@@ -221,7 +223,7 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
             metrics.log(m, st.tasks, st.tasks // per_step, per_step)
             if cfg.checkpoint.every_tasks and st.tasks - (tr.last_saved or 0) >= cfg.checkpoint.every_tasks:
                 tr.save()
-        if st.tasks != tr.last_saved:
+        if st.tasks != tr.last_saved and tr.can_save:
             tr.save()
         tr.close()
     except BaseException as e:
@@ -231,4 +233,4 @@ def train(cfg: Config, run_dir: str, should_stop: Optional[Callable[[], bool]] =
         metrics.close()
         stream.close()
     return {"status": status, "tasks": st.tasks, "cursor": st.cursor, "run_dir": str(run_dir),
-            "checkpoint": str(find_latest(run_dir / "checkpoints"))}
+            "checkpoint": str(find_latest(run_dir / "checkpoints")) if tr.can_save else None}

@@ -80,3 +80,58 @@ def test_zero3_steps_equal_sharded_steps():
     ms = res[0]["sharded"][0]
     assert max(m["loss/sparsity_penalty"] for m in ms) > 0, "the penalty was never exercised"
     assert max(m["grad_norm/log_alpha"] for m in ms) > 0.05, "the logits' clip was never exercised"
+
+
+def _trainer_rank(rank: int, world: int, cfg, run_dir: str):
+    from smat_dist.train import trainer
+
+    return trainer.train(cfg, run_dir)
+
+
+def test_trainer_runs_zero3_as_sharded(tmp_path):
+    """Through the real trainer (the hypernetwork's DeepSpeed engine beside the pool's ZeRO-3 engine): the same
+    logged losses as the sharded path; no checkpoint is written."""
+    import json
+
+    from tests.data_fixture import make_dataset
+    from tests.distributed.helpers import tiny_config
+
+    data = str(make_dataset(tmp_path / "data", "toy"))
+    losses = {}
+    for path in ("sharded", "zero3"):
+        cfg = tiny_config(data, tasks=4, pool=path)
+        run_dir = tmp_path / path
+        out = run_ranks(_trainer_rank, 2, cfg, str(run_dir))
+        assert out[0]["tasks"] == 4
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[path] = [(r["loss/task"], r["loss/sparsity_penalty"]) for r in rows if "loss/task" in r]
+        if path == "zero3":
+            assert out[0]["checkpoint"] is None and not (run_dir / "checkpoints" / "latest").exists()
+    assert len(losses["zero3"]) == 2
+    for a, b in zip(losses["sharded"], losses["zero3"]):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
+
+
+def test_config_refuses_what_zero3_does_not_support():
+    from smat_dist.config.checks import ConfigError
+    from smat_dist.config.schema import Config
+
+    def make(**sparsity):
+        cfg = Config()
+        cfg.dist.pool = "zero3"
+        cfg.checkpoint.every_tasks = 0
+        for k, v in sparsity.items():
+            setattr(cfg.method.sparsity, k, v)
+        return cfg
+
+    import dataclasses
+
+    dataclasses.replace(make())     # the supported combination
+    for key, value in (("structured", True), ("lean", True), ("noise_eps", 1e-6), ("compile", True)):
+        with pytest.raises(ConfigError, match=rf"^dist\.pool=zero3: allowed only with .*got method\.sparsity\.{key}"):
+            dataclasses.replace(make(**{key: value}))
+    cfg = make()
+    cfg.checkpoint.every_tasks = 200
+    with pytest.raises(ConfigError, match=r"^dist\.pool=zero3 is a benchmark comparison path: checkpoint\.\*/resume "
+                                          r"not supported .*got checkpoint\.every_tasks"):
+        dataclasses.replace(cfg)

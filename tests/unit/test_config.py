@@ -126,7 +126,7 @@ def test_last_error_line():
     ("+foo=1", "config key 'foo': Key 'foo' not in 'Config'"),
     ("logging.wandb_mode=offlin", "config key 'logging.wandb_mode': Invalid value 'offlin', expected one of "
                                   "[offline, online, disabled]"),
-    ("dist.pool=shardd", "config key 'dist.pool': Invalid value 'shardd', expected one of [sharded, gather]"),
+    ("dist.pool=shardd", "config key 'dist.pool': Invalid value 'shardd', expected one of [sharded, gather, zero3]"),
     ("data.mode=variabel", "config key 'data.mode': Invalid value 'variabel', expected one of [variable, fixed]"),
     ("dist.precision=fp16", "config key 'dist.precision': Invalid value 'fp16', expected one of [auto, fp32, bf16]"),
     ("launcher.name=k8s", "config key 'launcher.name': Invalid value 'k8s', expected one of [local, slurm]"),
@@ -154,6 +154,12 @@ def test_cross_field_rules():
     for ov, key in ((["method.sparsity.lean=true", "method.sparsity.noise_eps=1e-6"], "method.sparsity.lean"),
                     (["method=smat_structured", "method.sparsity.lean=true"], "method.sparsity.lean"),
                     (["method=smat_structured", "dist.pool=gather"], "dist.pool=gather"),
+                    (["method=smat_structured", "dist.pool=zero3", "checkpoint.every_tasks=0"],
+                     "dist.pool=zero3: allowed only with"),
+                    (["method.sparsity.lean=true", "dist.pool=zero3", "checkpoint.every_tasks=0"],
+                     "got method.sparsity.lean"),
+                    (["dist.pool=zero3"], "dist.pool=zero3 is a benchmark comparison path: checkpoint.*/resume not "
+                                          "supported (set checkpoint.every_tasks=0"),
                     (["method.teacher.blockwise=true", "method=smat_top_teacher"], "method.teacher.blockwise"),
                     (["data.mode=variable", "data.max_ways=3"], "data.max_ways=3")):
         with pytest.raises(ConfigError, match=re.escape(key)):
@@ -176,7 +182,7 @@ def test_choices_are_enums_that_behave_as_strings():
     c2 = dataclasses.replace(c)
     assert c2.dist.pool is PoolPath.gather
     c.dist.pool = "shardd"
-    with pytest.raises(ConfigError, match=r"^dist\.pool=shardd: expected one of sharded, gather$"):
+    with pytest.raises(ConfigError, match=r"^dist\.pool=shardd: expected one of sharded, gather, zero3$"):
         dataclasses.replace(c)
 
 

@@ -184,4 +184,4 @@ def test_distributed_is_the_process_group_and_the_engine_only():
     assert "smat_dist.distributed.process_group" in g and "smat_dist.distributed.engine" in g
     assert sorted(m for m in g if m.startswith("smat_dist.distributed.")) == [
         "smat_dist.distributed.comm", "smat_dist.distributed.engine", "smat_dist.distributed.process_group",
-        "smat_dist.distributed.timeouts"]
+        "smat_dist.distributed.timeouts", "smat_dist.distributed.zero3_pool"]
