@@ -41,11 +41,12 @@ class _Parts:
 
 
 def build_pool(fb: FunctionalBackbone, cfg: MethodConfig, seed: int, comm: Comm, control: Comm | None = None,
-               merge: str = "sharded") -> Pool:
+               merge: str = "sharded", comms_log: bool = False) -> Pool:
     """This rank's slice of the expert pool over fb's flat space, with its merge strategy and optimiser.
-    merge="zero3": the pool as per-chunk parameters under a DeepSpeed ZeRO-3 engine (a comparison path)."""
+    merge="zero3": the pool as per-chunk parameters under a DeepSpeed ZeRO-3 engine (a comparison path;
+    comms_log: DeepSpeed's comms logger on, what smat-bench scale counts its bytes with)."""
     if merge == "zero3":
-        return _zero3_pool(fb, cfg, seed, comm, control)
+        return _zero3_pool(fb, cfg, seed, comm, control, comms_log)
     shard = PoolShard.for_space(fb.space, comm.rank, comm.world, cfg.experts, cfg.sparsity, seed)
     shard = shard.to(fb.theta_pre.device)
     merger = LocalMerger(shard, fb.space.padded) if merge == "local" else build_merger(merge, shard,

@@ -2,7 +2,7 @@
 
   smat-bench step  [--model NAME ...] [--image-size PX] [--ways 10 --shots 5 --queries 10] [--repeats N]
                    [--teacher-top-fraction F] [--compile]
-  smat-bench scale [--experts 4,16,64,256] [--ranks 1,2] [--paths sharded,gather] [--model NAME] [--depth auto]
+  smat-bench scale [--experts 4,16,64,256] [--ranks 1,2] [--paths sharded,gather,zero3] [--model NAME] [--depth auto]
                    [--lean] [--compile]
   smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
                    [lean=true] [teacher_blockwise=true | teacher_top_fraction=F] [act_bytes=2] [tasks_per_rank=K]
@@ -12,7 +12,8 @@
   smat-bench fault [--launcher local|slurm] [--cases kill,nan,hang] [--step-timeout-s 15] [--kill-grace-s 5]
 
 step: SMAT vs P>M>F vs frozen forward, interleaved, with measured backbone passes and a per-phase breakdown.
-scale: real sharded / gather-all SMAT steps on gloo ranks as M and ranks grow, then a summary line of ratios.
+scale: real sharded / gather-all / DeepSpeed ZeRO-3 SMAT steps on gloo ranks as M and ranks grow, then a summary
+  line of ratios.
 plan: per-rank memory and bytes per step predicted without allocating (meta-device backbone).
 ckpt: checkpoint save (sync / async), resume, reshard and verification cost per rank against its own slice.
 data: episodes per second of the data pipeline (smat_dist.bench.data).
@@ -174,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         from smat_dist.bench import scale
 
         paths = [p for p in args.paths.split(",") if p]
-        bad = [p for p in paths if p not in ("sharded", "gather")]
+        bad = [p for p in paths if p not in ("sharded", "gather", "zero3")]
         if bad:
-            return _fail(f"scale --paths {','.join(bad)}: expected sharded and/or gather")
+            return _fail(f"scale --paths {','.join(bad)}: expected some of sharded, gather, zero3")
         rows = scale.run(args.experts, args.ranks, paths, args.model, args.image_size, args.depth, args.ways,
                          args.shots, args.queries, args.tasks_per_rank, args.steps,
                          int(args.budget_gb * 2**30) if args.budget_gb else None, args.precision, args.threads,

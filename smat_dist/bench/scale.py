@@ -1,4 +1,4 @@
-"""Scale benchmark: real SMAT training steps as the number of experts M and of ranks grow, sharded vs gather.
+"""Scale benchmark: real SMAT training steps as the number of experts M and of ranks grow, sharded vs gather vs zero3.
 
 Each point runs in fresh processes (`run_ranks`, gloo; on a GPU machine each rank takes its own device) so
 its peak memory is its own: `torch.cuda.max_memory_allocated` on GPU, the process's peak RSS on CPU (reported
@@ -6,6 +6,11 @@ absolute and above the RSS measured just before the pool is built). Every rank t
 ShardedMerger or GatherMerger on its own synthetic episodes; the hypernetwork's gradients are all-reduced
 (what DeepSpeed's ZeRO-0 engine does) so the step is a real data-parallel step. Bytes are counted by Comm at
 the collective calls: the merge's (`sent_bytes_per_task`), the hypernetwork's and the sparsity terms' apart.
+The zero3 path (dist.pool=zero3: the pool under a real DeepSpeed ZeRO-3 engine, smat_dist/pool/zero3.py) counts
+its bytes with DeepSpeed's own comms logger (every collective DeepSpeed issues in the timed steps: the pool
+engine's gathers, reduce-scatters and its step's norm; the hypernetwork's all-reduce and the sparsity terms go
+through Comm here, not DeepSpeed), converted to the same per-rank send volumes; its rows state the stage-3
+settings and the per-op records, and its planned peak is the gather path's (the same M x P gathered per task).
 
 A point whose planned peak (smat_dist.bench.plan) exceeds the memory budget is skipped with a JSON line
 saying why; with `depth='auto'` the ViT is truncated to the deepest depth whose largest point fits (pool
@@ -101,7 +106,14 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
     else:
         base = _rss()
     comm, rep_comm, ctl_comm = Comm(device_bound=True), Comm(device_bound=True), Comm(device_bound=True)
-    sparse = build_pool(fb, cfg, seed, comm, ctl_comm, merge=point["path"])
+    zero3 = point["path"] == "zero3"
+    if zero3:
+        from smat_dist.config.schema import DistConfig
+        from smat_dist.distributed import zero3_pool
+        from smat_dist.distributed.process_group import init_distributed
+
+        init_distributed(DistConfig())   # DeepSpeed on this process group (CPU accelerator, no shm op build)
+    sparse = build_pool(fb, cfg, seed, comm, ctl_comm, merge=point["path"], comms_log=zero3)
     pool = sparse.shard
     params = list(method.hypernet.parameters())
     hyper = _AllReducedHyper(TorchHyperOptimizer(hypernet_optimizer(params, cfg), cfg.hypernet.clip), params, rep_comm)
@@ -110,6 +122,8 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
     for s in range(point["steps"] + 1):
         if s == 1:  # step 0 is the warm-up; bytes are counted over the timed steps only
             sent0, rep0, ctl0 = comm.sent_bytes, rep_comm.sent_bytes, ctl_comm.sent_bytes
+            if zero3:
+                zero3_pool.reset_comms_log()
         comm.barrier()
         if cuda:
             torch.cuda.synchronize()
@@ -121,18 +135,28 @@ def scale_rank(rank: int, world: int, point: dict) -> dict:
         if s:
             times.append(time.perf_counter() - t0)
     tasks = point["steps"] * k
+    extra = {}
+    if zero3:
+        sent, ops = zero3_pool.comms_log_bytes(world)
+        extra = {"ds_comms": ops, "zero3_settings": dict(sparse.store.settings),
+                 "zero3_chunks": len(sparse.store.bounds)}
+        pool_bytes = sparse.pool_bytes_per_rank()
+        merge_bytes = sent / tasks
+    else:
+        pool_bytes = (pool.delta.numel() * pool.delta.element_size()
+                      + pool.log_alpha.numel() * pool.log_alpha.element_size())
+        merge_bytes = (comm.sent_bytes - sent0) / tasks
     if cuda:
         peak = int(torch.cuda.max_memory_allocated())
     else:
         peak = peak_rss_bytes()   # VmHWM: a spawned rank's own peak (ru_maxrss keeps the parent's)
     return {"s_per_step": statistics.median(times), "s_per_task": statistics.median(times) / k,
-            "pool_bytes_per_rank": pool.delta.numel() * pool.delta.element_size()
-            + pool.log_alpha.numel() * pool.log_alpha.element_size(),
+            "pool_bytes_per_rank": pool_bytes,
             "peak_mem_bytes": peak, "peak_mem_over_base_bytes": peak - base, "base_mem_bytes": base,
-            "sent_bytes_per_task": (comm.sent_bytes - sent0) / tasks,
+            "sent_bytes_per_task": merge_bytes,
             "replicated_bytes_per_step": (rep_comm.sent_bytes - rep0) / point["steps"],
             "control_bytes_per_step": (ctl_comm.sent_bytes - ctl0) / point["steps"],
-            "params": fb.space.numel, "device": dev.type}
+            "params": fb.space.numel, "device": dev.type, **extra}
 
 
 def measure_point(point: dict) -> dict:
@@ -153,6 +177,11 @@ def measure_point(point: dict) -> dict:
         "control_bytes_per_step": r0["control_bytes_per_step"],
         "params": r0["params"], "device": r0["device"],
     })
+    if "zero3_settings" in r0:
+        def sent(ops):
+            return sum(o["sent_bytes"] for o in ops.values())
+        row.update(zero3_settings=r0["zero3_settings"], zero3_chunks=r0["zero3_chunks"],
+                   ds_comms=max((r["ds_comms"] for r in res), key=sent))
     return row
 
 
@@ -161,7 +190,7 @@ def _auto_depth(model: str, image_size: int, experts: list[int], ranks: list[int
     """None (the full model) if the sharded path's largest point fits the budget, else the deepest ViT depth
     at which it does. The sharded path is the one being measured; gather-all points that do not fit at that
     depth are reported as skipped rather than shrinking the model for everything."""
-    sized = ["sharded"] if "sharded" in paths else paths
+    sized = ["sharded"] if "sharded" in paths else [_plan_path(x) for x in paths]
 
     def need(depth):
         kw = {"depth": depth} if depth else None
@@ -184,6 +213,11 @@ def _auto_depth(model: str, image_size: int, experts: list[int], ranks: list[int
         if need(d) <= budget:
             return d
     return 1
+
+
+def _plan_path(path: str) -> str:
+    """The plan's figures a path is sized with: zero3 gathers what the gather path gathers."""
+    return "gather" if path == "zero3" else path
 
 
 def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), model: str = "vit_tiny_patch16_224",
@@ -210,7 +244,7 @@ def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), mod
                              lean=lean and path == "sharded", compile=compile)
                 kw = {"depth": depth} if depth else None
                 need = plan(model, M, r, image_size=image_size, batch_images=images, kwargs=kw,
-                            lean=point["lean"])["peak_bytes"][path] * r
+                            lean=point["lean"])["peak_bytes"][_plan_path(path)] * r
                 if need > budget:
                     row = {"bench": "scale", "model": model, "experts": M, "ranks": r, "path": path, "depth": depth,
                            "skipped": f"planned peak {need / 2**30:.1f} GB exceeds the budget {budget / 2**30:.1f} GB"}
@@ -252,6 +286,15 @@ def summarise(rows: list[dict]) -> dict:
                                                             get("gather", multi, 4, "sent_bytes_per_task")),
            "pool_bytes_2ranks_over_1rank_M64": ratio(get("sharded", 2, 64, "pool_bytes_per_rank"),
                                                      get("sharded", 1, 64, "pool_bytes_per_rank"))}
+    z64, z4, s64 = (get("zero3", multi, 64, "sent_bytes_per_task"), get("zero3", multi, 4, "sent_bytes_per_task"),
+                    get("sharded", multi, 64, "sent_bytes_per_task"))
+    out.update({"zero3_bytes_M64_over_M4": ratio(z64, z4),
+                "sharded_bytes_M64_over_M4": ratio(s64, get("sharded", multi, 4, "sent_bytes_per_task")),
+                "zero3_over_sharded_bytes_M64": ratio(z64, s64),
+                "zero3_over_sharded_time_M64": ratio(get("zero3", multi, 64, "s_per_task"),
+                                                     get("sharded", multi, 64, "s_per_task")),
+                "zero3_over_sharded_peak_M64": ratio(get("zero3", multi, 64, "peak_mem_bytes"),
+                                                     get("sharded", multi, 64, "peak_mem_bytes"))})
     for r in ranks:
         out[f"sharded_time_M64_over_M4_ranks{r}"] = ratio(get("sharded", r, 64, "s_per_task"),
                                                           get("sharded", r, 4, "s_per_task"))

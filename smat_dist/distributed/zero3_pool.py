@@ -176,3 +176,41 @@ class Zero3PoolStore:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return {"delta": torch.cat([c.delta.detach().clone() for c in self.engine.module.chunks]),
                     "log_alpha": torch.cat([c.log_alpha.detach().clone() for c in self.engine.module.chunks])}
+
+
+# Per-rank bytes sent by each collective, from the message size DeepSpeed's comms logger records (its `tensor`
+# argument: the local input of an all-gather, the full input of a reduce-scatter / all-reduce / all-to-all), by
+# the ring / pairwise volumes smat_dist.distributed.comm.Comm counts for the sharded and gather paths.
+def _sent(op: str, msg: int, world: int) -> float:
+    if world == 1:
+        return 0.0
+    if "all_gather" in op or "allgather" in op:
+        return (world - 1) * msg
+    if "all_reduce" in op or "allreduce" in op:
+        return 2 * (world - 1) / world * msg
+    if "reduce_scatter" in op or "all_to_all" in op:
+        return (world - 1) / world * msg
+    if "broadcast" in op:
+        return (world - 1) / world * msg
+    return float(msg)
+
+
+def reset_comms_log() -> None:
+    from deepspeed.comm.comm import comms_logger
+
+    comms_logger.reset_data()
+
+
+def comms_log_bytes(world: int) -> tuple[float, dict]:
+    """(bytes this rank sent, per op {calls, message_bytes, sent_bytes}) since reset_comms_log, from DeepSpeed's
+    comms logger (every collective DeepSpeed issued; the pool engine's when it is the only DeepSpeed user)."""
+    from deepspeed.comm.comm import comms_logger
+
+    ops, total = {}, 0.0
+    for op, sizes in comms_logger.get_raw_data().items():
+        calls = sum(rec[0] for rec in sizes.values())
+        msg = sum(size * rec[0] for size, rec in sizes.items())
+        sent = sum(_sent(op, size, world) * rec[0] for size, rec in sizes.items())
+        ops[op] = {"calls": calls, "message_bytes": msg, "sent_bytes": sent}
+        total += sent
+    return total, ops
