@@ -73,6 +73,10 @@ class _AllReducedHyper:
 
 def scale_rank(rank: int, world: int, point: dict) -> dict:
     """One rank of one point: build, warm up one step, time `steps` steps; returns its measurements."""
+    if point["path"] == "zero3":
+        from smat_dist.distributed.zero3_pool import logs_to_stderr
+
+        logs_to_stderr()   # before anything imports DeepSpeed's accelerator (its first warning goes to stdout)
     from smat_dist.build import build_pool
     from smat_dist.config.schema import MethodConfig
     from smat_dist.distributed.comm import Comm

@@ -195,6 +195,22 @@ def _sent(op: str, msg: int, world: int) -> float:
     return float(msg)
 
 
+def logs_to_stderr() -> None:
+    """DeepSpeed's logger writes to stdout; the benchmarks' stdout is JSON lines. Call before DeepSpeed is
+    imported: on the CPU it names its accelerator first (as init_distributed does), else it says so on stdout."""
+    import logging
+    import os
+    import sys
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.logging import logger
+
+    for h in logger.handlers:
+        if isinstance(h, logging.StreamHandler):
+            h.setStream(sys.stderr)
+
+
 def reset_comms_log() -> None:
     from deepspeed.comm.comm import comms_logger
 

@@ -135,3 +135,21 @@ def test_config_refuses_what_zero3_does_not_support():
     with pytest.raises(ConfigError, match=r"^dist\.pool=zero3 is a benchmark comparison path: checkpoint\.\*/resume "
                                           r"not supported .*got checkpoint\.every_tasks"):
         dataclasses.replace(cfg)
+
+
+def test_bench_counts_zero3_bytes_with_deepspeeds_comms_logger():
+    """smat-bench scale's zero3 rows: bytes from DeepSpeed's comms logger, M x P per task (grows with M)."""
+    from smat_dist.bench.scale import measure_point
+
+    rows = {}
+    for m in (4, 16):
+        rows[m] = measure_point(dict(model="vit_tiny_patch16_224", experts=m, ranks=2, path="zero3", image_size=32,
+                                     depth=1, patch_size=8, tasks_per_rank=1, steps=1, ways=2, shots=1, queries=1,
+                                     threads=1))
+    for row in rows.values():
+        ops = row["ds_comms"]
+        assert row["sent_bytes_per_task"] == pytest.approx(sum(o["sent_bytes"] for o in ops.values()))
+        # the chunks' partitions (delta + every expert's logits) gathered from the other rank at least once
+        assert ops["all_gather_into_tensor"]["sent_bytes"] >= row["pool_bytes_per_rank"]
+        assert row["zero3_settings"]["stage3_param_persistence_threshold"] == 0
+    assert rows[16]["sent_bytes_per_task"] > 3 * rows[4]["sent_bytes_per_task"]
