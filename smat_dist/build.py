@@ -96,7 +96,7 @@ def build(model_cfg: ModelConfig, cfg: MethodConfig, *, seed: int = 0, comm: Com
           device: torch.device | None = None) -> MethodSetup:
     """comm: the pool's collectives (counted apart: the benchmarks' bytes per task); control: the step's small
     all-reduces (sparsity counts, clip norm), default comm; merge: "local" (the whole pool in this process)
-    or dist.pool's "sharded" / "gather";
+    or dist.pool's "sharded" / "gather" / "zero3" (the pool under a DeepSpeed ZeRO-3 engine, a comparison path);
     hyper: "torch", "deepspeed" (needs dist_cfg; universal: loading another world size's ZeRO state) or None."""
     if cfg.name not in METHODS:
         raise ValueError(f"method.name={cfg.name!r}: expected one of {sorted(METHODS)}")

@@ -18,7 +18,8 @@ Strategies (dist.pool picks the one across ranks):
                  gradient slice to its owner by an all-to-all and combines the per-task partial sums for w by
                  an all-reduce of R x M numbers;
   GatherMerger   what plain ZeRO-3 wrapping would do (all-gather every expert's logits per task, reduce-scatter
-                 their gradients: M x P per task), kept only as the measured comparison.
+                 their gradients: M x P per task), kept only as the measured comparison (dist.pool=zero3 runs the
+                 pool under a real DeepSpeed ZeRO-3 engine instead: smat_dist/pool/zero3.py, not a merger).
 Across ranks, each rank's loss is its own tasks' mean; pool gradients arrive summed over the R tasks of the
 round, so they are divided by R (the pool is never averaged by the data-parallel engine), while the gradient
 for w stays per task (the engine averages the hypernetwork's gradients over ranks). The collectives are a
