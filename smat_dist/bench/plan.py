@@ -16,6 +16,12 @@ and communication figures are exact (the tests compare them with real runs to th
             its gradient's all-to-all (R-1)*n*b, all-reduce of the w partial sums 2(R-1)*4M  (b: merge dtype bytes)
   gather bytes per task: all-gather of the mask logits (R-1)*4nM, delta (R-1)*4n, valid (R-1)*n, and the
             reduce-scatter of their gradients (R-1)*4nM + (R-1)*4n
+  zero3 bytes per task (dist.pool=zero3, DeepSpeed's comms logger): all-gather of delta and the M logits
+            (R-1)*4n(M+1), reduce-scatter of their gradients (R-1)*4n(M+1)
+  zero3 memory: the partitions n(M+1) three times (DeepSpeed's working copy, its fp32 master, the gradient)
+            + delta's momentum n, and the gathered pool with its gate's saved tensors and backward transients:
+            ZERO3_FULL_ARRAYS x 4PM, a count measured (smat-bench scale, ViT-Ti depth 6, M 16 -> 64 on 2 ranks:
+            the peak grew by 8.5 arrays of 4PM, 1.5 of them the partitions), not derived
   teacher_blockwise (method.teacher.blockwise on an accelerator): the dense teacher's weights take one block
             (the largest) + the non-block tensors on the device instead of P, and its gradient P moves to
             the host (`host_bytes`); on CPU the host is the device, so add `host_bytes` back there.
@@ -31,6 +37,9 @@ import torch
 from smat_dist.config.schema import HypernetConfig, ModelConfig
 
 F32 = 4
+# [P, M] fp32 arrays a dist.pool=zero3 rank holds at its peak beside its partitions (see the module docstring)
+ZERO3_FULL_ARRAYS = 7
+PATHS = ("sharded", "gather", "zero3")
 
 
 def model_config(name: str, image_size: int, patch_size: int | None | str = "auto", depth: int | None = None
@@ -184,7 +193,9 @@ def sent_bytes_per_task(params: int, experts: int, ranks: int, path: str, merge_
     if path == "gather":
         return int((R - 1) * n * M * F32 + (R - 1) * n * F32 + (R - 1) * n * 1
                    + (R - 1) * n * M * F32 + (R - 1) * n * F32)
-    raise ValueError(f"path={path!r}: expected sharded or gather")
+    if path == "zero3":
+        return 2 * (R - 1) * n * (M + 1) * F32
+    raise ValueError(f"path={path!r}: expected one of {', '.join(PATHS)}")
 
 
 def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, zero_stage: int = 0,
@@ -271,6 +282,10 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
                            mem["pool_total"] + mem["replicated_total"] + mem["frozen_backbone"] + mem["pool_transient"])
     else:
         sharded_peak = base + max(sharded_merge_buf, mem["pool_transient"])
+    # dist.pool=zero3: DeepSpeed's partitions (working, fp32 master, gradient) and delta's momentum instead of
+    # the sharded pool's arrays, and the gathered pool with its gate's graph (ZERO3_FULL_ARRAYS, measured)
+    zero3_peak = (base - mem["pool_total"] + 3 * F32 * n * (M + 1) + F32 * n
+                  + ZERO3_FULL_ARRAYS * F32 * padded * M)
     out = {
         "model": model, "image_size": image_size, "patch_size": mc.patch_size, "depth": mc.kwargs.get("depth"),
         "experts": M, "ranks": R, "zero_stage": zero_stage, "lean": lean, "params": P, "padded": padded,
@@ -282,13 +297,14 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         "host_bytes": {"teacher_gradient": F32 * padded if teacher_blockwise else 0},
         "precision": precision, "checkpoint_blocks": bool(checkpoint_blocks),
         "peak_bytes": {"sharded": sharded_peak,
-                       "gather": base + max(gather_extra, mem["pool_transient"]), "pmf": pmf_peak},
+                       "gather": base + max(gather_extra, mem["pool_transient"]), "zero3": zero3_peak,
+                       "pmf": pmf_peak},
         # alive at the same time as the peak but outside these sums: a GPU's CUDA context and NCCL buffers
         # (~0.5-1 GB, driver- and topology-dependent), and on the host the async checkpoint's copy of the pool
         # slice (kept between saves, pinned on GPU machines: `checkpoint.async_host_copy_bytes`); evaluation
         # and validation build eval masks beside the training ones (`eval_masks_bytes`).
         "eval_masks_bytes": 0 if lean else F32 * n * M,
-        "sent_bytes_per_task": {p: sent_bytes_per_task(P, M, R, p, merge_bytes) for p in ("sharded", "gather")},
+        "sent_bytes_per_task": {p: sent_bytes_per_task(P, M, R, p, merge_bytes) for p in PATHS},
         # per step: k tasks of merge traffic + the hypernetwork all-reduce (ZeRO 0) or reduce-scatter +
         # all-gather (ZeRO 1-3: the same ring volume) + the sparsity terms' all-reduce (4M+1 float64).
         "replicated_bytes_per_step": int(2 * (R - 1) / R * F32 * H),

@@ -194,7 +194,7 @@ def _auto_depth(model: str, image_size: int, experts: list[int], ranks: list[int
     """None (the full model) if the sharded path's largest point fits the budget, else the deepest ViT depth
     at which it does. The sharded path is the one being measured; gather-all points that do not fit at that
     depth are reported as skipped rather than shrinking the model for everything."""
-    sized = ["sharded"] if "sharded" in paths else [_plan_path(x) for x in paths]
+    sized = ["sharded"] if "sharded" in paths else paths
 
     def need(depth):
         kw = {"depth": depth} if depth else None
@@ -217,11 +217,6 @@ def _auto_depth(model: str, image_size: int, experts: list[int], ranks: list[int
         if need(d) <= budget:
             return d
     return 1
-
-
-def _plan_path(path: str) -> str:
-    """The plan's figures a path is sized with: zero3 gathers what the gather path gathers."""
-    return "gather" if path == "zero3" else path
 
 
 def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), model: str = "vit_tiny_patch16_224",
@@ -248,7 +243,7 @@ def run(experts=(4, 16, 64, 256), ranks=(1, 2), paths=("sharded", "gather"), mod
                              lean=lean and path == "sharded", compile=compile)
                 kw = {"depth": depth} if depth else None
                 need = plan(model, M, r, image_size=image_size, batch_images=images, kwargs=kw,
-                            lean=point["lean"])["peak_bytes"][_plan_path(path)] * r
+                            lean=point["lean"])["peak_bytes"][path] * r
                 if need > budget:
                     row = {"bench": "scale", "model": model, "experts": M, "ranks": r, "path": path, "depth": depth,
                            "skipped": f"planned peak {need / 2**30:.1f} GB exceeds the budget {budget / 2**30:.1f} GB"}

@@ -153,3 +153,11 @@ def test_bench_counts_zero3_bytes_with_deepspeeds_comms_logger():
         assert ops["all_gather_into_tensor"]["sent_bytes"] >= row["pool_bytes_per_rank"]
         assert row["zero3_settings"]["stage3_param_persistence_threshold"] == 0
     assert rows[16]["sent_bytes_per_task"] > 3 * rows[4]["sent_bytes_per_task"]
+    # the planner's zero3 formula is the pool's gather + reduce-scatter to the byte
+    from smat_dist.bench.plan import plan
+
+    for m, row in rows.items():
+        ops = row["ds_comms"]
+        pool_bytes = ops["all_gather_into_tensor"]["sent_bytes"] + ops["reduce_scatter_tensor"]["sent_bytes"]
+        assert pool_bytes == plan("vit_tiny_patch16_224", experts=m, ranks=2, image_size=32, patch_size=8,
+                                  kwargs={"depth": 1})["sent_bytes_per_task"]["zero3"]

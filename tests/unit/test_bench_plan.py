@@ -35,6 +35,19 @@ def test_pool_shrinks_with_ranks_and_sharded_bytes_do_not_grow_with_experts():
     assert sent_bytes_per_task(P, 64, 2, "gather") / sent_bytes_per_task(P, 4, 2, "gather") > 10
 
 
+def test_zero3_path_in_the_plan_matches_what_deepspeed_moved():
+    # smat-bench scale --paths zero3, ViT-Ti 84 px, 2 ranks: DeepSpeed's comms logger counted these all-gather +
+    # reduce-scatter bytes per task (docs/deepspeed.md); the formula gives them to the byte
+    for m, measured in ((4, 108_633_600), (16, 369_354_240)):
+        assert plan("vit_tiny_patch16_224", experts=m, ranks=2)["sent_bytes_per_task"]["zero3"] == measured
+    L = plan("vit_large_patch16_224", experts=256, ranks=64, image_size=224, act_bytes=2, checkpoint_blocks=True)
+    sent, peak = L["sent_bytes_per_task"], L["peak_bytes"]
+    # per task, zero3 moves every expert's logits twice: ~2(M+1)P*4 against the sharded merge's ~4P
+    assert sent["zero3"] > 100 * sent["sharded"]
+    # the gathered [P, M] logits alone (4PM bytes) exceed any device: the three paths' peaks in order
+    assert peak["zero3"] > peak["gather"] > 4 * L["params"] * 256 > 10 * peak["sharded"]
+
+
 def test_plan_reaches_vit_giant_without_allocating():
     p = plan("vit_giant_patch14_224", experts=256, ranks=64, zero_stage=3, image_size=224)
     assert 1.0e9 < p["params"] < 1.1e9 and p["mask_logits_total"] == p["params"] * 256
