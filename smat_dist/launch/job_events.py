@@ -13,6 +13,11 @@ import pwd
 import time
 from pathlib import Path
 
+from smat_dist.launch.relay import FileRelay
+from smat_dist.utils.log import get_logger
+
+log = get_logger(__name__)
+
 EVENTS = "job_events.jsonl"
 
 # what each signal means to a SLURM job, and who sends it
@@ -81,28 +86,19 @@ def explain_state(state: str) -> str:
     return f"{state} ({cause})" if cause else state
 
 
-class EventReader:
-    """The events of one job id, each returned once, in the order they were written."""
+class EventRelay(FileRelay):
+    """`with EventRelay(run_dir, job_id): ...` tells each event of that job as the job appends it (`tell`: the
+    console by default), once, in the order written; events of other jobs in the same run folder are skipped."""
 
-    def __init__(self, run_dir: str | os.PathLike | None, job_id: str):
-        self.path = Path(run_dir) / EVENTS if run_dir else None
+    def __init__(self, run_dir: str | os.PathLike, job_id: str, tell=None, poll_s: float = 1.0):
+        super().__init__(Path(run_dir) / EVENTS, poll_s=poll_s)
         self.job_id = str(job_id)
-        self.offset = 0
+        self.tell = tell or (lambda rec: log.warning("%s", describe(rec)))
 
-    def new(self) -> list[dict]:
-        if self.path is None or not self.path.is_file():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1   # a line still being written waits for the next poll
-        self.offset += end
-        out = []
-        for line in data[:end].decode(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if str(rec.get("job")) == self.job_id:
-                out.append(rec)
-        return out
+    def feed(self, line: str) -> None:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            return
+        if isinstance(rec, dict) and str(rec.get("job")) == self.job_id:
+            self.tell(rec)

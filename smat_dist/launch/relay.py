@@ -17,6 +17,7 @@
 """
 from __future__ import annotations
 
+import abc
 import os
 import threading
 from pathlib import Path
@@ -28,7 +29,7 @@ from smat_dist.utils.progress import Progress
 log = get_logger(__name__)
 
 
-class FileRelay:
+class FileRelay(abc.ABC):
     """`with FileRelay(path): ...` feeds each line appended to `path` while the block runs to `self.feed`.
 
     Only what is appended after the relay is made is read (a resumed run appends to the earlier file); a file
@@ -85,8 +86,9 @@ class FileRelay:
         for line in lines:
             self.feed(line)
 
+    @abc.abstractmethod
     def feed(self, line: str) -> None:
-        raise NotImplementedError
+        """One complete new line of the file (without its newline)."""
 
 
 class ProgressRelay(FileRelay):

@@ -195,18 +195,16 @@ def wait(job: submitit.Job, poll_s: float = 5.0, total: int | None = None, run_d
 
     last = None
     run_dir = _run_dir(job, run_dir)
-    events = job_events.EventReader(run_dir, job.job_id)
-    records = run_dir if total else None
-    relay = ProgressRelay(records, total, poll_s=min(poll_s, 2.0)) if records else contextlib.nullcontext()
-    with relay:
+    relay_s = min(poll_s, 2.0)
+    relay = ProgressRelay(run_dir, total, poll_s=relay_s) if total and run_dir else contextlib.nullcontext()
+    events = job_events.EventRelay(run_dir, job.job_id, poll_s=relay_s) if run_dir else contextlib.nullcontext()
+    with relay, events:   # the relays read once more as they close: the teardown's last event is told
         while not _finished(job):
             state = job.state
             if state != last:
                 log.info("job %s: %s", job.job_id, job_events.explain_state(state))
                 last = state
-            _tell(events)
             time.sleep(poll_s)
-    _tell(events)
     try:
         results = job.results()
     except (FailedJobError, UncompletedJobError) as e:
@@ -240,11 +238,6 @@ def _finished(job: submitit.Job) -> bool:
     if not job.done():
         return False
     return not job.watcher.get_state(job.job_id, mode="force").startswith(ACTIVE)
-
-
-def _tell(events: job_events.EventReader) -> None:
-    for rec in events.new():
-        log.warning("%s", job_events.describe(rec))
 
 
 def _run_dir(job: submitit.Job, run_dir: str | None) -> str | None:

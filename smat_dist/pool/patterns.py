@@ -20,6 +20,7 @@ its ~60 small all-reduces do not matter.
 """
 from __future__ import annotations
 
+import abc
 from typing import Callable
 
 import torch
@@ -81,7 +82,7 @@ def top_magnitude(delta: torch.Tensor, lo: int, n_valid: int, numel: int, keep: 
 
 
 
-class MaskPattern:
+class MaskPattern(abc.ABC):
     """A mask pattern's strategy; one instance per pool shard. `masks_fixed`: whether the pattern's fixed
     masks are in place (part of the replicated state, so a resumed run neither repeats nor skips a switch)."""
 
@@ -92,9 +93,9 @@ class MaskPattern:
         self.cfg = cfg
         self.masks_fixed = False
 
+    @abc.abstractmethod
     def initial_logits(self, seed: int, lo: int, hi: int, ids: torch.Tensor | None, m: int) -> torch.Tensor:
         """Initial logits of rows [lo, hi) (unstructured) or of the gate groups `ids` (structured)."""
-        raise NotImplementedError
 
     def begin_step(self, pool, train: bool) -> None:
         """Called by the pool component at the start of every step (collectively, on every rank)."""

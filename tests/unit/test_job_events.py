@@ -6,27 +6,35 @@ import json
 from smat_dist.launch import job_events as ev
 
 
-def test_events_are_read_once_per_job_in_order(tmp_path, monkeypatch):
+def test_events_are_told_once_per_job_in_order(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "41")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    ev.record(tmp_path, "stopped", signal="SIGTERM", tasks=7)
+    ev.record(tmp_path, "stopped", signal="SIGTERM", tasks=7)           # before the relay: not told
+    told = []
+    relay = ev.EventRelay(tmp_path, "42", tell=told.append)
+    ev.record(tmp_path, "stopped", signal="SIGTERM", tasks=8)           # job 41's: another job's
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    reader = ev.EventReader(tmp_path, "42")
-    assert reader.new() == []                       # job 41's event is another job's
     ev.record(tmp_path, "stopped", signal="SIGUSR2", tasks=12, requeued_by="smat_dist", count=1, limit=3)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     ev.record(tmp_path, "failed", message="rank 1 of 2 raised ValueError: boom", why="retry 1 of 2",
               requeued_by="smat_dist's teardown")
-    got = reader.new()
-    assert [(r["event"], r["attempt"]) for r in got] == [("stopped", 1), ("failed", 2)]
-    assert reader.new() == []                       # each event once
-    with open(tmp_path / ev.EVENTS, "a") as f:      # a line still being written waits for the next poll
-        f.write(json.dumps({"event": "failed", "job": "42", "attempt": 3})[:20])
-    assert reader.new() == []
+    relay.poll()
+    assert [(r["event"], r["attempt"]) for r in told] == [("stopped", 1), ("failed", 2)]
+    relay.poll()
+    assert len(told) == 2                                                # each event once
+    line = json.dumps({"event": "failed", "job": "42", "attempt": 3})
+    with open(tmp_path / ev.EVENTS, "a") as f:                          # a line still being written waits
+        f.write(line[:20])
+    relay.poll()
+    assert len(told) == 2
     with open(tmp_path / ev.EVENTS, "a") as f:
-        f.write(json.dumps({"event": "failed", "job": "42", "attempt": 3})[20:] + "\n")
-    assert [r["attempt"] for r in reader.new()] == [3]
-    assert ev.EventReader(None, "42").new() == [] and ev.EventReader(tmp_path / "nothing", "42").new() == []
+        f.write(line[20:] + "\n")
+    with relay:                                                          # the thread's last read as it closes
+        pass
+    assert [r["attempt"] for r in told] == [1, 2, 3]
+    empty = ev.EventRelay(tmp_path / "nothing", "42", tell=told.append)
+    empty.poll()
+    assert len(told) == 3
 
 
 def test_lines_say_what_ended_the_attempt_and_who_requeued_it():
