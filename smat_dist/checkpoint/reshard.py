@@ -76,19 +76,27 @@ def _check_row_shape(ck, r: ShardReader, tname: str, out: torch.Tensor) -> None:
                               f"has {list(out.shape[1:])} (a different number of experts?)")
 
 
+def range_plan(records: list[dict], lo: int, hi: int, numel: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Which saved rows fill rows [lo, hi) of `numel` real entries: ([(shard i, its first row, its end row, the
+    destination's first row)], rows covered), from the shards' records {"lo", "hi"} (Python ints throughout)."""
+    want_hi = min(hi, numel)
+    plan, covered = [], 0
+    for i, rec in enumerate(records):
+        a, b = max(lo, rec["lo"]), min(want_hi, rec["hi"])
+        if a < b:
+            plan.append((i, a - rec["lo"], b - rec["lo"], a - lo))
+            covered += b - a
+    return plan, covered
+
+
 def _read_range(ck, entries, tname, index, out, reader) -> None:
     lo, hi, numel = index[1:]
     want_hi = min(hi, numel)
-    covered = 0
-    for e in entries:
-        rec = e["tensors"][tname]
-        a, b = max(lo, rec["lo"]), min(want_hi, rec["hi"])
-        if a >= b:
-            continue
-        r = reader(e)
+    plan, covered = range_plan([e["tensors"][tname] for e in entries], lo, hi, numel)
+    for i, s0, s1, d0 in plan:
+        r = reader(entries[i])
         _check_row_shape(ck, r, tname, out)
-        r.read_rows_into(tname, a - rec["lo"], b - rec["lo"], out[a - lo:b - lo])
-        covered += b - a
+        r.read_rows_into(tname, s0, s1, out[d0:d0 + s1 - s0])
     if covered != max(0, want_hi - lo):
         raise CheckpointError(f"checkpoint {ck}: the shards of {tname} cover {covered} of entries [{lo}, {want_hi}) "
                               "(a different backbone layout?)")

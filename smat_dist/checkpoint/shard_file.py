@@ -92,9 +92,9 @@ def hash_file(path: Path, block: int = BLOCK) -> dict:
     return digest_record(size, block, blocks)
 
 
-def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
-                block: int = BLOCK) -> dict:
-    """Write tensors (in the given order) and string metadata; fsync; returns the file's digest record."""
+def header_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The JSON header of a shard of `tensors` (in the given order), padded to 8 bytes. It reads only dtypes
+    and shapes (`meta` tensors will do), and every offset is a Python int: no 32-bit wrap at any size."""
     header: dict = {}
     off = 0
     for name, t in tensors.items():
@@ -105,7 +105,18 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
         off += nbytes
     header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
+    return raw + b" " * (-len(raw) % 8)
+
+
+def block_span(start: int, end: int, block: int) -> range:
+    """Indices of the checksum blocks that bytes [start, end) touch (end > start)."""
+    return range(start // block, (end - 1) // block + 1)
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                block: int = BLOCK) -> dict:
+    """Write tensors (in the given order) and string metadata; fsync; returns the file's digest record."""
+    raw = header_bytes(tensors, metadata)
     out = _HashingFile(Path(path), block)
     out.write(memoryview(struct.pack("<Q", len(raw))))
     out.write(memoryview(raw))
@@ -219,7 +230,7 @@ class ShardReader:
                 raise ShardError(f"shard {self.path}: short read at byte {start}")
             return
         block = self.digest["block"]
-        for k in range(start // block, (end - 1) // block + 1):
+        for k in block_span(start, end, block):
             data = self._block(k, block)
             lo, hi = max(start, k * block), min(end, (k + 1) * block)
             dest[lo - start:hi - start] = data[lo - k * block:hi - k * block]
