@@ -19,7 +19,21 @@ from smat_dist.pool import gates as hc
 # Rows per streamed chunk: a multiple of 8 (whole bytes of packed bits at any M); 2^16 rows x 256 experts of
 # float32 masks is 64 MB of scratch.
 CHUNK_ROWS = 1 << 16
+# A fractional entry's position within its chunk is stored as int32 (pool_file.py's frac_pos): a chunk holds
+# at most this many (entry, expert) pairs.
+MAX_CHUNK_ENTRIES = 1 << 31
 _WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def fit_chunk_rows(rows: int, experts: int) -> int:
+    """`rows`, or fewer (a multiple of 8, at least 8) where rows x experts would exceed MAX_CHUNK_ENTRIES."""
+    return max(8, min(rows, MAX_CHUNK_ENTRIES // max(1, experts)) // 8 * 8)
+
+
+def bit_range(a: int, b: int, experts: int) -> tuple[int, int]:
+    """The bytes [start, end) of the packed bits that hold rows [a, b) (a a multiple of 8): Python ints, exact
+    past 2^32 bytes."""
+    return a * experts // 8, -(-b * experts // 8)
 
 
 def eval_gate(log_alpha: torch.Tensor, clamp: float, beta: float) -> torch.Tensor:
@@ -37,6 +51,9 @@ def pack(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[rows, M] masks -> (bits uint8 [ceil(rows*M/8)], fractional flat positions int32, their values float32).
 
     A fractional entry's bit is 0; its value is restored by `unpack`."""
+    if z.numel() > MAX_CHUNK_ENTRIES:
+        raise ValueError(f"a chunk of {tuple(z.shape)} masks has {z.numel()} entries: its int32 positions hold at "
+                         f"most {MAX_CHUNK_ENTRIES} (fewer rows per chunk: fit_chunk_rows)")
     flat = z.reshape(-1)
     frac = torch.nonzero((flat != 0) & (flat != 1)).flatten()
     ones = (flat == 1).to(torch.uint8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from smat_dist.export.masks import unpack
+from smat_dist.export.masks import bit_range, unpack
 
 
 class PackedPool:
@@ -55,7 +55,8 @@ class PackedPool:
         if self._scratch is None:
             self._scratch = torch.empty(min(self.chunk_rows, self.numel), m, device=self.delta.device)
         lo, hi = self.frac_start[c], self.frac_start[c + 1]
-        return unpack(self.t["mask_bits"][a * m // 8: -(-b * m // 8)], b - a, m, self.t["frac_pos"][lo:hi],
+        start, end = bit_range(a, b, m)
+        return unpack(self.t["mask_bits"][start:end], b - a, m, self.t["frac_pos"][lo:hi],
                       self.t["frac_val"][lo:hi], out=self._scratch[: b - a])
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from smat_dist.export.masks import dense_is_smaller, pack
+from smat_dist.export.masks import MAX_CHUNK_ENTRIES, bit_range, dense_is_smaller, pack
 
 _HEADER = 4096 - 8          # reserved header bytes (the JSON of seven tensors is well under 2 KB)
 _SIDE = ("frac_pos", "frac_val", "dense_masks")
@@ -39,6 +39,9 @@ class PoolFileWriter:
     def __init__(self, path: Path, numel: int, experts: int, chunk_rows: int, metadata: dict[str, str]):
         if chunk_rows % 8:
             raise ValueError(f"chunk_rows={chunk_rows} is not a multiple of 8 (packed bits need whole bytes)")
+        if chunk_rows * experts > MAX_CHUNK_ENTRIES:
+            raise ValueError(f"chunk_rows={chunk_rows} x {experts} experts exceeds {MAX_CHUNK_ENTRIES} entries per "
+                             "chunk: frac_pos is int32 (masks.fit_chunk_rows picks fewer rows)")
         self.path, self.numel, self.experts, self.chunk_rows = Path(path), numel, experts, chunk_rows
         self.metadata = dict(metadata, chunk_rows=str(chunk_rows))
         self.chunks = -(-numel // chunk_rows)
@@ -71,7 +74,7 @@ class PoolFileWriter:
             self.side["frac_pos"].write(_raw(pos))
             self.side["frac_val"].write(_raw(val))
             self.frac_counts[c] = pos.numel()
-        self.f.seek(self.base + self.off["mask_bits"] + a * self.experts // 8)
+        self.f.seek(self.base + self.off["mask_bits"] + bit_range(a, a, self.experts)[0])
         self.f.write(_raw(bits))
 
     def close(self) -> dict:

@@ -19,7 +19,7 @@ from smat_dist.checkpoint.errors import CheckpointError
 from smat_dist.checkpoint.reshard import _read_range  # the resharder's range reader, reused as is
 from smat_dist.checkpoint.shard_file import ShardReader
 from smat_dist.export import layout as L
-from smat_dist.export.masks import CHUNK_ROWS, eval_gate
+from smat_dist.export.masks import CHUNK_ROWS, eval_gate, fit_chunk_rows
 from smat_dist.export.pool_file import PoolFileWriter
 from smat_dist.pool import gates as hc
 from smat_dist.utils.log import get_logger
@@ -87,11 +87,12 @@ def _stream_pool(ck: Path, manifest: dict, out: Path, numel: int, cfg) -> dict:
     first = reader(entries[0])
     experts = int(first.shape("log_alpha")[1])
     beta, clamp = hc.eval_beta(cfg.method.sparsity), float(cfg.method.sparsity.clamp)
-    w = PoolFileWriter(out, numel, experts, CHUNK_ROWS, {"experts": str(experts), "numel": str(numel)})
+    rows = fit_chunk_rows(CHUNK_ROWS, experts)    # CHUNK_ROWS up to 32768 experts
+    w = PoolFileWriter(out, numel, experts, rows, {"experts": str(experts), "numel": str(numel)})
     binary_ones = 0
     try:
-        for c, a in enumerate(range(0, numel, CHUNK_ROWS)):
-            b = min(numel, a + CHUNK_ROWS)
+        for c, a in enumerate(range(0, numel, rows)):
+            b = min(numel, a + rows)
             la, delta = torch.empty(b - a, experts), torch.empty(b - a)
             _read_range(ck, entries, "log_alpha", ("range", a, b, numel), la, reader)
             _read_range(ck, entries, "delta", ("range", a, b, numel), delta, reader)
@@ -103,7 +104,7 @@ def _stream_pool(ck: Path, manifest: dict, out: Path, numel: int, cfg) -> dict:
         for r in readers.values():
             r.close()
     return dict(counts, experts=experts, ones=binary_ones, entries=numel * experts, eval_beta=beta,
-                chunk_rows=CHUNK_ROWS)
+                chunk_rows=rows)
 
 
 def export_run(run: str, output: str, step: int | None = None, include_backbone: bool = False,
