@@ -64,15 +64,12 @@ def test_row_ranges_past_4_gib_read_back_exactly(tmp_path):
                 assert r.hashed <= 4 * rec["block"]      # only the touched blocks were read and verified
 
 
-def test_a_flipped_byte_past_4_gib_is_named():
+def test_a_flipped_byte_past_4_gib_is_named(tmp_path):
     import pytest
 
     from smat_dist.checkpoint.shard_file import ShardError
 
-    tmp = __import__("tempfile").mkdtemp()
-    from pathlib import Path
-
-    p = Path(tmp) / "big.safetensors"
+    p = tmp_path / "big.safetensors"     # pytest's tmp_path: the 4 GiB (sparse) file is cleaned up
     tail = torch.ones(64, COLS)
     rec, _ = _sparse_shard(p, tail)
     with open(p, "r+b") as f:
