@@ -128,8 +128,9 @@ def build_layout(space: FlatSpace, rank: int = 0, world: int = 1) -> GroupLayout
         ids = torch.cat([ids, torch.tensor([total], dtype=torch.int64)])
     entries = entry_groups(groups, lo, hi, total)
     index = torch.searchsorted(ids, entries)
-    valid = (torch.arange(lo, hi) < space.numel).float()
-    sizes = torch.zeros(ids.numel()).index_add_(0, index, valid)
+    valid = torch.arange(lo, hi) < space.numel
+    # counted in int64: a float32 count stops at 2^24 entries per group (16777216 + 1 rounds back to 16777216)
+    sizes = torch.zeros(ids.numel(), dtype=torch.int64).index_add_(0, index, valid.long()).float()
 
     # Which groups other ranks touch too, and which rank counts each: computed from the ranges alone,
     # identically on every rank (no communication).

@@ -10,7 +10,7 @@ from smat_dist.distributed.zero3_pool import CHUNK_ELEMENTS, chunk_bounds
 from smat_dist.model.flat import FlatSpace, ParamInfo
 from smat_dist.pool import gates as hc
 from smat_dist.pool.draws import INIT_CHUNK, chunked_normal
-from smat_dist.pool.groups import entry_groups, tensor_groups, touched_ranges
+from smat_dist.pool.groups import build_layout, entry_groups, tensor_groups, touched_ranges
 from smat_dist.pool.patterns import Learned
 from smat_dist.pool.shard import PoolShard
 
@@ -124,3 +124,13 @@ def test_zero3_chunks_of_vit_l_x_256_at_64_ranks():
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     assert all((hi - lo) % 64 == 0 and (hi - lo) * M <= CHUNK_ELEMENTS for lo, hi in bounds)
     assert sum((hi - lo) * M for lo, hi in bounds) == P * M
+
+
+def test_a_gate_group_of_more_than_2_24_entries_weighs_all_of_them():
+    """One output channel of 2^24 + 8 entries: a float32 count stops at 2^24 (16777216 + 1 == 16777216)."""
+    n = (1 << 24) + 8
+    space = FlatSpace([ParamInfo("conv.weight", (1, n, 1, 1), 0, n, "conv", -1),
+                       ParamInfo("norm.bias", (8,), n, 8, "norm", -1)])
+    layout = build_layout(space)
+    assert layout.ids.tolist() == list(range(9))
+    assert layout.sizes.tolist() == [float(n)] + [1.0] * 8
