@@ -1,5 +1,5 @@
 """smat-bench rehearse, the quick parts: the up-front refusal, and the state comparison across world sizes that
-decides `resumed_equal` (the whole command runs in tests/distributed/test_bench_rehearse.py, slow tier)."""
+decides `resumed_equal` (the whole command runs in tests/distributed/test_rehearse_command.py, slow tier)."""
 from __future__ import annotations
 
 import json
