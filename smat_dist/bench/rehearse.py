@@ -96,10 +96,12 @@ def _mem_available() -> int:
 
 
 def requirements(plan_: dict, rank_base: int) -> dict:
-    """Memory the largest phase needs on this machine (every rank of a phase shares it) and the disk the
+    """Memory the largest phase needs on this machine (every rank of a phase shares it; `rank_base`: a
+    process's resident size after its imports) and the disk the
     work folder needs: the uninterrupted run's two checkpoints, the resumed run's one, the export."""
+    # + rank_base once more: this process, which waits beside the ranks (and streams the comparison)
     mem = max(2 * (plan_["train_2ranks"] + rank_base), plan_["resume_1rank"] + rank_base,
-              2 * (plan_["eval_2ranks"] + rank_base))
+              2 * (plan_["eval_2ranks"] + rank_base)) + rank_base
     disk = 2 * 2 * plan_["shard_bytes_2ranks"] + plan_["shard_bytes_1rank"] + plan_["pool_entries"] // 4
     return {"memory_bytes": int(mem * HEADROOM), "disk_bytes": int(disk * HEADROOM)}
 
@@ -249,11 +251,13 @@ def run(pt: Point, work: str | None = None, keep: bool = False, emit=None, progr
     saves = ranks2[0]["saves"]
     row.update({
         "train_2ranks": {"peak_over_base_bytes": peaks2, "planned_bytes": plan_["train_2ranks"],
+                         "base_rss_bytes": [r["memory"]["base_rss_bytes"] for r in ranks2],
                          "ratio": _ratio(peaks2, plan_["train_2ranks"]), "step_s": [round(m["step_s"], 2) for m in m2],
                          "save_block_s": [round(s["block_s"], 3) for s in saves],
                          "save_written_s": [round(s["written_s"], 2) for s in saves],
                          "save_async": [s["async"] for s in saves]},
         "resume_1rank": {"peak_over_base_bytes": peaks1, "planned_bytes": plan_["resume_1rank"],
+                         "base_rss_bytes": [r["memory"]["base_rss_bytes"] for r in ranks1],
                          "ratio": _ratio(peaks1, plan_["resume_1rank"]),
                          "resume_load_s": round(ranks1[0]["loads"][0]["load_s"], 2),
                          "step_s": [round(m["step_s"], 2) for m in m1],
