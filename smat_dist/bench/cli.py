@@ -25,7 +25,7 @@ fault: a rank killed / given a NaN / hung in a real 2-rank run: seconds until ev
 rehearse: a real-size run in one command (default: ViT-B/16 x 26 experts, 2.23e9 pool entries, 4.9 GB shards):
   2 steps on 2 ranks with a checkpoint after each, a resume of step 1 on 1 rank (reshard 2 -> 1) compared with
   the uninterrupted run, a 2-rank zero-shot evaluation and an export; per-rank peaks against the planner's
-  (smat_dist.bench.rehearse). Refuses up front when MemAvailable cannot hold its largest phase. ~30 min.
+  (smat_dist.bench.rehearse). Refuses up front when MemAvailable cannot hold its largest phase. ~25-35 min.
 """
 from __future__ import annotations
 
