@@ -35,6 +35,9 @@ from pathlib import Path
 from smat_dist.utils.memory import rss_bytes
 
 TWO_31 = 2 ** 31
+# a rank's resident size after its imports (torch, DeepSpeed, the trainer), measured: the tiny rehearsal's ranks
+# (base_rss_bytes). This process's own, taken at the same point, is smaller (no process group, no engine).
+RANK_BASE_BYTES = 760_000_000
 HEADROOM = 1.10            # the planner's figures are estimates (activations, allocator): 10% on top
 TRAIN_FN = "smat_dist.bench.rehearse_rank:train_measured"
 TRAIN_CLASSES, TEST_CLASSES, IMAGES, IMAGE_PX = 10, 6, 4, 32
@@ -134,10 +137,13 @@ def train_config(pt: Point, data: str, world: int, async_save: bool):
     return compose("train", ov)
 
 
-def _launch(cfg, run_dir: Path, rank_fn: str, nproc: int) -> dict:
+def _launch(cfg, run_dir: Path, rank_fn: str, nproc: int, label: str | None = None) -> dict:
+    """The local launcher, as smat-train / smat-eval start ranks; `label`: relay rank 0's training progress
+    (tasks done, loss) to stderr under it, so a long step is seen advancing."""
     from smat_dist.launch.local import launch_local
 
-    return launch_local(cfg, str(run_dir), rank_fn=rank_fn, nproc=nproc)
+    return launch_local(cfg, str(run_dir), rank_fn=rank_fn, nproc=nproc, progress=label is not None,
+                        progress_label=label or "train")
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -159,7 +165,7 @@ def run(pt: Point, work: str | None = None, keep: bool = False, emit=None, progr
 
     import smat_dist.train.trainer  # noqa: F401 (what a rank imports: the per-rank baseline estimate)
     plan_ = planned(pt)
-    need = requirements(plan_, rss_bytes())
+    need = requirements(plan_, max(rss_bytes(), RANK_BASE_BYTES))
     avail = _mem_available()
     say(f"plan: {plan_['pool_entries']:,} pool entries ({plan_['pool_entries'] / TWO_31:.2f} x 2^31), shard "
         f"{plan_['shard_bytes_2ranks'] / 2**30:.2f} GiB per rank at 2 ranks; per-rank peak "
@@ -198,7 +204,7 @@ def run(pt: Point, work: str | None = None, keep: bool = False, emit=None, progr
 
         full, resumed = root / "train-2ranks", root / "resume-1rank"
         t = time.perf_counter()
-        res2 = _launch(train_config(pt, data, 2, pt.async_save), full, TRAIN_FN, 2)
+        res2 = _launch(train_config(pt, data, 2, pt.async_save), full, TRAIN_FN, 2, "rehearse train, 2 ranks")
         phases["train_2ranks_s"] = round(time.perf_counter() - t, 2)
         m2 = _metrics(full)
         say(f"trained 2 ranks ({phases['train_2ranks_s']} s; steps {[round(m['step_s'], 1) for m in m2]} s); "
@@ -207,7 +213,7 @@ def run(pt: Point, work: str | None = None, keep: bool = False, emit=None, progr
         cfg1 = train_config(pt, data, 1, False)
         cfg1.resume = str(first_ck)
         t = time.perf_counter()
-        res1 = _launch(cfg1, resumed, TRAIN_FN, 1)
+        res1 = _launch(cfg1, resumed, TRAIN_FN, 1, "rehearse resume, 1 rank")
         phases["resume_1rank_s"] = round(time.perf_counter() - t, 2)
         m1 = _metrics(resumed)
         say(f"resumed on 1 rank ({phases['resume_1rank_s']} s); comparing the final states")
