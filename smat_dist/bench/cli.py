@@ -10,6 +10,8 @@
   smat-bench data  [--data DIR]
   smat-bench export [--model NAME] [--depth D] [--experts 8] [--ranks 2] [--fractional 0.001]
   smat-bench fault [--launcher local|slurm] [--cases kill,nan,hang] [--step-timeout-s 15] [--kill-grace-s 5]
+  smat-bench rehearse [--model vit_base_patch16_224] [--experts 26] [--image-size 112] [--depth D] [--no-lean]
+                   [--no-checkpoint-blocks] [--save sync|async] [--work DIR] [--keep]
 
 step: SMAT vs P>M>F vs frozen forward, interleaved, with measured backbone passes and a per-phase breakdown.
 scale: real sharded / gather-all / DeepSpeed ZeRO-3 SMAT steps on gloo ranks as M and ranks grow, then a summary
@@ -20,6 +22,10 @@ data: episodes per second of the data pipeline (smat_dist.bench.data).
 export: smat-export seconds and bytes vs the checkpoint's; eval pool memory from the export vs the checkpoint.
 fault: a rank killed / given a NaN / hung in a real 2-rank run: seconds until every rank has exited, until the
        retried run's first step, and whether it ends like an uninterrupted run (smat_dist.bench.fault_run).
+rehearse: a real-size run in one command (default: ViT-B/16 x 26 experts, 2.23e9 pool entries, 4.9 GB shards):
+  2 steps on 2 ranks with a checkpoint after each, a resume of step 1 on 1 rank (reshard 2 -> 1) compared with
+  the uninterrupted run, a 2-rank zero-shot evaluation and an export; per-rank peaks against the planner's
+  (smat_dist.bench.rehearse). Refuses up front when MemAvailable cannot hold its largest phase. ~25-35 min.
 """
 from __future__ import annotations
 
@@ -126,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     fa.add_argument("--step-timeout-s", type=float, default=15.0, help="dist.step_timeout_s of the runs")
     fa.add_argument("--kill-grace-s", type=float, default=5.0, help="launcher.kill_grace_s of the runs")
     fa.add_argument("--dir", default=None, help="where the runs go (default: a temporary folder, removed after)")
+
+    re_ = sub.add_parser("rehearse", help="a real-size train / async save / reshard-resume / eval / export run")
+    re_.add_argument("--model", default="vit_base_patch16_224")
+    re_.add_argument("--experts", type=int, default=26, help="26 x ViT-B/16's 85.8 M parameters > 2^31 entries")
+    re_.add_argument("--image-size", type=int, default=112)
+    re_.add_argument("--patch-size", type=int, default=None, help="ViTs: default the model's own")
+    re_.add_argument("--depth", type=int, default=None, help="ViT blocks kept (default: all; small test points)")
+    re_.add_argument("--no-lean", dest="lean", action="store_false", help="store the masks (method.sparsity.lean "
+                     "off)")
+    re_.add_argument("--no-checkpoint-blocks", dest="checkpoint_blocks", action="store_false",
+                     help="keep every block's activations (model.checkpoint_blocks off)")
+    re_.add_argument("--save", default="sync", choices=["sync", "async"],
+                     help="checkpoint.async_save of the 2-rank run (async holds a host copy of each rank's slice "
+                          "through the next step: it does not fit 24 GiB at the default size)")
+    re_.add_argument("--eval-episodes", type=int, default=2)
+    re_.add_argument("--work", default=None, help="work folder (default: a temporary folder)")
+    re_.add_argument("--keep", action="store_true", help="keep the runs, checkpoints and export in the work folder")
     return ap
 
 
@@ -230,6 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         rows = fault_run.run(args.launcher, cases, root=args.dir, step_timeout_s=args.step_timeout_s,
                              kill_grace_s=args.kill_grace_s, emit=_emit)
         return 1 if any(r["error"] for r in rows) else 0
+    if args.cmd == "rehearse":
+        from smat_dist.bench import rehearse
+
+        if args.experts < 1 or args.image_size < 1 or args.eval_episodes < 1 or (args.depth is not None and
+                                                                                 args.depth < 1):
+            return _fail("rehearse: --experts, --image-size, --eval-episodes and --depth must be >= 1")
+        pt = rehearse.Point(model=args.model, experts=args.experts, image_size=args.image_size,
+                            patch_size=args.patch_size, depth=args.depth, lean=args.lean,
+                            checkpoint_blocks=args.checkpoint_blocks, async_save=args.save == "async",
+                            eval_episodes=args.eval_episodes)
+        try:
+            rehearse.run(pt, work=args.work, keep=args.keep, emit=_emit)
+        except rehearse.Refused as e:
+            return _fail(str(e))
+        return 0
     return 2
 
 
