@@ -8,7 +8,7 @@ memory, and with long-lived weight gradients interleaved among them the heap gro
 resident. Much of that growth came from the teacher's per-tensor gradients being held to the backward's end; the
 teacher's query pass now makes each unit's views just before the unit runs, so they are handed over unit by unit
 (model/backbone.py `_call_by_unit`; at ViT-S 128 px the heap's growth in that backward fell from +0.9 GB to
-+0.2 GB), and the threshold stays off by default. A fixed threshold serves every large tensor from its own mapping,
++0.15 GB), and the threshold stays off by default. A fixed threshold serves every large tensor from its own mapping,
 returned to the system when the tensor is freed, so the resident peak is what is alive; the price is a page
 fault per page of each large tensor (time). The results are unchanged: only where the bytes live.
 """
