@@ -36,7 +36,7 @@ import torch
 
 from smat_dist.config.schema import TeacherConfig
 from smat_dist.method.protonet import cosine_logits
-from smat_dist.model.backbone import FunctionalBackbone, Tap, block_units, input_hw, unit_members
+from smat_dist.model.backbone import FunctionalBackbone, Tap, block_units, input_hw
 from smat_dist.model.flat import ParamInfo
 
 CONFIG_KEY = "method.teacher.blockwise"
@@ -66,7 +66,7 @@ def block_layout(fb: FunctionalBackbone) -> BlockLayout:
     if not isinstance(getattr(fb.model, "blocks", None), torch.nn.Module):
         raise ValueError(f"{CONFIG_KEY}=true: {type(fb.model).__name__} has no 'blocks' to form the teacher's "
                          f"weights block by block; set {CONFIG_KEY}=false for this model")
-    members, rest = unit_members(fb.model, fb.space.infos)
+    members, rest = fb.units
     spans = {}
     for key, items in members.items():
         if not items:

@@ -204,6 +204,9 @@ class FunctionalBackbone:
                              f"batch, not one pooled vector per image: set a pooling (model.kwargs.global_pool: "
                              f"token, avg or map)")
         self.feature_dim = int(out.shape[-1])
+        # the parameters by unit of `block_units` (`unit_members`), None for a model without `blocks`
+        self.units = (unit_members(model, self.space.infos)
+                      if isinstance(getattr(model, "blocks", None), nn.Module) else None)
 
     def _tie(self) -> None:
         """The module's frozen weights become views into theta_pre, so the backbone is held once, not twice
@@ -226,16 +229,18 @@ class FunctionalBackbone:
     def __call__(self, theta: torch.Tensor | dict[str, torch.Tensor], x: torch.Tensor, tap: "Tap | None" = None
                  ) -> torch.Tensor:
         """Features of `x` under theta: the flat vector, or one tensor per parameter name (buffers added here)."""
+        if tap is not None and tap.unit is None and tap.by_unit and not isinstance(theta, dict) \
+                and self.units is not None:
+            pieces = self.space.pieces(theta)
+            if pieces is not None:
+                tap.activation = None
+                return self._call_by_unit(pieces, x, tap)
         params = dict(theta) if isinstance(theta, dict) else self.space.unflatten(theta)
         params.update(self.buffers)
         if tap is None:
             return torch.func.functional_call(self.model, params, (x,))
         tap.params, tap.activation = params, None
         if tap.unit is None:
-            if tap.by_unit and not isinstance(theta, dict) and self._units() is not None:
-                pieces = self.space.pieces(theta)
-                if pieces is not None:
-                    return self._call_by_unit(pieces, x, tap)
             return torch.func.functional_call(self.model, params, (x,))
 
         def keep_input(_module, args):
@@ -248,13 +253,6 @@ class FunctionalBackbone:
         finally:
             handle.remove()
 
-    def _units(self):
-        """`unit_members` of this backbone (cached), None for a model without `blocks`."""
-        if not hasattr(self, "_unit_cache"):
-            blocks = getattr(self.model, "blocks", None)
-            self._unit_cache = unit_members(self.model, self.space.infos) if isinstance(blocks, nn.Module) else None
-        return self._unit_cache
-
     def _call_by_unit(self, pieces: dict[str, torch.Tensor], x: torch.Tensor, tap: Tap) -> torch.Tensor:
         """The forward of `__call__`, each unit's parameter views made from theta's pieces just before the
         unit runs (kept in `tap.params` as they are made).
@@ -262,11 +260,11 @@ class FunctionalBackbone:
         Why: a gradient taken per tensor (autograd.grad w.r.t. the views) is handed over when the engine
         reaches each view's node, and the engine runs ready nodes latest-made first. Views made before the
         forward are the oldest nodes of the graph, so every per-tensor gradient would wait in memory until the
-        backward's very end, interleaved on the CPU heap with the backward's temporaries (which then cannot be
-        reused: +0.9 GB resident at ViT-S 128 px for 87 MB of gradients, in SMAT's teacher backward). Made just
+        backward's very end, and on the CPU one block's freed temporaries were not reused by the next block's
+        (glibc's heap grew by 0.9 GB in SMAT's teacher backward at ViT-S 128 px, for 87 MB of gradients). Made just
         before its unit, a view's node is reached right after that unit's backward. The values and the
         operations are those of the up-front views: the same bits."""
-        members, rest = self._units()
+        members, rest = self.units
         params = {i.name: pieces[i.name].view(i.shape) for i in rest}
         tap.params = dict(params)
 
