@@ -3,9 +3,10 @@ top blocks only (`method.teacher.top_fraction` < 1).
 
 The teacher is one SGD step on the task's query loss: theta_t = theta' - lr * g_t, with g_t the gradient of
 CE(Q) at theta'. The default path takes g_t per parameter tensor (the views the student's query pass ran with,
-kept by a `Tap(None)`: no concatenated P-vector at the step's peak) and writes theta_t over those gradient
-tensors, so the teacher costs one P-vector on the compute device. The blockwise path never holds theta_t whole
-on the device:
+kept by a `Tap(None)`: no concatenated P-vector at the step's peak; each unit's views made just before the
+unit ran, so the backward hands each unit's gradients over as soon as it is through that unit) and writes
+theta_t over those gradient tensors, so the teacher costs one P-vector on the compute device. The blockwise
+path never holds theta_t whole on the device:
 
   * `park(g_t)` moves the teacher gradient to host memory when the backbone runs on an accelerator (pinned
     and copied asynchronously on CUDA); on CPU it stays where it is, as the host is the compute device;
@@ -65,17 +66,7 @@ def block_layout(fb: FunctionalBackbone) -> BlockLayout:
     if not isinstance(getattr(fb.model, "blocks", None), torch.nn.Module):
         raise ValueError(f"{CONFIG_KEY}=true: {type(fb.model).__name__} has no 'blocks' to form the teacher's "
                          f"weights block by block; set {CONFIG_KEY}=false for this model")
-    by_prefix = {f"blocks.{key}.": key for key, _ in block_units(fb.model)}
-    members: dict[str, list[tuple[str, ParamInfo]]] = {key: [] for key in by_prefix.values()}
-    rest = []
-    for info in fb.space.infos:
-        parts = info.name.split(".")
-        prefix = next((p for p in (".".join(parts[:k]) + "." for k in range(2, len(parts)))
-                       if p in by_prefix), None)
-        if prefix is not None:
-            members[by_prefix[prefix]].append((info.name[len(prefix):], info))
-        else:
-            rest.append(info)
+    members, rest = fb.units
     spans = {}
     for key, items in members.items():
         if not items:
@@ -232,7 +223,9 @@ class DenseTeacher:
         if tap is None or tap.params is None:
             raise RuntimeError(f"{TOP_KEY}: the student's query pass ran without the teacher's tap")
         # Per tensor, not w.r.t. theta': the flat gradient would be formed by concatenating the per-tensor ones,
-        # P numbers more at the step's peak (the whole student graph is alive here).
+        # P numbers more at the step's peak (the whole student graph is alive here). The in-place teacher's
+        # Tap(None) made each unit's views just before the unit ran, so the engine hands each unit's gradients
+        # over right after that unit's backward instead of holding them all to the end (backbone._call_by_unit).
         names = self.layout.names if self.layout is not None else [i.name for i in self.fb.space.infos]
         views = [tap.params[n] for n in names]
         *g, g_head = torch.autograd.grad(ce_q, views + [p1], retain_graph=True)

@@ -82,14 +82,22 @@ class FlatSpace:
         the whole vector and adds it up, i.e. O(#tensors x P) memory traffic per backward (5 of the 7 s of a
         CNN SMAT step on CPU); split's backward concatenates the pieces once.
         """
+        pieces = self.pieces(flat)
+        if pieces is None:
+            return {i.name: flat[i.offset:i.offset + i.numel].view(i.shape) for i in self.infos}
+        return {i.name: pieces[i.name].view(i.shape) for i in self.infos}
+
+    def pieces(self, flat: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Each parameter's 1-D piece of `flat`, from one split (see `unflatten`); None where the layout is
+        not one contiguous run from offset 0 (then only per-tensor slices can cut it)."""
         sizes = [i.numel for i in self.infos]
         starts = [0] + list(itertools.accumulate(sizes))[:-1]
         contiguous = all(i.offset == o for i, o in zip(self.infos, starts))
         if not contiguous or flat.shape[0] < self.numel:
-            return {i.name: flat[i.offset:i.offset + i.numel].view(i.shape) for i in self.infos}
+            return None
         rest = flat.shape[0] - self.numel
         parts = flat.split(sizes + [rest] if rest else sizes)
-        return {i.name: part.view(i.shape) for i, part in zip(self.infos, parts)}
+        return {i.name: part for i, part in zip(self.infos, parts)}
 
     def shard_range(self, rank: int, world: int) -> tuple[int, int]:
         if self.padded % world:
