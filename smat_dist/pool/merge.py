@@ -38,20 +38,22 @@ class _LocalMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, delta, merger: "LocalMerger"):
         ctx.merger = merger
-        ctx.save_for_backward(w.detach())
-        return merger.shard.expand(merger.zw(w.detach().unsqueeze(0))[0]) * delta
+        m = merger.zw(w.detach().unsqueeze(0))[0]              # [rows]: the task's merged mask
+        # kept for delta's gradient: the backward's W @ z^T would be this same product again (a pass over
+        # the [rows, M] masks per task), at the cost of one [rows] vector while the task's graph is alive
+        ctx.save_for_backward(w.detach(), m if ctx.needs_input_grad[1] else None)
+        return merger.shard.expand(m) * delta
 
     @staticmethod
     @fp32_math
     def backward(ctx, g):
         merger: LocalMerger = ctx.merger
         shard = merger.shard
-        (w,) = ctx.saved_tensors
+        w, m = ctx.saved_tensors
         u = shard.reduce_rows(g * shard.delta.detach())      # [rows]: dL/dm summed over the entries a gate controls
         merger.record(u.unsqueeze(1), w.unsqueeze(0))
-        uz, wz = merger.tz_zw(u.unsqueeze(0), w.unsqueeze(0))
-        g_w = uz[0] if ctx.needs_input_grad[0] else None
-        g_delta = g * shard.expand(wz[0]) if ctx.needs_input_grad[1] else None
+        g_w = merger.tz(u.unsqueeze(0))[0] if ctx.needs_input_grad[0] else None
+        g_delta = g * shard.expand(m) if ctx.needs_input_grad[1] else None
         return g_w, g_delta, None
 
 
@@ -97,7 +99,7 @@ class LocalMerger:
     def z(self) -> torch.Tensor:
         if self._z is None and self._released:
             self._recompute()
-        assert self._z is not None, "begin_step() first (a lean pool keeps no z: use zw / tz_zw)"
+        assert self._z is not None, "begin_step() first (a lean pool keeps no z: use zw / tz)"
         return self._z
 
     @torch.no_grad()
@@ -130,20 +132,17 @@ class LocalMerger:
         return out
 
     @torch.no_grad()
-    def tz_zw(self, U: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(U @ z, W @ z^T) for U [K, rows], W [K', M]: one pass over the masks for both (released masks are
-        recomputed here, in the merge's backward, and kept until the next merge or the step's end)."""
+    def tz(self, U: torch.Tensor) -> torch.Tensor:
+        """U @ z for U [K, rows]: the merging weights' gradient, one pass over the masks (released masks are
+        recomputed here, in the merge's backward, and kept until the next merge or the step's end). delta's
+        gradient needs W @ z^T, which the forward's merge saved."""
         if not self.lean:
-            z = self.z
-            return U @ z, W @ z.t()
+            return U @ self.z
         shard = self.shard
         uz = U.new_zeros(U.shape[0], shard.experts)
-        wz = W.new_empty(W.shape[0], shard.log_alpha.shape[0])
         for a, b in shard.passes.rows():
-            zc = shard.passes.gate_rows(a, b, shard.passes.scratch(b - a)[3], self._train)
-            uz += U[:, a:b] @ zc
-            wz[:, a:b] = W @ zc.t()
-        return uz, wz
+            uz += U[:, a:b] @ shard.passes.gate_rows(a, b, shard.passes.scratch(b - a)[3], self._train)
+        return uz
 
     def record(self, u: torch.Tensor, w: torch.Tensor) -> None:
         """One merge's mask gradient, dL/dz = u @ w (u [rows, K], w [K, M]), summed at end_step."""
@@ -185,10 +184,12 @@ class _ShardedMerge(torch.autograd.Function):
     def forward(ctx, w, delta, merger: "ShardedMerger"):
         comm, shard = merger.comm, merger.shard
         W = comm.all_gather(w.detach())                  # [R, M]
-        D = shard.expand(merger.zw(W)) * delta            # [R, n]: my slice of every task's merged delta
+        Wz = merger.zw(W)                                # [R, rows]: every task's merged mask on my slice
+        D = shard.expand(Wz) * delta                     # [R, n]: my slice of every task's merged delta
         full = comm.all_to_all(D)                        # [R, n]: every slice of my task's merged delta
         ctx.merger = merger
-        ctx.save_for_backward(W, delta)
+        # Wz kept for delta's gradient (the backward's W @ z^T would be this same product again)
+        ctx.save_for_backward(W, delta, Wz if ctx.needs_input_grad[1] else None)
         return full.reshape(-1)
 
     @staticmethod
@@ -196,11 +197,11 @@ class _ShardedMerge(torch.autograd.Function):
     def backward(ctx, g):
         merger: ShardedMerger = ctx.merger
         comm, shard = merger.comm, merger.shard
-        W, delta = ctx.saved_tensors
+        W, delta, Wz = ctx.saved_tensors
         R = comm.world
         G = comm.all_to_all(g.reshape(R, -1).contiguous())  # [R, n]: every task's gradient for my slice
         Gd = shard.reduce_rows(G * delta.unsqueeze(0))       # [R, rows]: summed over the entries a gate controls
-        Gz, Wz = merger.tz_zw(Gd, W)
+        Gz = merger.tz(Gd)
         g_W = comm.all_reduce(Gz)                            # [R, M], summed over slices
         g_w = g_W[comm.rank]
         merger.record(Gd.t() / R, W)                         # dL/dz = (Gd^T / R) @ W, applied at end_step

@@ -129,14 +129,16 @@ class PoolPasses:
                 kernel("gate_grad_dense")(f1, zc, la, g_z[a:b], c, coef)
             return f1
         if g_z is not None:
+            # -(z - gamma)(zeta - z): one op less than forming zeta - z; times -w_c (or -c) below, the same bits
+            # as both signs positive (IEEE products and round-to-nearest sums are symmetric under negation)
             torch.sub(zc, hc.GAMMA, out=f1)
-            f1.mul_(torch.neg(zc, out=f2).add_(hc.ZETA))
+            f1.mul_(torch.sub(zc, hc.ZETA, out=f2))
             f1.mul_(torch.gt(zc, 0.0, out=f2)).mul_(torch.lt(zc, 1.0, out=f2))  # 0 where clamped
             if isinstance(g_z, tuple):
-                torch.matmul(g_z[0][a:b], w_c, out=f2)
+                torch.matmul(g_z[0][a:b], w_c.neg(), out=f2)
                 f1.mul_(f2)
             else:
-                f1.mul_(g_z[a:b]).mul_(c)
+                f1.mul_(g_z[a:b]).mul_(-c)
         else:
             f1.zero_()
         if coef is not None:
