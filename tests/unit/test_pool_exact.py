@@ -76,3 +76,31 @@ def test_merge_and_gate_backward_give_the_plain_chains_bits(release, tasks):
     assert torch.equal(_bits(shard.log_alpha.grad), _bits(ref))
     assert torch.equal(sq, ref_sq)
     assert shard.log_alpha.grad.abs().sum() > 0
+
+
+def test_the_merge_backward_reads_the_masks_once():
+    """Kept masks: the backward's only pass over the [rows, M] masks is dL/dw = u @ z (W @ z^T comes from the
+    forward), counted at the dispatcher."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    n, m = 5000, 4
+    shard = PoolShard(0, n, n, m, SparsityConfig(init_std=2.0, release_masks=False), seed=1)
+    merger = LocalMerger(shard, n)
+    merger.begin_step(train=True)
+    w = torch.softmax(torch.randn(m), 0).requires_grad_(True)
+    loss = merger.merge(w).square().sum()
+    seen = []
+
+    class Passes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = tree_flatten((args, kwargs, out))[0]
+            if any(isinstance(t, torch.Tensor) and t.numel() == n * m for t in flat) and not func.is_view:
+                seen.append(func.overloadpacket.__name__)
+            return out
+
+    with Passes():
+        loss.backward()
+    assert seen == ["mm"]
+    assert w.grad is not None and shard.delta.grad is not None
