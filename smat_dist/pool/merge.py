@@ -40,7 +40,8 @@ class _LocalMerge(torch.autograd.Function):
         ctx.merger = merger
         m = merger.zw(w.detach().unsqueeze(0))[0]              # [rows]: the task's merged mask
         # kept for delta's gradient: the backward's W @ z^T would be this same product again (a pass over
-        # the [rows, M] masks per task), at the cost of one [rows] vector while the task's graph is alive
+        # the [rows, M] masks per task), at the cost of one [rows] vector (1/M of the masks) while the task's
+        # graph is alive. (The sharded merge recomputes it: there it is R tasks' masks, R/M of the masks.)
         ctx.save_for_backward(w.detach(), m if ctx.needs_input_grad[1] else None)
         return merger.shard.expand(m) * delta
 
@@ -52,7 +53,7 @@ class _LocalMerge(torch.autograd.Function):
         w, m = ctx.saved_tensors
         u = shard.reduce_rows(g * shard.delta.detach())      # [rows]: dL/dm summed over the entries a gate controls
         merger.record(u.unsqueeze(1), w.unsqueeze(0))
-        g_w = merger.tz(u.unsqueeze(0))[0] if ctx.needs_input_grad[0] else None
+        g_w = merger.tz_zw(u.unsqueeze(0), None)[0][0] if ctx.needs_input_grad[0] else None
         g_delta = g * shard.expand(m) if ctx.needs_input_grad[1] else None
         return g_w, g_delta, None
 
@@ -99,7 +100,7 @@ class LocalMerger:
     def z(self) -> torch.Tensor:
         if self._z is None and self._released:
             self._recompute()
-        assert self._z is not None, "begin_step() first (a lean pool keeps no z: use zw / tz)"
+        assert self._z is not None, "begin_step() first (a lean pool keeps no z: use zw / tz_zw)"
         return self._z
 
     @torch.no_grad()
@@ -132,17 +133,22 @@ class LocalMerger:
         return out
 
     @torch.no_grad()
-    def tz(self, U: torch.Tensor) -> torch.Tensor:
-        """U @ z for U [K, rows]: the merging weights' gradient, one pass over the masks (released masks are
-        recomputed here, in the merge's backward, and kept until the next merge or the step's end). delta's
-        gradient needs W @ z^T, which the forward's merge saved."""
+    def tz_zw(self, U: torch.Tensor, W: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(U @ z, W @ z^T) for U [K, rows], W [K', M]: one pass over the masks for both (released masks are
+        recomputed here, in the merge's backward, and kept until the next merge or the step's end). W None:
+        U @ z alone (the local merge keeps W @ z^T from its forward)."""
         if not self.lean:
-            return U @ self.z
+            z = self.z
+            return U @ z, None if W is None else W @ z.t()
         shard = self.shard
         uz = U.new_zeros(U.shape[0], shard.experts)
+        wz = None if W is None else W.new_empty(W.shape[0], shard.log_alpha.shape[0])
         for a, b in shard.passes.rows():
-            uz += U[:, a:b] @ shard.passes.gate_rows(a, b, shard.passes.scratch(b - a)[3], self._train)
-        return uz
+            zc = shard.passes.gate_rows(a, b, shard.passes.scratch(b - a)[3], self._train)
+            uz += U[:, a:b] @ zc
+            if wz is not None:
+                wz[:, a:b] = W @ zc.t()
+        return uz, wz
 
     def record(self, u: torch.Tensor, w: torch.Tensor) -> None:
         """One merge's mask gradient, dL/dz = u @ w (u [rows, K], w [K, M]), summed at end_step."""
@@ -184,12 +190,10 @@ class _ShardedMerge(torch.autograd.Function):
     def forward(ctx, w, delta, merger: "ShardedMerger"):
         comm, shard = merger.comm, merger.shard
         W = comm.all_gather(w.detach())                  # [R, M]
-        Wz = merger.zw(W)                                # [R, rows]: every task's merged mask on my slice
-        D = shard.expand(Wz) * delta                     # [R, n]: my slice of every task's merged delta
+        D = shard.expand(merger.zw(W)) * delta            # [R, n]: my slice of every task's merged delta
         full = comm.all_to_all(D)                        # [R, n]: every slice of my task's merged delta
         ctx.merger = merger
-        # Wz kept for delta's gradient (the backward's W @ z^T would be this same product again)
-        ctx.save_for_backward(W, delta, Wz if ctx.needs_input_grad[1] else None)
+        ctx.save_for_backward(W, delta)
         return full.reshape(-1)
 
     @staticmethod
@@ -197,11 +201,11 @@ class _ShardedMerge(torch.autograd.Function):
     def backward(ctx, g):
         merger: ShardedMerger = ctx.merger
         comm, shard = merger.comm, merger.shard
-        W, delta, Wz = ctx.saved_tensors
+        W, delta = ctx.saved_tensors
         R = comm.world
         G = comm.all_to_all(g.reshape(R, -1).contiguous())  # [R, n]: every task's gradient for my slice
         Gd = shard.reduce_rows(G * delta.unsqueeze(0))       # [R, rows]: summed over the entries a gate controls
-        Gz = merger.tz(Gd)
+        Gz, Wz = merger.tz_zw(Gd, W)
         g_W = comm.all_reduce(Gz)                            # [R, M], summed over slices
         g_w = g_W[comm.rank]
         merger.record(Gd.t() / R, W)                         # dL/dz = (Gd^T / R) @ W, applied at end_step
