@@ -129,7 +129,7 @@ class PoolPasses:
                 kernel("gate_grad_dense")(f1, zc, la, g_z[a:b], c, coef)
             return f1
         if g_z is not None:
-            # The same bits as main's (z - gamma)(zeta - z) [z > 0] [z < 1] (w_c | c) in three ops fewer, and
+            # The same bits as the plain (z - gamma)(zeta - z) [z > 0] [z < 1] (w_c | c) in two ops fewer, and
             # f1 may be zc itself (the gradient written over the masks), read last by the third op:
             #  - 0 where the gate is clamped: z in [0, 1], so round(z) != z exactly inside (0, 1) (and for NaN,
             #    which stays NaN either way); multiplying by two 0/1 factors or by their product is the same;
