@@ -38,20 +38,23 @@ class _LocalMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, delta, merger: "LocalMerger"):
         ctx.merger = merger
-        ctx.save_for_backward(w.detach())
-        return merger.shard.expand(merger.zw(w.detach().unsqueeze(0))[0]) * delta
+        m = merger.zw(w.detach().unsqueeze(0))[0]              # [rows]: the task's merged mask
+        # kept for delta's gradient: the backward's W @ z^T would be this same product again (a pass over
+        # the [rows, M] masks per task), at the cost of one [rows] vector (1/M of the masks) while the task's
+        # graph is alive. (The sharded merge recomputes it: there it is R tasks' masks, R/M of the masks.)
+        ctx.save_for_backward(w.detach(), m if ctx.needs_input_grad[1] else None)
+        return merger.shard.expand(m) * delta
 
     @staticmethod
     @fp32_math
     def backward(ctx, g):
         merger: LocalMerger = ctx.merger
         shard = merger.shard
-        (w,) = ctx.saved_tensors
+        w, m = ctx.saved_tensors
         u = shard.reduce_rows(g * shard.delta.detach())      # [rows]: dL/dm summed over the entries a gate controls
         merger.record(u.unsqueeze(1), w.unsqueeze(0))
-        uz, wz = merger.tz_zw(u.unsqueeze(0), w.unsqueeze(0))
-        g_w = uz[0] if ctx.needs_input_grad[0] else None
-        g_delta = g * shard.expand(wz[0]) if ctx.needs_input_grad[1] else None
+        g_w = merger.tz_zw(u.unsqueeze(0), None)[0][0] if ctx.needs_input_grad[0] else None
+        g_delta = g * shard.expand(m) if ctx.needs_input_grad[1] else None
         return g_w, g_delta, None
 
 
@@ -130,19 +133,21 @@ class LocalMerger:
         return out
 
     @torch.no_grad()
-    def tz_zw(self, U: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def tz_zw(self, U: torch.Tensor, W: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(U @ z, W @ z^T) for U [K, rows], W [K', M]: one pass over the masks for both (released masks are
-        recomputed here, in the merge's backward, and kept until the next merge or the step's end)."""
+        recomputed here, in the merge's backward, and kept until the next merge or the step's end). W None:
+        U @ z alone (the local merge keeps W @ z^T from its forward)."""
         if not self.lean:
             z = self.z
-            return U @ z, W @ z.t()
+            return U @ z, None if W is None else W @ z.t()
         shard = self.shard
         uz = U.new_zeros(U.shape[0], shard.experts)
-        wz = W.new_empty(W.shape[0], shard.log_alpha.shape[0])
+        wz = None if W is None else W.new_empty(W.shape[0], shard.log_alpha.shape[0])
         for a, b in shard.passes.rows():
             zc = shard.passes.gate_rows(a, b, shard.passes.scratch(b - a)[3], self._train)
             uz += U[:, a:b] @ zc
-            wz[:, a:b] = W @ zc.t()
+            if wz is not None:
+                wz[:, a:b] = W @ zc.t()
         return uz, wz
 
     def record(self, u: torch.Tensor, w: torch.Tensor) -> None:

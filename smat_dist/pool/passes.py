@@ -129,14 +129,21 @@ class PoolPasses:
                 kernel("gate_grad_dense")(f1, zc, la, g_z[a:b], c, coef)
             return f1
         if g_z is not None:
+            # The same bits as the plain (z - gamma)(zeta - z) [z > 0] [z < 1] (w_c | c) in two ops fewer, and
+            # f1 may be zc itself (the gradient written over the masks), read last by the third op:
+            #  - 0 where the gate is clamped: z in [0, 1], so round(z) != z exactly inside (0, 1) (and for NaN,
+            #    which stays NaN either way); multiplying by two 0/1 factors or by their product is the same;
+            #  - -(z - gamma)(zeta - z) = (z - gamma)(z - zeta), times -w_c (or -c) below: IEEE products and
+            #    round-to-nearest sums are symmetric under negation.
+            torch.ne(zc, torch.round(zc, out=f3), out=f3)
+            torch.sub(zc, hc.ZETA, out=f2)
             torch.sub(zc, hc.GAMMA, out=f1)
-            f1.mul_(torch.neg(zc, out=f2).add_(hc.ZETA))
-            f1.mul_(torch.gt(zc, 0.0, out=f2)).mul_(torch.lt(zc, 1.0, out=f2))  # 0 where clamped
+            f1.mul_(f2).mul_(f3)
             if isinstance(g_z, tuple):
-                torch.matmul(g_z[0][a:b], w_c, out=f2)
+                torch.matmul(g_z[0][a:b], w_c.neg(), out=f2)
                 f1.mul_(f2)
             else:
-                f1.mul_(g_z[a:b]).mul_(c)
+                f1.mul_(g_z[a:b]).mul_(-c)
         else:
             f1.zero_()
         if coef is not None:
@@ -176,12 +183,16 @@ class PoolPasses:
             grad = z
         w_c, c, coef = self._grad_pass(g_z, penalty_coef, train)
         sq = torch.zeros((), dtype=torch.float64, device=la.device)
+        # the eager chain computes a fresh gradient in place of the masks (no copy); the fused kernels write f1
+        in_place = fresh and not self.shard.cfg.compile
         for a, b in self.rows():
             gr = grad[a:b]
             f1, f2, f3, _ = self.scratch(b - a)
+            f1 = gr if in_place else f1
             self._grad_chunk(a, b, z[a:b] if g_z is not None else None, g_z, w_c, c, coef, f1, f2, f3)
             if fresh:
-                gr.copy_(f1)
+                if not in_place:
+                    gr.copy_(f1)
             else:
                 gr.add_(f1)
                 if b > self.shard.n_valid:
