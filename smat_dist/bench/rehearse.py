@@ -14,7 +14,7 @@ world size, evaluated and exported through the code users run, on local gloo ran
             rank loads its half of the pool)
   export    smat-export of the resumed run, in a fresh process
 
-Progress goes to stderr (`[rehearse  12.3 s] phase ...`); the result is one JSON row on stdout. Before
+Progress goes to the rank-aware log (`rehearse    12.3 s: phase ...`); the result is one JSON row on stdout. Before
 anything is written the planner (smat_dist.bench.plan) predicts every phase's memory; the command refuses
 in one line if MemAvailable or the work folder's free disk cannot hold the largest phase.
 
@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from smat_dist.utils.log import get_logger
 from smat_dist.utils.memory import rss_bytes
+
+log = get_logger(__name__)
 
 TWO_31 = 2 ** 31
 # a rank's resident size after its imports (torch, DeepSpeed, the trainer), measured: the tiny rehearsal's ranks
@@ -68,7 +70,7 @@ class Progress:
         self.t0 = time.perf_counter()
 
     def __call__(self, text: str) -> None:
-        print(f"[rehearse {time.perf_counter() - self.t0:7.1f} s] {text}", file=sys.stderr, flush=True)
+        log.info("rehearse %7.1f s: %s", time.perf_counter() - self.t0, text)
 
 
 def planned(pt: Point) -> dict:
@@ -217,10 +219,10 @@ def run(pt: Point, work: str | None = None, keep: bool = False, emit=None, progr
         phases["resume_1rank_s"] = round(time.perf_counter() - t, 2)
         m1 = _metrics(resumed)
         say(f"resumed on 1 rank ({phases['resume_1rank_s']} s); comparing the final states")
-        shards2, shards1 = shard_sizes(first_ck), shard_sizes(resumed / "checkpoints" / "step-000000004")
+        final2, final1 = full / "checkpoints" / "step-000000004", resumed / "checkpoints" / "step-000000004"
+        shards2, shards1 = shard_sizes(first_ck), shard_sizes(final1)
 
         t = time.perf_counter()
-        final2, final1 = full / "checkpoints" / "step-000000004", resumed / "checkpoints" / "step-000000004"
         same = rehearse_state.summary(final2, final1)
         # the re-slicing itself: what the 1-rank resume read equals what the 2 ranks wrote, to the bit
         wrote = rehearse_state.checkpoint_digests(first_ck)
