@@ -22,7 +22,7 @@ from statistics import NormalDist
 import torch
 
 from smat_dist import checkpoint as ckpt
-from smat_dist.checkpoint.shard_file import ShardReader
+from smat_dist.checkpoint.shard_file import TORCH_DTYPE, ShardReader
 from smat_dist.pool import gates as hc
 from smat_dist.pool.draws import chunked_normal
 
@@ -46,8 +46,7 @@ def _blocks(path: Path, digest: dict | None, numel: int):
         n, m = r.shape("log_alpha")
         if n != hi - lo:
             raise ValueError(f"{path}: log_alpha has {n} rows, its range [{lo}, {hi}) {hi - lo}")
-        dtype = {"F32": torch.float32, "F64": torch.float64, "BF16": torch.bfloat16, "F16": torch.float16}[
-            r.info("log_alpha")["dtype"]]
+        dtype = TORCH_DTYPE[r.info("log_alpha")["dtype"]]
         for a in range(0, min(hi, numel) - lo, ROWS):
             b = min(a + ROWS, min(hi, numel) - lo)
             out = torch.empty(b - a, m, dtype=dtype)

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import torch
 
-from smat_dist.checkpoint.shard_file import ShardReader
+from smat_dist.checkpoint.shard_file import TORCH_DTYPE, ShardReader
 
 ROWS_BYTES = 64 << 20      # bytes of one run's rows compared at a time
-_DTYPES = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
-           "U8": torch.uint8, "BOOL": torch.bool, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _pool_files(ck: Path) -> list[Path]:
@@ -123,7 +121,7 @@ def _compare_rows(ra: ShardReader, name: str, lo: int, hi: int, readers_b, spans
 
 def _rows(reader: ShardReader, name: str, a: int, b: int) -> torch.Tensor:
     info = reader.info(name)
-    t = torch.empty((b - a, *info["shape"][1:]), dtype=_DTYPES[info["dtype"]])
+    t = torch.empty((b - a, *info["shape"][1:]), dtype=TORCH_DTYPE[info["dtype"]])
     reader.read_rows_into(name, a, b, t)
     return t
 

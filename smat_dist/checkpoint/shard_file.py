@@ -31,7 +31,7 @@ _WRITE = 8 << 20            # bytes per write call
 
 _DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
-_FROM = {v: k for k, v in _DTYPES.items()}
+TORCH_DTYPE = {v: k for k, v in _DTYPES.items()}
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -178,14 +178,14 @@ class ShardReader:
     def read(self, name: str) -> torch.Tensor:
         """A whole (small) tensor."""
         meta = self.info(name)
-        out = torch.empty(meta["shape"], dtype=_FROM[meta["dtype"]])
+        out = torch.empty(meta["shape"], dtype=TORCH_DTYPE[meta["dtype"]])
         self.read_rows_into(name, 0, out.shape[0] if out.dim() else 1, out)
         return out
 
     def read_rows_into(self, name: str, a: int, b: int, out: torch.Tensor) -> None:
         """Rows [a, b) of tensor `name` (along dim 0) into the contiguous tensor `out`."""
         meta = self.info(name)
-        dtype = _FROM[meta["dtype"]]
+        dtype = TORCH_DTYPE[meta["dtype"]]
         if out.dtype != dtype or not out.is_contiguous():
             raise ShardError(f"shard {self.path}: {name} is {dtype}, read into a {out.dtype} tensor")
         shape = meta["shape"]
