@@ -6,9 +6,9 @@ import io
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from smat_dist.distributed.process_group import init_gloo, shutdown_distributed
 from smat_dist.launch.env import free_port
 
 
@@ -16,7 +16,7 @@ def _entry(rank: int, world: int, port: int, fn, args, queue):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world)
     try:
         out = fn(rank, world, *args)
         # Serialise to bytes: tensors passed through torch's shared-memory reducers would die with the process.
@@ -24,7 +24,8 @@ def _entry(rank: int, world: int, port: int, fn, args, queue):
         torch.save(out, buf)
         queue.put((rank, buf.getvalue()))
     finally:
-        dist.destroy_process_group()
+        # free the groups (and join their threads) now, not during interpreter exit: see shutdown_distributed
+        shutdown_distributed()
 
 
 def run_ranks(fn, world: int, *args):

@@ -6,6 +6,7 @@ in comm.py.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -29,6 +30,15 @@ def _skip_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def _import_group_defaults() -> None:
+    """Import, before any group exists, the modules whose functions take `group=GroupMember.WORLD` as a default
+    evaluated at import (DeepSpeed's comm backend, torch.distributed.nn): imported later, those defaults hold
+    the default group for the life of the process, so `shutdown_distributed` could not free it and its gloo
+    threads would live on into interpreter exit."""
+    import deepspeed.comm.torch  # noqa: F401
+    import torch.distributed.nn  # noqa: F401
+
+
 def init_distributed(cfg: DistConfig) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed from the launcher's env vars; returns (rank, world)."""
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -37,6 +47,7 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int]:
                                "(launcher=local|slurm), torchrun, the deepspeed launcher or submitit")
     import deepspeed
 
+    _import_group_defaults()
     global _control_group, _device, _check_mode
     if cfg.check_devices and _check_mode is None:
         from smat_dist.utils.devcheck import HostBornMode
@@ -59,6 +70,38 @@ def init_distributed(cfg: DistConfig) -> tuple[int, int]:
     if "nccl" in str(dist.get_backend()).lower():
         _control_group = dist.new_group(backend="gloo", timeout=pg_timeouts(cfg))
     return dist.get_rank(), dist.get_world_size()
+
+
+def init_gloo(rank: int, world: int) -> None:
+    """A CPU gloo group for local harnesses (smat_dist.bench.spawn) from MASTER_ADDR/MASTER_PORT.
+
+    The modules that hold the default group in their defaults are imported first (`_import_group_defaults`)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _import_group_defaults()
+    _skip_shm_build()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def shutdown_distributed() -> None:
+    """Destroy every process group of this rank and free them while the interpreter is fully alive.
+
+    torch's destroy_process_group only forgets the groups; a gloo group's worker and transport threads stop
+    when its last reference goes. DeepSpeed keeps its own references (a clone of the world group, the engine's
+    groups; the engine of a refused resume sits in a reference cycle, and DeepSpeed turns automatic GC off
+    while an engine lives), so without this the threads outlive the run into interpreter finalization, where a
+    worker releasing its last work races the teardown: `terminate called without an active exception`
+    (SIGABRT) on a rank that had finished cleanly. Every exit path of a rank calls this; a rank's collectives
+    are synchronous, so none of its work is pending here and the joins return at once (nothing is sent)."""
+    global _control_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    _control_group = None
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and ds_comm.cdb is not None and ds_comm.cdb.is_initialized():
+        ds_comm.destroy_process_group()     # also drops DeepSpeed's cached groups
+    else:
+        dist.destroy_process_group()
+    gc.collect()    # the engine cycle above: its groups go with it, and with them the threads (joined here)
 
 
 def control_group():

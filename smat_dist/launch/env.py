@@ -46,6 +46,26 @@ def resolve_rank_fn(spec: RankFnSpec) -> RankFn:
     return fn
 
 
+def run_rank_fn(spec: RankFnSpec, cfg: Config, run_dir: str, should_stop: Callable[[], bool]) -> dict:
+    """Run one rank's function, then free its process groups, whether it returned or raised (a refused resume
+    raises on every rank): their gloo threads must not outlive the rank into interpreter exit
+    (smat_dist.distributed.process_group.shutdown_distributed). A failing teardown never hides the rank's
+    own error."""
+    from smat_dist.distributed.process_group import shutdown_distributed
+
+    fn = resolve_rank_fn(spec)
+    try:
+        result = fn(cfg, run_dir, should_stop)
+    except BaseException:
+        try:
+            shutdown_distributed()
+        except Exception:  # noqa: BLE001 - the rank's error is the one to report
+            pass
+        raise
+    shutdown_distributed()
+    return result
+
+
 class StopFlag:
     """`should_stop` for the trainer: becomes True once one of the installed signals arrived.
 

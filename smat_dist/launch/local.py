@@ -32,6 +32,7 @@ from smat_dist.launch.env import (
     free_port,
     rank_env,
     resolve_rank_fn,
+    run_rank_fn,
     tail,
 )
 from smat_dist.utils.log import get_logger
@@ -56,7 +57,7 @@ def _rank_main(rank: int, world: int, port: int, cfg: Config, run_dir: str, rank
     log.info("%s", math_line)
     flag = StopFlag().install()
     try:
-        result = resolve_rank_fn(rank_fn)(cfg, run_dir, flag)
+        result = run_rank_fn(rank_fn, cfg, run_dir, flag)
         with open(result_path + ".tmp", "wb") as f:
             pickle.dump({"ok": True, "result": result, "signal": flag.signal_name}, f)
     except BaseException as e:  # noqa: BLE001 - report everything (incl. KeyboardInterrupt) to the parent

@@ -14,7 +14,7 @@ import os
 import sys
 
 from smat_dist.config.hydra import ConfigError, compose
-from smat_dist.launch.env import DEFAULT_RANK_FN, StopFlag, apply_rank_math, export_slurm_env, resolve_rank_fn
+from smat_dist.launch.env import DEFAULT_RANK_FN, StopFlag, apply_rank_math, export_slurm_env, run_rank_fn
 from smat_dist.train.run_folder import prepare_run_dir
 from smat_dist.utils.log import get_logger, setup_logging
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         prepare_run_dir(cfg, cfg.run_dir, resuming=True)
     flag = StopFlag().install()
-    result = resolve_rank_fn(DEFAULT_RANK_FN)(cfg, cfg.run_dir, flag)
+    result = run_rank_fn(DEFAULT_RANK_FN, cfg, cfg.run_dir, flag)
     if int(os.environ.get("RANK", "0")) == 0:
         log.info("finished: %s", json.dumps(result, default=str))
     return 0

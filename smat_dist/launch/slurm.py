@@ -41,6 +41,7 @@ from smat_dist.launch.env import (
     apply_rank_math,
     last_error_line,
     resolve_rank_fn,
+    run_rank_fn,
 )
 from smat_dist.launch.sbatch_errors import submission_error
 from smat_dist.utils.log import get_logger
@@ -84,7 +85,7 @@ class SlurmTrainTask(submitit.helpers.Checkpointable):
                      restarts + 1, denv.world_size, denv.master_addr, denv.master_port, self.run_dir)
         flag = StopFlag().install((signal.SIGUSR2, signal.SIGTERM, signal.SIGINT))
         try:
-            result = resolve_rank_fn(self.rank_fn)(self.cfg, self.run_dir, flag)
+            result = run_rank_fn(self.rank_fn, self.cfg, self.run_dir, flag)
         except Exception as e:  # noqa: BLE001 - every error is reported, then the process leaves at once
             _fail_fast(e, denv.rank, self.run_dir)
         restarts -= failure.failed_retries(self.run_dir)   # time-limit requeues have their own counter

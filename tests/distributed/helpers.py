@@ -71,3 +71,28 @@ def read_pool_shard(path) -> dict:
         if "delta_momentum" in r.header:
             out["delta_momentum"] = r.read("delta_momentum")
     return out
+
+
+def gloo_threads() -> list[str]:
+    """This process's live gloo threads (c10d's workers, the tcp transport's loop), by their Linux names."""
+    from pathlib import Path
+
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+        except OSError:      # the thread ended while we looked
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
+
+
+def report_gloo_threads_at_exit(path) -> None:
+    """Write this rank's live gloo threads to `path` as the interpreter starts to exit (atexit runs after the
+    rank function and the harness's teardown, before finalization): there must be none left by then."""
+    import atexit
+    import json
+    from pathlib import Path
+
+    atexit.register(lambda: Path(path).write_text(json.dumps(gloo_threads())))
