@@ -73,8 +73,9 @@ def read_pool_shard(path) -> dict:
     return out
 
 
-def gloo_threads() -> list[str]:
-    """This process's live gloo threads (c10d's workers, the tcp transport's loop), by their Linux names."""
+def c10d_threads() -> list[str]:
+    """This process's live torch.distributed threads by their Linux names: gloo's workers and tcp transport
+    loop, the TCPStore server's loop (rank 0)."""
     from pathlib import Path
 
     names = []
@@ -83,16 +84,16 @@ def gloo_threads() -> list[str]:
             name = (task / "comm").read_text().strip()
         except OSError:      # the thread ended while we looked
             continue
-        if "gloo" in name:
+        if "gloo" in name or "tcpstore" in name:
             names.append(name)
     return sorted(names)
 
 
-def report_gloo_threads_at_exit(path) -> None:
-    """Write this rank's live gloo threads to `path` as the interpreter starts to exit (atexit runs after the
-    rank function and the harness's teardown, before finalization): there must be none left by then."""
+def report_c10d_threads_at_exit(path) -> None:
+    """Write this rank's live torch.distributed threads to `path` as the interpreter starts to exit (atexit
+    runs after the rank function and the harness's teardown, before finalization): none must be left then."""
     import atexit
     import json
     from pathlib import Path
 
-    atexit.register(lambda: Path(path).write_text(json.dumps(gloo_threads())))
+    atexit.register(lambda: Path(path).write_text(json.dumps(c10d_threads())))

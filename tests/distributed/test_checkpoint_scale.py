@@ -16,7 +16,7 @@ import torch
 
 from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import report_gloo_threads_at_exit, tiny_config, train_rank
+from tests.distributed.helpers import report_c10d_threads_at_exit, tiny_config, train_rank
 
 pytestmark = pytest.mark.dist
 STEP = 12          # tasks per step: divisible by 4, 3, 2 and 1 ranks, so every world size runs the same steps
@@ -81,7 +81,7 @@ def test_saved_at_4_resumes_at_fewer_ranks_like_the_uninterrupted_run(data_dir, 
 def _flip_rank(rank, world, cfg, run_dir, report):
     from smat_dist.train import trainer
 
-    report_gloo_threads_at_exit(Path(report) / f"threads-rank{rank}.json")
+    report_c10d_threads_at_exit(Path(report) / f"threads-rank{rank}.json")
     try:
         trainer.train(cfg, run_dir)
     except Exception as e:   # every rank raises the same agreed error
@@ -105,8 +105,8 @@ def test_flipped_byte_is_named_by_the_rank_that_reads_it(data_dir, tmp_path):
     assert "rank 1: checkpoint file" in msgs[0] and "pool-rank00001.safetensors is corrupt" in msgs[0]
     assert "rank 0:" not in msgs[0]           # rank 0 never read (nor hashed) rank 1's shard
     assert not (tmp_path / "b" / "checkpoints").exists() or not list((tmp_path / "b" / "checkpoints").glob("step-*"))
-    # the refused resume tore its process groups down: no gloo thread was left to race interpreter exit
-    # (which aborted a rank now and then: `terminate called without an active exception`)
+    # the refused resume tore its process groups down: no gloo (or TCPStore) thread was left to race interpreter
+    # exit (which aborted a rank now and then: `terminate called without an active exception`)
     assert [json.loads((tmp_path / f"threads-rank{r}.json").read_text()) for r in range(2)] == [[], []]
 
 

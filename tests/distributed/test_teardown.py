@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.helpers import report_gloo_threads_at_exit
+from tests.distributed.helpers import report_c10d_threads_at_exit
 
 pytestmark = pytest.mark.dist
 
@@ -24,7 +24,7 @@ def engine_rank(cfg, run_dir, should_stop):
     from smat_dist.distributed.process_group import init_distributed
 
     rank, world = init_distributed(cfg.dist)
-    report_gloo_threads_at_exit(Path(run_dir) / f"threads-rank{rank}.json")
+    report_c10d_threads_at_exit(Path(run_dir) / f"threads-rank{rank}.json")
     module = torch.nn.Linear(4, 2)
     opt = DeepSpeedOptimizer(module, torch.optim.SGD(module.parameters(), lr=0.1), cfg.dist, 1, world, None)
     ranks = [None] * world
@@ -32,7 +32,7 @@ def engine_rank(cfg, run_dir, should_stop):
     return {"status": "done", "ranks": ranks, "engine_world": opt.engine.world_size}
 
 
-def test_local_ranks_leave_no_gloo_thread_to_interpreter_exit(tmp_path):
+def test_local_ranks_leave_no_c10d_thread_to_interpreter_exit(tmp_path):
     from smat_dist.config.schema import Config
     from smat_dist.launch.local import launch_local
 
