@@ -96,6 +96,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method.sparsity.lambda_lr": ge(0),
     "method.sparsity.mask_lr": gt(0),
     "method.sparsity.mask_clip": ge(0),
+    "method.sparsity.task_grad_scale": gt(0),
     "method.sparsity.schedule_share": between(0, 1),
     "method.sparsity.pattern_share": between(0, 1, lo_open=True, hi_open=True),
     "method.hypernet.tokens": ge(1),
@@ -237,6 +238,9 @@ def _cross(cfg: Any) -> None:
     if cfg.dist.pool == PoolPath.gather and sp.structured:
         raise ConfigError("dist.pool=gather: allowed only with method.sparsity.structured=false "
                           "(use dist.pool=sharded)")
+    if cfg.dist.pool in (PoolPath.gather, PoolPath.zero3) and sp.task_grad_scale != 1:
+        raise ConfigError(f"dist.pool={cfg.dist.pool}: method.sparsity.task_grad_scale must be 1 (its mask "
+                          f"gradient is autograd's; got {sp.task_grad_scale}); use dist.pool=sharded")
     if cfg.dist.pool == PoolPath.zero3:
         _check_zero3(cfg)
     if cfg.data.mode == EpisodeMode.variable and cfg.data.max_ways < 5:

@@ -73,6 +73,13 @@ class SparsityConfig:
     compile: bool = False
     lambda_lr: float = 0.002
     mask_lr: float = 1.0e6
+    # The task's share of the logits' step, times this (1 = the paper's update: one lr for the task's and the
+    # penalty's gradient). The task's gradient reaches a logit through its merge weight w_m ~ 1/M and is ~1e-4
+    # in norm in a short run, so it barely reorders the initial draw (docs/demo.md "Learning the masks sooner");
+    # s > 1 is mask_lr * s with the penalty's multiplier / s (the same constrained problem, the controller
+    # finds the multiplier), applied before the norm-5 clip. Sharded / local pools only (dist.pool=gather and
+    # zero3 form the task's gradient by autograd and refuse it).
+    task_grad_scale: float = 1.0
     mask_clip: float = 5.0
     # Reaching tau within a short run (docs/differences.md, "Sparsity"). The defaults here are upstream's (masks start
     # dense, tau from the first task, multiplier lr as given, eval gate at beta 1); configs/method/smat*.yaml

@@ -6,7 +6,8 @@ p = sigmoid(log_alpha + L0_SHIFT) (smat_dist.pool.passes). When the penalty's pa
 clip scales the whole step down by the penalty's size and the task's reordering of the logits is what is left
 of 5 / norm; a logit at the clamp gets no task gradient at all (its gate is saturated at 0 or 1). So per step:
 
-  mask/penalty_grad_norm, mask/task_grad_norm   the two parts' global norms (the task's is total - penalty;
+  mask/penalty_grad_norm, mask/task_grad_norm   the two parts' global norms (the task's is total - penalty,
+                                                so times method.sparsity.task_grad_scale, as the step sees it;
                                                 a lean pool defers its gradient, so only the penalty's there)
   mask/penalty_share    ||pen|| / (||pen|| + ||task||): 1 = the penalty alone moves the logits
   mask/clip_scale       min(1, clip / ||total||): the factor the norm-5 clip applies to this step

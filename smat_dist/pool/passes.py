@@ -160,6 +160,10 @@ class PoolPasses:
     def _grad_pass(self, g_z, penalty_coef, train: bool):
         beta = hc.BETA if train else hc.eval_beta(self.shard.cfg)
         c = 1.0 / ((hc.ZETA - hc.GAMMA) * beta)
+        if train:
+            # c carries only the task's term (dz/dlog_alpha = (z - gamma)(zeta - z) c), never the penalty's;
+            # at the default 1 the product is exact, so the update is bit-identical
+            c *= float(self.shard.cfg.task_grad_scale)
         w_c = g_z[1] * c if isinstance(g_z, tuple) else None
         coef = None if penalty_coef is None else penalty_coef.to(self.shard.log_alpha.dtype).unsqueeze(0)
         return w_c, c, coef
