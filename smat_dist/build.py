@@ -19,6 +19,7 @@ from smat_dist.method.optim import TorchHyperOptimizer, hypernet_optimizer
 from smat_dist.method.smat import SMAT
 from smat_dist.model.backbone import FunctionalBackbone, build_backbone
 from smat_dist.pool.merge import LocalMerger, build_merger
+from smat_dist.pool.passes import chunk_rows
 from smat_dist.pool.pool import Pool
 from smat_dist.pool.shard import PoolShard
 
@@ -106,7 +107,9 @@ def build(model_cfg: ModelConfig, cfg: MethodConfig, *, seed: int = 0, comm: Com
         raise ValueError("a local merge holds the whole pool in one process: use dist.pool=sharded on several ranks")
     torch.manual_seed(seed)
     if fb is None:
-        fb = FunctionalBackbone(build_backbone(model_cfg), pad_to=world)
+        # every rank's slice starts on a pool chunk boundary: the pool's sums over rows then split at the same
+        # global chunks at every world size (pool/ordered.py), so a resume on another world size is bit-exact
+        fb = FunctionalBackbone(build_backbone(model_cfg), pad_to=world * (chunk_rows(cfg.experts) if world > 1 else 1))
     if device is not None:
         fb = fb.to(device)
     parts = METHODS[cfg.name](fb, cfg, seed, comm, control or comm, merge)

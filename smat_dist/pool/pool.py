@@ -25,6 +25,7 @@ from smat_dist.config.schema import MethodConfig
 from smat_dist.pool.controller import LagrangeController
 from smat_dist.pool.merge import LocalMerger
 from smat_dist.pool.optim import PoolOptimizer, clip_scale
+from smat_dist.pool.ordered import ordered_sum
 from smat_dist.pool.shard import PoolShard
 from smat_dist.utils.device import fp32_math
 from smat_dist.utils.spans import span
@@ -120,6 +121,10 @@ class Pool:
         M, numel = self.cfg.experts, self.numel
         stats = self.reduce(torch.cat([local, w_sum.double().to(local.device),
                                        torch.tensor([float(n_tasks)], dtype=torch.float64, device=local.device)]))
+        # the counts come as per-chunk partials at their global chunks (ordered.py): added in global order,
+        # the same bits at every world size
+        counts = ordered_sum(stats[:local.numel()].view(-1, 3 * M))
+        stats = torch.cat([counts, stats[local.numel():]])
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
         w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
         # the experts' weight in the controller's terms (method.sparsity.expert_weight); w_mean is logged as is
