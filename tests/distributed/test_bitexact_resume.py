@@ -27,7 +27,8 @@ def _state(results) -> dict:
     parts = sorted((r["pool"] for r in results if r["pool"]), key=lambda p: p["lo"])
     out = {k: torch.cat([p[k] for p in parts]) for k in ("delta", "delta_momentum", "log_alpha")}
     out["multipliers"] = parts[0]["multipliers"]
-    out.update({k: v for k, v in results[0]["replicated"].items() if k.startswith("hypernet.") and v.is_floating_point()})
+    rep = results[0]["replicated"]
+    out.update({k: v for k, v in rep.items() if k.startswith("hypernet.") and v.is_floating_point()})
     return out
 
 
