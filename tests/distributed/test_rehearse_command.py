@@ -34,7 +34,7 @@ def test_rehearsal_row_at_a_tiny_size(tmp_path, capsys):
     assert all(b > 0 for b in row["shard_bytes_2ranks"])
     assert abs(sum(row["shard_bytes_2ranks"]) - row["shard_bytes_1rank"][0]) < 4096
     # the 1-rank resume read the 2-rank pool to the bit; after the step it ends where the uninterrupted run does
-    assert row["resumed"]["reshard_bit_exact"] and row["resumed_equal"]
+    assert row["resumed"]["reshard_bit_exact"] and row["resumed_equal"] and row["resumed_bit_exact"]
     assert row["resumed"]["pool_close"] and row["resumed"]["replicated_close"]
     assert row["resumed"]["loss_step2"][0] == pytest.approx(row["resumed"]["loss_step2"][1], rel=1e-6)
     assert row["eval_2ranks"]["averages"]["smat/zeroshot"]["id_avg"] is not None
