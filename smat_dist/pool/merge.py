@@ -16,7 +16,8 @@ Strategies (dist.pool picks the one across ranks):
                  merges the local slice for every task and an all-to-all hands each rank its own task's full
                  merged delta (P numbers in and out per rank, whatever M is); the backward returns each task's
                  gradient slice to its owner by an all-to-all and combines the per-task partial sums for w by
-                 an all-reduce of R x M numbers;
+                 an all-reduce of G x R x M numbers (per-chunk partial sums added in global chunk order,
+                 G = P x M / 2^21 chunks: the same bits at every world size, pool/ordered.py);
   GatherMerger   what plain ZeRO-3 wrapping would do (all-gather every expert's logits per task, reduce-scatter
                  their gradients: M x P per task), kept only as the measured comparison (dist.pool=zero3 runs the
                  pool under a real DeepSpeed ZeRO-3 engine instead: smat_dist/pool/zero3.py, not a merger).

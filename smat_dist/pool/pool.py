@@ -6,7 +6,7 @@ the pool optimiser, and keeps the step's order in one place:
   begin_step(train)  the mask pattern's per-step hook, then the masks of this step (once per step, not per
                      task) and this slice's sparsity counts;
   merge(w)           one task's merged delta (local, sharded or gathered: the merger decides what moves);
-  end_step(...)      the sparsity terms (one all-reduce of 4M+1 numbers), the task and penalty gradients into
+  end_step(...)      the sparsity terms (one all-reduce of G x 3M + M + 1 numbers), the task and penalty gradients into
                      the logits (one fused pass), the multipliers' update and the optimiser step.
 
 State: `sharded_tensors` / `row_index` (this slice, what the checkpoint shards), `replicated_state` /
@@ -110,7 +110,8 @@ class Pool:
 
     def sparsity_terms(self, w_sum: torch.Tensor, n_tasks: int, lr_factor: float, update: bool = True
                        ) -> tuple[dict[str, float], torch.Tensor]:
-        """The step's sparsity terms from the counts of begin_step; one all-reduce of 4M+1 numbers.
+        """The step's sparsity terms from the counts of begin_step; one all-reduce of G x 3M + M + 1 numbers
+        (the counts as per-chunk partials, pool/ordered.py).
 
         Returns the metrics and the per-expert coefficient of the penalty's gradient on the mask logits,
         coef_m = lambda_m * w_m / numel (dL_sp/dlog_alpha = coef_m * dP(z != 0)/dlog_alpha; w_m times M with
