@@ -137,7 +137,8 @@ def train_config(pt: Point, data: str, world: int, async_save: bool):
           "logging.wandb_mode=disabled", f"launcher.nproc={world}", "launcher.max_failures=0",
           # the same intra-op threads per rank at 2 ranks and at 1: torch's reductions over more than 32768
           # elements split by the thread count, so the resume is bit-exact only at equal threads per rank
-          f"launcher.threads={max(1, (os.cpu_count() or 2) // 2)}"]
+          f"launcher.threads={max(1, (os.cpu_count() or 2) // 2)}",
+          "dist.aligned_slices=true"]     # pool slices on chunk boundaries: the same sums at 2 ranks and at 1
     if pt.depth:
         ov.append(f"+model.kwargs.depth={pt.depth}")
     return compose("train", ov)

@@ -19,6 +19,7 @@ def _cfg(data_dir, world):
     cfg.model.kwargs = {"depth": 1}
     cfg.data.ways, cfg.data.shots, cfg.data.queries = 2, 1, 1
     cfg.method.sparsity.lambda_lr = 5.0    # multipliers visibly non-zero after one step
+    cfg.dist.aligned_slices = True         # slices on pool chunk boundaries (what makes the sums world-invariant)
     # 16 experts: pool chunks of 131072 rows, so each of the 2 ranks holds real rows of the ~0.5M-entry
     # backbone (with few experts one chunk would cover it all and rank 1 would hold only padding)
     return cfg
