@@ -33,6 +33,9 @@ class _TaskMetrics:
         self.finite.append(torch.isfinite(res.loss.detach()).reshape(()))
         self.tasks.append((index, ep))
         for key, v in res.metrics.items():
+            # float64 (as w_sum in smat_step): a rank's few float32 terms add exactly, so the logged mean is the
+            # same bits whether one rank or the all-reduce across ranks adds them
+            v = v.detach().double() if torch.is_tensor(v) else v
             self.sums[key] = self.sums.get(key, 0.0) + v
 
     def check_finite(self, comm=None) -> None:
