@@ -19,6 +19,7 @@ from smat_dist.method.optim import TorchHyperOptimizer, hypernet_optimizer
 from smat_dist.method.smat import SMAT
 from smat_dist.model.backbone import FunctionalBackbone, build_backbone
 from smat_dist.pool.merge import LocalMerger, build_merger
+from smat_dist.pool.passes import chunk_rows
 from smat_dist.pool.pool import Pool
 from smat_dist.pool.shard import PoolShard
 
@@ -89,6 +90,19 @@ def _pretrained(fb, cfg: MethodConfig, seed: int, comm: Comm, control: Comm, mer
 METHODS: dict[str, Callable[..., _Parts]] = {"smat": _smat, "pmf": _pmf, "pretrained": _pretrained}
 
 
+def _pad_to(cfg: MethodConfig, world: int, dist_cfg: DistConfig | None) -> int:
+    """The flat space's padding. With dist.aligned_slices, an unstructured SMAT pool on several ranks: every
+    slice starts on a pool chunk boundary, so its sums over rows split at the same global chunks at every
+    world size (pool/ordered.py) and a resume on another world size is bit-exact (at most world x 2^21 / M
+    padding entries). Structured gates
+    (rows are gate groups, not aligned to chunks) and the dense baselines (their replicated delta would change
+    size with the world size) keep the plain padding."""
+    if dist_cfg is not None and dist_cfg.aligned_slices and cfg.name == "smat" and world > 1 \
+            and not cfg.sparsity.structured:
+        return world * chunk_rows(cfg.experts)
+    return world
+
+
 def build(model_cfg: ModelConfig, cfg: MethodConfig, *, seed: int = 0, comm: Comm | None = None,
           control: Comm | None = None, merge: str = "local", hyper: str | None = "torch",
           dist_cfg: DistConfig | None = None,
@@ -106,7 +120,7 @@ def build(model_cfg: ModelConfig, cfg: MethodConfig, *, seed: int = 0, comm: Com
         raise ValueError("a local merge holds the whole pool in one process: use dist.pool=sharded on several ranks")
     torch.manual_seed(seed)
     if fb is None:
-        fb = FunctionalBackbone(build_backbone(model_cfg), pad_to=world)
+        fb = FunctionalBackbone(build_backbone(model_cfg), pad_to=_pad_to(cfg, world, dist_cfg))
     if device is not None:
         fb = fb.to(device)
     parts = METHODS[cfg.name](fb, cfg, seed, comm, control or comm, merge)

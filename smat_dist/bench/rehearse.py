@@ -25,6 +25,7 @@ is async: it is alive during the next step).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -133,7 +134,11 @@ def train_config(pt: Point, data: str, world: int, async_save: bool):
           f"model.checkpoint_blocks={str(pt.checkpoint_blocks).lower()}", f"method.experts={pt.experts}",
           f"method.sparsity.lean={str(pt.lean).lower()}", "train.tasks=4", f"train.tasks_per_rank={2 // world}",
           "checkpoint.every_tasks=2", f"checkpoint.async_save={str(async_save).lower()}",
-          "logging.wandb_mode=disabled", f"launcher.nproc={world}", "launcher.max_failures=0"]
+          "logging.wandb_mode=disabled", f"launcher.nproc={world}", "launcher.max_failures=0",
+          # the same intra-op threads per rank at 2 ranks and at 1: torch's reductions over more than 32768
+          # elements split by the thread count, so the resume is bit-exact only at equal threads per rank
+          f"launcher.threads={max(1, (os.cpu_count() or 2) // 2)}",
+          "dist.aligned_slices=true"]     # pool slices on chunk boundaries: the same sums at 2 ranks and at 1
     if pt.depth:
         ov.append(f"+model.kwargs.depth={pt.depth}")
     return compose("train", ov)

@@ -191,6 +191,11 @@ class DistConfig:
     # debugging: mark tensors made without device= and refuse them in device collectives, so a CPU run fails
     # where NCCL on a GPU would (smat_dist/utils/devcheck.py); slows every op a little
     check_devices: bool = False
+    # pad the flat space so every rank's pool slice starts on a pool chunk boundary (2^21 / M rows): the pool's
+    # sums over rows are then the same bits at every world size, so a 2 -> 1 resume continues bit-exactly (at
+    # equal launcher.threads; docs/design.md "Rehearsal at real size"). Costs up to world x 2^21 / M padding
+    # rows: negligible at real sizes, an uneven (even empty) last slice on toy backbones
+    aligned_slices: bool = False
 
 
 @dataclass

@@ -16,7 +16,8 @@ Strategies (dist.pool picks the one across ranks):
                  merges the local slice for every task and an all-to-all hands each rank its own task's full
                  merged delta (P numbers in and out per rank, whatever M is); the backward returns each task's
                  gradient slice to its owner by an all-to-all and combines the per-task partial sums for w by
-                 an all-reduce of R x M numbers;
+                 an all-reduce of G x R x M numbers (per-chunk partial sums added in global chunk order,
+                 G = P x M / 2^21 chunks: the same bits at every world size, pool/ordered.py);
   GatherMerger   what plain ZeRO-3 wrapping would do (all-gather every expert's logits per task, reduce-scatter
                  their gradients: M x P per task), kept only as the measured comparison (dist.pool=zero3 runs the
                  pool under a real DeepSpeed ZeRO-3 engine instead: smat_dist/pool/zero3.py, not a merger).
@@ -31,6 +32,7 @@ import torch
 
 from smat_dist.distributed.comm import Comm
 from smat_dist.pool import gates as hc
+from smat_dist.pool.ordered import ordered_sum
 from smat_dist.pool.shard import PoolShard
 from smat_dist.utils.device import fp32_math
 
@@ -205,8 +207,8 @@ class _ShardedMerge(torch.autograd.Function):
         R = comm.world
         G = comm.all_to_all(g.reshape(R, -1).contiguous())  # [R, n]: every task's gradient for my slice
         Gd = shard.reduce_rows(G * delta.unsqueeze(0))       # [R, rows]: summed over the entries a gate controls
-        Gz, Wz = merger.tz_zw(Gd, W)
-        g_W = comm.all_reduce(Gz)                            # [R, M], summed over slices
+        Gz, Wz = merger.tz_zw(Gd, W)                         # Gz [G, R, M]: per-chunk partial sums
+        g_W = ordered_sum(comm.all_reduce(Gz))               # [R, M], summed over chunks in global order
         g_w = g_W[comm.rank]
         merger.record(Gd.t() / R, W)                         # dL/dz = (Gd^T / R) @ W, applied at end_step
         g_delta = (G * shard.expand(Wz)).sum(0) / R if ctx.needs_input_grad[1] else None
@@ -222,6 +224,42 @@ class ShardedMerger(LocalMerger):
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         return _ShardedMerge.apply(w, self.shard.delta, self)
+
+    # The sharded merge's products with the masks give the same bits for a task whatever the world size
+    # (a resume on another one continues bit-exactly): each task's row on its own (a [R, M] x [M, n] product
+    # rounds a row differently with R) as elementwise products and torch sums (BLAS kernels round with the
+    # slice's length and alignment), and the sum over rows per global chunk (ordered.py).
+    def _mask_chunks(self):
+        """(a, b, z of rows [a, b)): the kept masks, or a lean pool's recomputed into a scratch buffer."""
+        passes = self.shard.passes
+        for a, b in passes.rows():
+            yield a, b, (self.z[a:b] if not self.lean else passes.gate_rows(a, b, passes.scratch(b - a)[3],
+                                                                            self._train))
+
+    @torch.no_grad()
+    def zw(self, W: torch.Tensor) -> torch.Tensor:
+        assert self._active, "begin_step() first"
+        out = W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
+        for a, b, zc in self._mask_chunks():
+            tmp = self.shard.passes.scratch(b - a)[2]
+            for r in range(W.shape[0]):
+                torch.sum(torch.mul(zc, W[r], out=tmp), 1, out=out[r, a:b])
+        self._release()
+        return out
+
+    @torch.no_grad()
+    def tz_zw(self, U: torch.Tensor, W: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(U @ z as per-chunk partials [G, K, M] at their global chunks, W @ z^T [K', rows])."""
+        passes = self.shard.passes
+        uz = passes.placed(U.shape[0], self.shard.experts, dtype=U.dtype)
+        wz = None if W is None else W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
+        for a, b, zc in self._mask_chunks():
+            tmp, g = passes.scratch(b - a)[2], passes.chunk_index(a)
+            for r in range(U.shape[0] if g < uz.shape[0] else 0):   # padding-only chunks: zero partials
+                torch.sum(torch.mul(zc, U[r, a:b].unsqueeze(1), out=tmp), 0, out=uz[g, r])
+            for r in range(0 if wz is None else W.shape[0]):
+                torch.sum(torch.mul(zc, W[r], out=tmp), 1, out=wz[r, a:b])
+        return uz, wz
 
     def end_step(self, penalty_coef: torch.Tensor | None = None) -> torch.Tensor | None:
         train = self._active and self._train

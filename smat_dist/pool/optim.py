@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from smat_dist.config.schema import MethodConfig
+from smat_dist.pool.ordered import ordered_sum
 
 
 def clip_scale(grad_norm: float | None, clip: float) -> float | None:
@@ -51,9 +52,10 @@ class PoolOptimizer:
                              for a in range(0, g.shape[0], 1 << 15))
                 else:  # a structured gate shared by several ranks counts once (on the lowest of them)
                     sq = (g.square().sum(1, dtype=torch.float64) * owned).sum()
-            sq = torch.as_tensor(sq, dtype=torch.float64, device=shard.log_alpha.device).reshape(1)
+            # per-chunk partials at their global chunks (ordered.py) or one number: added in global order
+            sq = torch.as_tensor(sq, dtype=torch.float64, device=shard.log_alpha.device).reshape(-1)
             sq = reduce(sq) if reduce is not None else sq
-            norm = float(sq.sqrt())
+            norm = float(ordered_sum(sq).sqrt())
             clip = self.cfg.sparsity.mask_clip
             if norm > clip:
                 # Plain SGD without momentum or decay: scaling the step is scaling the gradient, without a

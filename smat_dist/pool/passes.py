@@ -16,10 +16,17 @@ import torch
 
 from smat_dist.pool import gates as hc
 from smat_dist.pool.kernels import kernel
+from smat_dist.pool.ordered import ordered_sum
 
 # Elements per chunk of the fused pool passes (8 MB of float32): large enough to amortise the per-chunk
 # reductions and launches, small enough to bound the scratch buffers.
 CHUNK = 1 << 21
+
+
+def chunk_rows(experts: int) -> int:
+    """Rows per chunk of M experts' logits: a function of M alone, so the chunks sit at the same global rows
+    at every world size once each slice starts on a chunk boundary (build.py pads the flat space so)."""
+    return max(256, CHUNK // max(1, experts))
 
 
 class PoolPasses:
@@ -32,7 +39,24 @@ class PoolPasses:
         self.deferred = None                        # a lean pool's gradient, applied by step_deferred_
 
     def chunk_rows(self) -> int:
-        return max(256, CHUNK // max(1, self.shard.log_alpha.shape[1]))
+        return chunk_rows(self.shard.log_alpha.shape[1])
+
+    @property
+    def global_chunks(self) -> int:
+        """G: the chunks of the global pool that hold real rows (padding-only chunks have zero partials)."""
+        rows = self.shard.layout.total_groups if self.shard.structured else self.shard.numel
+        return -(-rows // self.chunk_rows())
+
+    def chunk_index(self, a: int) -> int:
+        """The global chunk index of the local chunk starting at row a (exact when the slice is aligned;
+        otherwise two ranks may add into one index, still the right sum, not the same bits)."""
+        base = 0 if self.shard.structured else self.shard.lo // self.chunk_rows()
+        return base + a // self.chunk_rows()
+
+    def placed(self, *shape, dtype=torch.float64) -> torch.Tensor:
+        """A zero [G, *shape] tensor for per-chunk partial sums (see ordered.py)."""
+        la = self.shard.log_alpha
+        return torch.zeros(self.global_chunks, *shape, dtype=dtype, device=la.device)
 
     def rows(self):
         n, step = self.shard.log_alpha.shape[0], self.chunk_rows()
@@ -77,15 +101,16 @@ class PoolPasses:
         if not store and eps > 0:
             raise ValueError("masks cannot be recomputed with the noisy gate (method.sparsity.noise_eps > 0)")
         z = None if not store else torch.empty_like(la) if out is None else out
-        stats = self._stats_acc() if with_stats else None
+        stats = self.placed(3, self.shard.experts) if with_stats else None
         fused = self.shard.cfg.compile and eps == 0 and clamp and stats is not None and self.shard.sizes is None
         for a, b in self.rows():
             x, lc = (z[a:b] if z is not None else self.scratch(b - a)[3]), la[a:b]
             if fused and b - a == self.chunk_rows() and b <= self.shard.n_valid:
                 sums = kernel("masks_stats")(x, lc, 1.0 / beta, self.shard.cfg.clamp,
                                               -hc.threshold(train=False, eval_beta=hc.eval_beta(self.shard.cfg)))
+                g = self.chunk_index(a)
                 for i in range(3):
-                    stats[i] += sums[i]
+                    stats[g, i] += sums[i]
                 continue
             if clamp:
                 lc.clamp_(-self.shard.cfg.clamp, self.shard.cfg.clamp)
@@ -94,8 +119,9 @@ class PoolPasses:
                 self._gate_tail_(x.logit_().add_(lc).mul_(1.0 / beta), a, b)
             else:
                 self.gate_rows(a, b, x, train)
-            if stats is not None:
-                self._stats_chunk(stats, x, a, b)
+            if stats is not None and a < self.shard.n_valid:
+                self._stats_chunk(stats[self.chunk_index(a)], x, a, b)
+        # [G * 3M]: per-chunk partials at their global chunks, summed in order after the all-reduce
         return (z, stats.reshape(-1)) if with_stats else z
 
     @torch.no_grad()
@@ -186,7 +212,7 @@ class PoolPasses:
             # after this pass, so the step holds two [rows, M] arrays (logits, masks-then-gradient), not three.
             grad = z
         w_c, c, coef = self._grad_pass(g_z, penalty_coef, train)
-        sq = torch.zeros((), dtype=torch.float64, device=la.device)
+        sq = self.placed()
         # the eager chain computes a fresh gradient in place of the masks (no copy); the fused kernels write f1
         in_place = fresh and not self.shard.cfg.compile
         for a, b in self.rows():
@@ -202,7 +228,8 @@ class PoolPasses:
                 if b > self.shard.n_valid:
                     gr[max(0, self.shard.n_valid - a):] = 0.0
             flat = gr.view(-1)
-            sq += torch.dot(flat, flat)   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
+            if a < self.shard.n_valid:   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
+                sq[self.chunk_index(a)] = torch.dot(flat, flat)
         la.grad = grad
         return None if self.shard.sizes is not None else sq
 
@@ -222,9 +249,10 @@ class PoolPasses:
     def defer_mask_grad_(self, g_z, penalty_coef: torch.Tensor | None) -> torch.Tensor:
         """Lean end of step: keep the factored gradient for `step_deferred_`; returns its squared norm."""
         self.deferred = (g_z, penalty_coef)
-        sq = torch.zeros((), dtype=torch.float64, device=self.shard.log_alpha.device)
-        for _, _, g in self._deferred_chunks():
-            sq += torch.dot(g.view(-1), g.view(-1))
+        sq = self.placed()
+        for a, _, g in self._deferred_chunks():
+            if a < self.shard.n_valid:
+                sq[self.chunk_index(a)] = torch.dot(g.view(-1), g.view(-1))
         return sq
 
     @torch.no_grad()
@@ -245,9 +273,6 @@ class PoolPasses:
         for a, b, g in self._deferred_chunks():
             self.shard.log_alpha[a:b].add_(g, alpha=-lr)
         self.deferred = None
-
-    def _stats_acc(self) -> torch.Tensor:
-        return torch.zeros(3, self.shard.experts, dtype=torch.float64, device=self.shard.log_alpha.device)
 
     def _stats_chunk(self, out: torch.Tensor, zc: torch.Tensor, a: int, b: int) -> None:
         b = min(b, self.shard.n_valid)
@@ -271,9 +296,9 @@ class PoolPasses:
     @torch.no_grad()
     def stats(self, z: torch.Tensor) -> torch.Tensor:
         """[3M] per-expert sums over this slice's real entries: exact zeros of z, P(z != 0), and eval-gate zeros."""
-        out = self._stats_acc()
+        out = self.placed(3, self.shard.experts)
         for a, b in self.rows():
             if a >= self.shard.n_valid:
                 break
-            self._stats_chunk(out, z[a:b], a, b)
-        return out.reshape(-1)
+            self._stats_chunk(out[self.chunk_index(a)], z[a:b], a, b)
+        return ordered_sum(out.view(out.shape[0], -1))

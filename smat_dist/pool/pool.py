@@ -6,7 +6,7 @@ the pool optimiser, and keeps the step's order in one place:
   begin_step(train)  the mask pattern's per-step hook, then the masks of this step (once per step, not per
                      task) and this slice's sparsity counts;
   merge(w)           one task's merged delta (local, sharded or gathered: the merger decides what moves);
-  end_step(...)      the sparsity terms (one all-reduce of 4M+1 numbers), the task and penalty gradients into
+  end_step(...)      the sparsity terms (one all-reduce of G x 3M + M + 1 numbers), the task and penalty gradients into
                      the logits (one fused pass), the multipliers' update and the optimiser step.
 
 State: `sharded_tensors` / `row_index` (this slice, what the checkpoint shards), `replicated_state` /
@@ -25,6 +25,7 @@ from smat_dist.config.schema import MethodConfig
 from smat_dist.pool.controller import LagrangeController
 from smat_dist.pool.merge import LocalMerger
 from smat_dist.pool.optim import PoolOptimizer, clip_scale
+from smat_dist.pool.ordered import ordered_sum
 from smat_dist.pool.shard import PoolShard
 from smat_dist.utils.device import fp32_math
 from smat_dist.utils.spans import span
@@ -109,7 +110,8 @@ class Pool:
 
     def sparsity_terms(self, w_sum: torch.Tensor, n_tasks: int, lr_factor: float, update: bool = True
                        ) -> tuple[dict[str, float], torch.Tensor]:
-        """The step's sparsity terms from the counts of begin_step; one all-reduce of 4M+1 numbers.
+        """The step's sparsity terms from the counts of begin_step; one all-reduce of G x 3M + M + 1 numbers
+        (the counts as per-chunk partials, pool/ordered.py).
 
         Returns the metrics and the per-expert coefficient of the penalty's gradient on the mask logits,
         coef_m = lambda_m * w_m / numel (dL_sp/dlog_alpha = coef_m * dP(z != 0)/dlog_alpha; w_m times M with
@@ -120,6 +122,10 @@ class Pool:
         M, numel = self.cfg.experts, self.numel
         stats = self.reduce(torch.cat([local, w_sum.double().to(local.device),
                                        torch.tensor([float(n_tasks)], dtype=torch.float64, device=local.device)]))
+        # the counts come as per-chunk partials at their global chunks (ordered.py): added in global order,
+        # the same bits at every world size
+        counts = ordered_sum(stats[:local.numel()].view(-1, 3 * M))
+        stats = torch.cat([counts, stats[local.numel():]])
         sparsity, density, eval_sparsity = stats[:M] / numel, stats[M:2 * M] / numel, stats[2 * M:3 * M] / numel
         w_mean = stats[3 * M:4 * M] / stats[4 * M].clamp_min(1)
         # the experts' weight in the controller's terms (method.sparsity.expert_weight); w_mean is logged as is

@@ -33,6 +33,9 @@ class _TaskMetrics:
         self.finite.append(torch.isfinite(res.loss.detach()).reshape(()))
         self.tasks.append((index, ep))
         for key, v in res.metrics.items():
+            # float64 (as w_sum in smat_step): a rank's few float32 terms add exactly, so the logged mean is the
+            # same bits whether one rank or the all-reduce across ranks adds them
+            v = v.detach().double() if torch.is_tensor(v) else v
             self.sums[key] = self.sums.get(key, 0.0) + v
 
     def check_finite(self, comm=None) -> None:
@@ -78,7 +81,9 @@ def smat_step(method: SMAT, pool: Pool, hyper: HyperOptimizer, episodes, first_i
     k = len(episodes)
     with span("masks"):
         pool.begin_step(train=True)
-    w_sum = torch.zeros(cfg.experts, device=pool.device)
+    # float64: the sum of a few float32 weights is exact, so it is the same whether this rank adds them or
+    # the all-reduce of the sparsity counts adds them across ranks (a resume on another world size)
+    w_sum = torch.zeros(cfg.experts, dtype=torch.float64, device=pool.device)
     acc = _TaskMetrics()
     for j, ep in enumerate(episodes):
         with autocast:
@@ -86,7 +91,7 @@ def smat_step(method: SMAT, pool: Pool, hyper: HyperOptimizer, episodes, first_i
         acc.add(res, ep, first_index + j)
         with span("outer_backward"):
             hyper.backward(res.loss, k)
-        w_sum += res.w.detach()
+        w_sum += res.w.detach().double()
     acc.check_finite(comm)
     out = acc.result(k)
     out.update(pool.end_step(w_sum, k, factor))
