@@ -125,6 +125,8 @@ def build(model_cfg: ModelConfig, cfg: MethodConfig, *, seed: int = 0, comm: Com
         fb = fb.to(device)
     parts = METHODS[cfg.name](fb, cfg, seed, comm, control or comm, merge)
     method, pool = parts.method, parts.pool
+    if getattr(pool, "shard", None) is not None and dist_cfg is not None and dist_cfg.aligned_slices:
+        pool.shard.passes.ordered = True     # the pool's row sums in global chunk order (pool/ordered.py)
     if device is not None:
         method = method.to(device)
         if pool is not None:

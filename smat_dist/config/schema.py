@@ -191,10 +191,12 @@ class DistConfig:
     # debugging: mark tensors made without device= and refuse them in device collectives, so a CPU run fails
     # where NCCL on a GPU would (smat_dist/utils/devcheck.py); slows every op a little
     check_devices: bool = False
-    # pad the flat space so every rank's pool slice starts on a pool chunk boundary (2^21 / M rows): the pool's
-    # sums over rows are then the same bits at every world size, so a 2 -> 1 resume continues bit-exactly (at
-    # equal launcher.threads; docs/design.md "Rehearsal at real size"). Costs up to world x 2^21 / M padding
-    # rows: negligible at real sizes, an uneven (even empty) last slice on toy backbones
+    # a resume on another world size continues bit-exactly (2 -> 1, at equal launcher.threads; docs/design.md
+    # "Rehearsal at real size"): the flat space padded so every rank's pool slice starts on a pool chunk
+    # boundary (2^21 / M rows), the pool's sums over rows kept per global chunk and added in global order, each
+    # task's merged mask formed on its own. Costs: up to world x 2^21 / M padding rows (an uneven, even empty,
+    # last slice on toy backbones); all-reduces of G = P x M / 2^21 partials instead of one sum (G x R x M per
+    # step for the merge weights' gradient: grows with M^2, so off by default); mask products ~4x a BLAS one
     aligned_slices: bool = False
 
 

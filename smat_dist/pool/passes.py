@@ -37,19 +37,29 @@ class PoolPasses:
         self.scratch_bufs = None
         self.kept: dict[str, torch.Tensor] = {}
         self.deferred = None                        # a lean pool's gradient, applied by step_deferred_
+        # dist.aligned_slices (set by build.py): the sums over rows kept as per-chunk partials at their global
+        # chunks and added in global order (ordered.py), the same bits at every world size; off: one partial
+        # per rank (G = 1), the plain all-reduce of the sums, whose traffic does not grow with P x M
+        self.ordered = False
 
     def chunk_rows(self) -> int:
         return chunk_rows(self.shard.log_alpha.shape[1])
 
     @property
     def global_chunks(self) -> int:
-        """G: the chunks of the global pool that hold real rows (padding-only chunks have zero partials)."""
+        """G: the chunks of the global pool that hold real rows (padding-only chunks have zero partials); 1
+        unless `ordered`."""
+        if not self.ordered:
+            return 1
         rows = self.shard.layout.total_groups if self.shard.structured else self.shard.numel
         return -(-rows // self.chunk_rows())
 
     def chunk_index(self, a: int) -> int:
         """The global chunk index of the local chunk starting at row a (exact when the slice is aligned;
-        otherwise two ranks may add into one index, still the right sum, not the same bits)."""
+        otherwise two ranks may add into one index, still the right sum, not the same bits); 0 unless
+        `ordered`."""
+        if not self.ordered:
+            return 0
         base = 0 if self.shard.structured else self.shard.lo // self.chunk_rows()
         return base + a // self.chunk_rows()
 
@@ -229,7 +239,7 @@ class PoolPasses:
                     gr[max(0, self.shard.n_valid - a):] = 0.0
             flat = gr.view(-1)
             if a < self.shard.n_valid:   # float32 within a chunk (sum(dtype=f64) is ~20x slower)
-                sq[self.chunk_index(a)] = torch.dot(flat, flat)
+                sq[self.chunk_index(a)] += torch.dot(flat, flat)
         la.grad = grad
         return None if self.shard.sizes is not None else sq
 
@@ -252,7 +262,7 @@ class PoolPasses:
         sq = self.placed()
         for a, _, g in self._deferred_chunks():
             if a < self.shard.n_valid:
-                sq[self.chunk_index(a)] = torch.dot(g.view(-1), g.view(-1))
+                sq[self.chunk_index(a)] += torch.dot(g.view(-1), g.view(-1))
         return sq
 
     @torch.no_grad()

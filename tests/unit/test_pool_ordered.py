@@ -21,8 +21,9 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(passes, "CHUNK", 256 * M)        # 256-row chunks: several per slice
 
 
-def _merger(lo, hi, numel, lean=False):
+def _merger(lo, hi, numel, lean=False, ordered=True):
     shard = PoolShard(lo, hi, numel, M, SparsityConfig(init_std=2.0, lean=lean), seed=1)
+    shard.passes.ordered = ordered                         # what build.py sets under dist.aligned_slices
     merger = ShardedMerger(shard, numel, Comm(local=True))
     merger.begin_step(train=True)
     return merger
@@ -51,3 +52,15 @@ def test_two_aligned_slices_sum_to_the_whole_pools_bits(small_chunks):
     assert parts.shape[0] == 8 and torch.equal(ordered_sum(parts), ref)
     stats = sum(m.stats for m, _ in placed)
     assert torch.equal(ordered_sum(stats.view(-1, 3 * M)), ordered_sum(whole.stats.view(-1, 3 * M)))
+
+
+def test_unordered_sums_stay_one_partial_per_rank(small_chunks):
+    """Without dist.aligned_slices the sums are one BLAS product over the slice: G = 1, so the all-reduce of w's
+    gradient is R x M numbers whatever P x M is (the ordered partials grow with M^2)."""
+    mg, og = _merger(0, 2048, 1800, ordered=False), _merger(0, 2048, 1800)
+    U, W = torch.randn(2, 2048, generator=torch.Generator().manual_seed(4)), torch.rand(2, M)
+    uz, wz = mg.tz_zw(U, W)
+    assert uz.shape == (1, 2, M) and og.tz_zw(U, W)[0].shape == (8, 2, M)
+    torch.testing.assert_close(uz[0], ordered_sum(og.tz_zw(U, W)[0]), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(wz, og.tz_zw(U, W)[1], rtol=1e-6, atol=1e-6)
+    assert mg.stats.shape == (3 * M,)
