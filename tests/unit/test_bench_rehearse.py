@@ -55,3 +55,18 @@ def test_pool_compared_row_for_row_across_world_sizes(tmp_path, monkeypatch):
     assert not diff["pool_bit_exact"]
     assert 0 < diff["pool_max_abs_diff"]["log_alpha"] < 1e-6 and diff["pool_max_abs_diff"]["delta"] == 0
     assert not diff["replicated_bit_exact"] and diff["replicated_close"]
+
+
+def test_disk_need_holds_every_checkpoint_and_the_exports_peak():
+    """The work folder keeps the 2-rank run's two checkpoints and the resumed run's one, then the export, whose
+    pool file (as large as a checkpoint after two steps: fractional masks are stored as values) is copied out of
+    a temporary file while it closes. The ViT-B/16 x 26 rehearsal ran out of disk in its export when the need
+    counted the export as pool_entries / 4 bytes."""
+    from smat_dist.bench.rehearse import HEADROOM, requirements
+
+    s2, s1, n = 4_855_000_000, 9_710_000_000, 2_227_829_760     # the ViT-B/16 x 26 point's shards and entries
+    need = requirements({"train_2ranks": 1, "resume_1rank": 1, "eval_2ranks": 1, "shard_bytes_2ranks": s2,
+                         "shard_bytes_1rank": s1, "pool_entries": n}, rank_base=0)
+    written = 2 * 2 * s2 + s1                                   # the three checkpoints, all kept
+    export_peak = 2 * s1                                        # the pool file and its temporary copy
+    assert need["disk_bytes"] >= (written + export_peak) * HEADROOM
