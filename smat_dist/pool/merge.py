@@ -119,6 +119,13 @@ class LocalMerger:
         if self.release and self._train and self._z is not None:
             self._z, self._released = None, True
 
+    def _mask_chunks(self):
+        """(a, b, z of rows [a, b)): the kept masks, or a lean pool's recomputed into a scratch buffer."""
+        passes = self.shard.passes
+        for a, b in passes.rows():
+            yield a, b, (self.z[a:b] if not self.lean else passes.gate_rows(a, b, passes.scratch(b - a)[3],
+                                                                            self._train))
+
     @torch.no_grad()
     def zw(self, W: torch.Tensor) -> torch.Tensor:
         """W @ z^T: [K, M] -> [K, rows] (each task's merged mask over the gate rows). In training with
@@ -128,10 +135,9 @@ class LocalMerger:
             out = W @ self.z.t()
             self._release()
             return out
-        shard = self.shard
-        out = W.new_empty(W.shape[0], shard.log_alpha.shape[0])
-        for a, b in shard.passes.rows():
-            out[:, a:b] = W @ shard.passes.gate_rows(a, b, shard.passes.scratch(b - a)[3], self._train).t()
+        out = W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
+        for a, b, zc in self._mask_chunks():
+            out[:, a:b] = W @ zc.t()
         return out
 
     @torch.no_grad()
@@ -142,11 +148,9 @@ class LocalMerger:
         if not self.lean:
             z = self.z
             return U @ z, None if W is None else W @ z.t()
-        shard = self.shard
-        uz = U.new_zeros(U.shape[0], shard.experts)
-        wz = None if W is None else W.new_empty(W.shape[0], shard.log_alpha.shape[0])
-        for a, b in shard.passes.rows():
-            zc = shard.passes.gate_rows(a, b, shard.passes.scratch(b - a)[3], self._train)
+        uz = U.new_zeros(U.shape[0], self.shard.experts)
+        wz = None if W is None else W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
+        for a, b, zc in self._mask_chunks():
             uz += U[:, a:b] @ zc
             if wz is not None:
                 wz[:, a:b] = W @ zc.t()
@@ -229,13 +233,6 @@ class ShardedMerger(LocalMerger):
     # (a resume on another one continues bit-exactly): each task's row on its own (a [R, M] x [M, n] product
     # rounds a row differently with R) as elementwise products and torch sums (BLAS kernels round with the
     # slice's length and alignment), and the sum over rows per global chunk (ordered.py).
-    def _mask_chunks(self):
-        """(a, b, z of rows [a, b)): the kept masks, or a lean pool's recomputed into a scratch buffer."""
-        passes = self.shard.passes
-        for a, b in passes.rows():
-            yield a, b, (self.z[a:b] if not self.lean else passes.gate_rows(a, b, passes.scratch(b - a)[3],
-                                                                            self._train))
-
     @torch.no_grad()
     def zw(self, W: torch.Tensor) -> torch.Tensor:
         assert self._active, "begin_step() first"
