@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--mmap-threshold", type=int, default=0,
                     help="bytes: glibc's mmap threshold, fixed in the processes measuring the CPU peaks "
                          "(launcher.malloc_mmap_threshold; 0 = glibc's default)")
+    st.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads for the timed rounds and the peak processes (default: torch's)")
 
     sc = sub.add_parser("scale", help="step time, memory and bytes as experts and ranks grow")
     sc.add_argument("--experts", type=_ints, default=[4, 16, 64, 256])
@@ -188,11 +190,13 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"step --mmap-threshold {args.mmap_threshold}: expected 0 (glibc's default) or bytes up "
                          f"to {MAX_THRESHOLD}")
 
+        if args.threads is not None and args.threads < 1:
+            return _fail(f"step --threads {args.threads}: expected at least 1")
         rows = step.run(args.model, args.image_size, ways=args.ways, shots=args.shots, queries=args.queries,
                         repeats=args.repeats, experts=args.experts, tasks_per_step=args.tasks_per_step,
                         precision=args.precision, device=args.device, patch_size=args.patch_size, emit=_emit,
                         teacher_top_fraction=args.teacher_top_fraction or None, compile=args.compile,
-                        mmap_threshold=args.mmap_threshold)
+                        mmap_threshold=args.mmap_threshold, threads=args.threads)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "scale":
         from smat_dist.bench import scale

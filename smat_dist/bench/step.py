@@ -172,12 +172,27 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
                 repeats: int = 3, experts: int = 8, tasks_per_step: int = 1, precision: str = "auto",
                 device: str | None = None, patch_size: int | None | str = "auto", kwargs: dict | None = None,
                 seed: int = 0, teacher_top_fraction: float | None = None, compile: bool = False,
-                mmap_threshold: int = 0) -> dict:
+                mmap_threshold: int = 0, threads: int | None = None) -> dict:
     """One JSON-able row: medians of interleaved SMAT / P>M>F / frozen timings, measured passes, breakdown.
 
     With `teacher_top_fraction`, a fourth contender, SMAT with the top teacher (method/teacher.py), is timed
     in the same interleaved rounds (`smat_top_*` keys); `compile` fuses the pool passes of both SMATs.
-    `mmap_threshold` (bytes, 0: glibc's default) is fixed in the processes that measure the CPU peaks."""
+    `mmap_threshold` (bytes, 0: glibc's default) is fixed in the processes that measure the CPU peaks.
+    `threads`: torch's intra-op threads for the timed rounds (None: as the process has them); the row says
+    which. One thread measures the step's work without the second core's contention (on a shared machine the
+    two-thread ratios move by several percent between runs)."""
+    prev_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        return _bench_model(name, image_size, ways, shots, queries, repeats, experts, tasks_per_step, precision,
+                            device, patch_size, kwargs, seed, teacher_top_fraction, compile, mmap_threshold)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _bench_model(name, image_size, ways, shots, queries, repeats, experts, tasks_per_step, precision, device,
+                 patch_size, kwargs, seed, teacher_top_fraction, compile, mmap_threshold) -> dict:
     dev = pick_device(device)
     mc = model_config(name, image_size, patch_size)
     if kwargs:
@@ -199,6 +214,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     amp = autocast_for(dev, precision)
     fb = smat.fb
     times = {"smat": [], "pmf": [], "frozen": [], "smat_top": []}
+    cpu = {key: [] for key in times}   # the process's CPU seconds in the same rounds
     timer = Timer(dev)
     passes = {}
 
@@ -231,10 +247,11 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         for r in range(1, repeats + 1):
             for key, fn in contenders[:2] + [("frozen", run_frozen)] + contenders[2:]:
                 sync(dev)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn(r)
                 sync(dev)
                 times[key].append((time.perf_counter() - t0) / tasks_per_step)
+                cpu[key].append((time.process_time() - c0) / tasks_per_step)
             with recording(timer):
                 run_smat(r)
     k = tasks_per_step
@@ -258,6 +275,11 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         # the pass-count floor: SMAT's time over P>M>F's, over their ratio of backbone work (1 = no excess)
         "smat_over_floor": (s / p) / (work["smat"] / work["pmf"]),
         "smat_s_all": times["smat"], "pmf_s_all": times["pmf"],
+        # The same ratio in process CPU time: time the process waited for a core (another job's) is not in it, so
+        # on a loaded machine it moves less than the wall ratio; with several threads it includes their
+        # spin-waits, so it is the one to read at --threads 1.
+        "smat_over_floor_cpu": (_median(cpu["smat"]) / _median(cpu["pmf"])) / (work["smat"] / work["pmf"]),
+        "smat_cpu_s_per_task": _median(cpu["smat"]), "pmf_cpu_s_per_task": _median(cpu["pmf"]),
     }
     if top is not None:
         st, pt = _median(times["smat_top"]), passes["smat_top"]
@@ -278,7 +300,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     else:
         # One process per contender: VmHWM is a process's high-water mark, so each peak is its own.
         peaks = {key: peak_rss(key, name, image_size, ways, shots, queries, experts, tasks_per_step, patch_size,
-                               kwargs, seed, mmap_threshold) for key in ("smat", "pmf")}
+                               kwargs, seed, mmap_threshold, torch.get_num_threads()) for key in ("smat", "pmf")}
         row["malloc_mmap_threshold"] = mmap_threshold
         row["peak_rss_over_base_bytes"] = peaks
         row["smat_peak_over_pmf"] = peaks["smat"] / peaks["pmf"]
@@ -295,11 +317,11 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
 
 
 def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, queries, experts, k, patch_size,
-               kwargs, seed, mmap_threshold) -> int:
+               kwargs, seed, mmap_threshold, threads) -> int:
     from smat_dist.utils.malloc import set_mmap_threshold
     from smat_dist.utils.memory import peak_rss_bytes, rss_bytes
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(threads)
     set_mmap_threshold(mmap_threshold, "smat-bench step --mmap-threshold")
     mc = model_config(name, image_size, patch_size)
     if kwargs:

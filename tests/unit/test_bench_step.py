@@ -67,8 +67,13 @@ def test_passes_are_counted_not_assumed():
 
 @pytest.mark.slow  # a whole interleaved bench (warm-up + 1 repeat x 4 runs)
 def test_bench_row_has_every_field():
+    before = torch.get_num_threads()
     row = bench_model("vit_tiny_patch16_224", 32, ways=3, shots=2, queries=2, repeats=1, experts=2, patch_size=8,
-                      kwargs={"depth": 2}, teacher_top_fraction=0.5)
+                      kwargs={"depth": 2}, teacher_top_fraction=0.5, threads=1)
+    # timed at the threads asked for, and the caller's setting given back
+    assert row["threads"] == 1 and torch.get_num_threads() == before
+    assert row["smat_over_floor_cpu"] == pytest.approx(
+        row["smat_cpu_s_per_task"] / row["pmf_cpu_s_per_task"] / (78 / 36))
     for key in ("smat_s_per_task", "pmf_s_per_task", "frozen_s_per_task", "smat_over_pmf"):
         assert row[key] > 0, key
     assert row["smat_passes"] == 7 and row["pmf_passes"] == 2
