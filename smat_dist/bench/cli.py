@@ -6,6 +6,8 @@
                    [--lean] [--compile]
   smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
                    [lean=true] [teacher_blockwise=true | teacher_top_fraction=F] [act_bytes=2] [tasks_per_rank=K]
+                   [support=50 query=100] [device=h100|h200|a100|cpu] [mfu=0.4] [peak_tflops=T] [mem_gbps=B]
+                   [link_gbps=L]
   smat-bench ckpt  [--ranks 4] [--reshard-to 3] [--pool-gb 1.0] [--experts 8]
   smat-bench data  [--data DIR]
   smat-bench export [--model NAME] [--depth D] [--experts 8] [--ranks 2] [--fractional 0.001]
@@ -16,7 +18,8 @@
 step: SMAT vs P>M>F vs frozen forward, interleaved, with measured backbone passes and a per-phase breakdown.
 scale: real sharded / gather-all / DeepSpeed ZeRO-3 SMAT steps on gloo ranks as M and ranks grow, then a summary
   line of ratios.
-plan: per-rank memory and bytes per step predicted without allocating (meta-device backbone).
+plan: per-rank memory and bytes per step predicted without allocating (meta-device backbone), and a planned time
+  per step: counted FLOPs and bytes over a device's stated rates (smat_dist.bench.plan_time; cpu: measured here).
 ckpt: checkpoint save (sync / async), resume, reshard and verification cost per rank against its own slice.
 data: episodes per second of the data pipeline (smat_dist.bench.data).
 export: smat-export seconds and bytes vs the checkpoint's; eval pool memory from the export vs the checkpoint.
@@ -101,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--compile", action="store_true",
                     help="fused torch.compile kernels for the pool passes (method.sparsity.compile)")
 
-    pl = sub.add_parser("plan", help="per-rank memory and bytes per step, without allocating")
+    pl = sub.add_parser("plan", help="per-rank memory, bytes and planned seconds per step, without allocating")
     pl.add_argument("kv", nargs="*", help="model=NAME experts=M ranks=R zero_stage=S image_size=PX images=N depth=D "
                                               "lean=BOOL teacher_blockwise=BOOL teacher_top_fraction=F act_bytes=B "
-                                              "tasks_per_rank=K")
+                                              "tasks_per_rank=K support=S query=Q device=NAME mfu=F "
+                                              "peak_tflops=T mem_gbps=B link_gbps=L")
 
     ck = sub.add_parser("ckpt", help="checkpoint save / resume / reshard / verify cost per rank vs its slice")
     ck.add_argument("--ranks", type=int, default=4)

@@ -27,13 +27,17 @@ and communication figures are exact (the tests compare them with real runs to th
             the host (`host_bytes`); on CPU the host is the device, so add `host_bytes` back there.
   teacher_top_fraction=f (method.teacher.top_fraction): the teacher's weights and gradient cover only its top
             blocks and the layers after them (`teacher_top_params`) instead of P.
+  time per step (plan_step_s and its parts): the meta forward's counted FLOPs and the figures above over a
+            device's stated rates, a plan and not a measurement (smat_dist/bench/plan_time.py).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from smat_dist.bench import plan_time
 from smat_dist.config.schema import HypernetConfig, ModelConfig
 
 F32 = 4
@@ -84,7 +88,8 @@ def backbone_shape(mc: ModelConfig) -> dict:
         block_sizes = []
     pe = getattr(model, "patch_embed", None)
     hw = tuple(pe.img_size) if pe is not None and getattr(pe, "img_size", None) else (mc.image_size, mc.image_size)
-    with torch.no_grad():
+    # the same forward counts its FLOPs (matmuls, convolutions, attention), for the planned time (plan_time.py)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
         feat = model(torch.empty(1, 3, *hw, device="meta"))
     for h in handles:
         h.remove()
@@ -96,7 +101,8 @@ def backbone_shape(mc: ModelConfig) -> dict:
         named = dict(model.named_parameters())
         after = sum(named[n].numel() for n in after_blocks(model))
     return {"params": int(params), "feature_dim": int(feat.shape[-1]), "act_elems_per_image": int(leaf_out[0]),
-            "input_hw": list(hw), "largest_block": int(max(block_sizes, default=0)), "block_sizes": block_sizes,
+            "input_hw": list(hw), "flops_per_image": int(fc.get_total_flops()),
+            "largest_block": int(max(block_sizes, default=0)), "block_sizes": block_sizes,
             "after_blocks_params": int(after), **saved,
             "nonblock_params": int(params - sum(block_sizes)) if block_sizes else int(params)}
 
@@ -199,15 +205,28 @@ def sent_bytes_per_task(params: int, experts: int, ranks: int, path: str, merge_
 
 
 def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, zero_stage: int = 0,
-         image_size: int = 84, patch_size: int | None | str = "auto", batch_images: int = 150,
+         image_size: int = 84, patch_size: int | None | str = "auto", batch_images: int | None = None,
          act_bytes: int = F32, merge_bytes: int = F32, tasks_per_rank: int = 1,
          kwargs: dict | None = None, teacher_blockwise: bool = False, lean: bool = False,
          teacher_top_fraction: float = 1.0, fs_gbps: float = 2.0, precision: str | None = None,
-         checkpoint_blocks: bool = False, release_masks: bool = True) -> dict:
-    """Per-rank memory (bytes) and bytes sent per step for one configuration; nothing is allocated.
+         checkpoint_blocks: bool = False, release_masks: bool = True, support: int | None = None,
+         query: int | None = None, device: str = "h100", mfu: float | None = None,
+         peak_tflops: float | None = None, mem_gbps: float | None = None, link_gbps: float | None = None) -> dict:
+    """Per-rank memory (bytes), bytes sent and planned seconds per step for one configuration; nothing is
+    allocated.
 
     precision: "fp32" or "bf16" (autocast) activations (default: bf16 when act_bytes=2); checkpoint_blocks:
-    model.checkpoint_blocks (only the blocks' inputs are kept; one block is rebuilt at a time)."""
+    model.checkpoint_blocks (only the blocks' inputs are kept; one block is rebuilt at a time).
+    support + query = batch_images (default 150 = 50 + 100, 10-way 5-shot 10-query; batch_images alone is
+    split 1:2 like it); device, mfu and the rates: plan_time.py (`cpu` measures this machine, ~1 s)."""
+    if support is None and query is None:
+        batch_images = 150 if batch_images is None else batch_images
+        support = batch_images // 3
+        query = batch_images - support
+    elif support is None or query is None or (batch_images is not None and batch_images != support + query):
+        raise ValueError(f"plan: give support and query together (and batch_images = their sum); got "
+                         f"support={support}, query={query}, batch_images={batch_images}")
+    batch_images = support + query
     precision = precision or ("bf16" if act_bytes == 2 else "fp32")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"plan: precision={precision!r}: expected fp32 or bf16")
@@ -321,6 +340,9 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
     fixed = out["replicated_bytes_per_step"] + out["control_bytes_per_step"]
     out["sent_bytes_per_step"] = {p: tasks_per_rank * v + fixed
                                   for p, v in out["sent_bytes_per_task"].items()}
+    dev = plan_time.device_for(device, mfu, peak_tflops, mem_gbps, link_gbps)
+    out.update(plan_time.plan_times(dev, shape["flops_per_image"], support, query, P, M, R,
+                                    out["sent_bytes_per_step"], tasks_per_rank, teacher_top_fraction, release_masks))
     return out
 
 
@@ -340,7 +362,7 @@ def parse_kv(args: list[str]) -> dict:
             continue
         if k not in known:
             raise ValueError(f"plan argument {k!r}: unknown key (keys: {', '.join(known)}, depth)")
-        if k in ("model",):
+        if k in ("model", "device"):
             out[k] = v
         elif k == "precision":
             out[k] = v
@@ -350,7 +372,7 @@ def parse_kv(args: list[str]) -> dict:
             out[k] = v.lower() in ("true", "1")
         elif k == "patch_size":
             out[k] = "auto" if v == "auto" else (None if v in ("none", "null") else int(v))
-        elif k in ("teacher_top_fraction", "fs_gbps"):
+        elif k in ("teacher_top_fraction", "fs_gbps", "mfu", "peak_tflops", "mem_gbps", "link_gbps"):
             out[k] = float(v)
         else:
             out[k] = int(v)
