@@ -55,15 +55,6 @@ PRESETS = {
 DEVICES = (*PRESETS, "cpu")
 
 
-def flops_per_image(model, hw) -> int:
-    """FLOPs of one image's forward through `model` (a meta-device module: nothing is computed)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(torch.empty(1, 3, *hw, device="meta"))
-    return int(fc.get_total_flops())
-
-
 def measure_cpu(seconds: float = 1.0, size: int = 1024, copy_mb: int = 256) -> Device:
     """This machine's rates at torch's current thread count: the median rate of fp32 GEMMs (size^3) and of
     a large tensor copy (bytes read + written). mfu 1: the plan uses the GEMM's own achieved rate."""

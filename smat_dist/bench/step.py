@@ -13,6 +13,7 @@ Episodes are synthetic random tensors (the point is backbone and merge cost, not
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -168,31 +169,35 @@ def _median(xs):
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+def _at_threads(fn):
+    """`fn(..., threads=N)`: run at N intra-op threads (None: as the process has them), the caller's setting
+    given back after."""
+    @functools.wraps(fn)
+    def wrapper(*args, threads: int | None = None, **kw):
+        prev = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(int(threads))
+        try:
+            return fn(*args, **kw)
+        finally:
+            torch.set_num_threads(prev)
+    return wrapper
+
+
+@_at_threads
 def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5, queries: int = 10,
                 repeats: int = 3, experts: int = 8, tasks_per_step: int = 1, precision: str = "auto",
                 device: str | None = None, patch_size: int | None | str = "auto", kwargs: dict | None = None,
                 seed: int = 0, teacher_top_fraction: float | None = None, compile: bool = False,
-                mmap_threshold: int = 0, threads: int | None = None) -> dict:
+                mmap_threshold: int = 0) -> dict:
     """One JSON-able row: medians of interleaved SMAT / P>M>F / frozen timings, measured passes, breakdown.
 
     With `teacher_top_fraction`, a fourth contender, SMAT with the top teacher (method/teacher.py), is timed
     in the same interleaved rounds (`smat_top_*` keys); `compile` fuses the pool passes of both SMATs.
     `mmap_threshold` (bytes, 0: glibc's default) is fixed in the processes that measure the CPU peaks.
-    `threads`: torch's intra-op threads for the timed rounds (None: as the process has them); the row says
+    `threads=N` (keyword): torch's intra-op threads for the timed rounds and the peak processes; the row says
     which. One thread measures the step's work without the second core's contention (on a shared machine the
     two-thread ratios move by several percent between runs)."""
-    prev_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    try:
-        return _bench_model(name, image_size, ways, shots, queries, repeats, experts, tasks_per_step, precision,
-                            device, patch_size, kwargs, seed, teacher_top_fraction, compile, mmap_threshold)
-    finally:
-        torch.set_num_threads(prev_threads)
-
-
-def _bench_model(name, image_size, ways, shots, queries, repeats, experts, tasks_per_step, precision, device,
-                 patch_size, kwargs, seed, teacher_top_fraction, compile, mmap_threshold) -> dict:
     dev = pick_device(device)
     mc = model_config(name, image_size, patch_size)
     if kwargs:
