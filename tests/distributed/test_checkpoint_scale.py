@@ -16,7 +16,7 @@ import torch
 
 from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import report_c10d_threads_at_exit, tiny_config, train_rank
+from tests.distributed.helpers import c10d_threads_left, report_c10d_threads_at_exit, tiny_config, train_rank
 
 pytestmark = pytest.mark.dist
 STEP = 12          # tasks per step: divisible by 4, 3, 2 and 1 ranks, so every world size runs the same steps
@@ -107,7 +107,8 @@ def test_flipped_byte_is_named_by_the_rank_that_reads_it(data_dir, tmp_path):
     assert not (tmp_path / "b" / "checkpoints").exists() or not list((tmp_path / "b" / "checkpoints").glob("step-*"))
     # the refused resume tore its process groups down: no gloo (or TCPStore) thread was left to race interpreter
     # exit (which aborted a rank now and then: `terminate called without an active exception`)
-    assert [json.loads((tmp_path / f"threads-rank{r}.json").read_text()) for r in range(2)] == [[], []]
+    left, reports = c10d_threads_left([tmp_path / f"threads-rank{r}.json" for r in range(2)])
+    assert left == [[], []], reports
 
 
 _KILL_SCRIPT = r"""

@@ -4,12 +4,11 @@ without an active exception`) after a run that had finished cleanly. The refused
 covered by test_checkpoint_scale.test_flipped_byte_is_named_by_the_rank_that_reads_it."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.distributed.helpers import report_c10d_threads_at_exit
+from tests.distributed.helpers import c10d_threads_left, report_c10d_threads_at_exit
 
 pytestmark = pytest.mark.dist
 
@@ -39,4 +38,5 @@ def test_local_ranks_leave_no_c10d_thread_to_interpreter_exit(tmp_path):
     cfg = Config()
     out = launch_local(cfg, str(tmp_path), rank_fn=engine_rank, nproc=2)
     assert [r["ranks"] for r in out["ranks"]] == [[0, 1], [0, 1]] and out["engine_world"] == 2
-    assert [json.loads((tmp_path / f"threads-rank{r}.json").read_text()) for r in range(2)] == [[], []]
+    left, reports = c10d_threads_left([tmp_path / f"threads-rank{r}.json" for r in range(2)])
+    assert left == [[], []], reports
