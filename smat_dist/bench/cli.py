@@ -1,7 +1,7 @@
 """smat-bench: benchmarks that print one JSON object per line per result.
 
   smat-bench step  [--model NAME ...] [--image-size PX] [--ways 10 --shots 5 --queries 10] [--repeats N]
-                   [--teacher-top-fraction F] [--compile]
+                   [--teacher-top-fraction F] [--compile] [--keep-masks] [--threads N]
   smat-bench scale [--experts 4,16,64,256] [--ranks 1,2] [--paths sharded,gather,zero3] [--model NAME] [--depth auto]
                    [--lean] [--compile]
   smat-bench plan  model=vit_giant_patch14_224 experts=256 ranks=64 zero_stage=2 [image_size=224 images=150]
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time SMAT with the top teacher (method.teacher.top_fraction) in the same rounds; "
                          "0 = not")
     st.add_argument("--compile", action="store_true", help="fused pool kernels (method.sparsity.compile) for SMAT")
+    st.add_argument("--keep-masks", action="store_true",
+                    help="keep the masks from merge to backward (method.sparsity.release_masks=false): one mask "
+                         "pass per task less, one [P, M] array more at the peak")
     st.add_argument("--mmap-threshold", type=int, default=0,
                     help="bytes: glibc's mmap threshold, fixed in the processes measuring the CPU peaks "
                          "(launcher.malloc_mmap_threshold; 0 = glibc's default)")
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats, experts=args.experts, tasks_per_step=args.tasks_per_step,
                         precision=args.precision, device=args.device, patch_size=args.patch_size, emit=_emit,
                         teacher_top_fraction=args.teacher_top_fraction or None, compile=args.compile,
-                        mmap_threshold=args.mmap_threshold, threads=args.threads)
+                        mmap_threshold=args.mmap_threshold, threads=args.threads, keep_masks=args.keep_masks)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "scale":
         from smat_dist.bench import scale

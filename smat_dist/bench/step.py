@@ -189,11 +189,14 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
                 repeats: int = 3, experts: int = 8, tasks_per_step: int = 1, precision: str = "auto",
                 device: str | None = None, patch_size: int | None | str = "auto", kwargs: dict | None = None,
                 seed: int = 0, teacher_top_fraction: float | None = None, compile: bool = False,
-                mmap_threshold: int = 0) -> dict:
+                mmap_threshold: int = 0, keep_masks: bool = False) -> dict:
     """One JSON-able row: medians of interleaved SMAT / P>M>F / frozen timings, measured passes, breakdown.
 
     With `teacher_top_fraction`, a fourth contender, SMAT with the top teacher (method/teacher.py), is timed
-    in the same interleaved rounds (`smat_top_*` keys); `compile` fuses the pool passes of both SMATs.
+    in the same interleaved rounds (`smat_top_*` keys); `compile` fuses the pool passes of both SMATs, and
+    `keep_masks` keeps each step's masks alive from the merge to the backward (method.sparsity.release_masks
+    false: one mask pass per task less, one [P, M] array more at the peak), in the timed rounds, the peak
+    process and the plan alike.
     `mmap_threshold` (bytes, 0: glibc's default) is fixed in the processes that measure the CPU peaks.
     `threads=N` (keyword): torch's intra-op threads for the timed rounds and the peak processes; the row says
     which. One thread measures the step's work without the second core's contention (on a shared machine the
@@ -207,6 +210,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         cfg = MethodConfig(name="smat", experts=experts)
         cfg.teacher.top_fraction = top
         cfg.sparsity.compile = compile
+        cfg.sparsity.release_masks = not keep_masks
         return cfg
 
     smat = to_device(build_local(mc, smat_cfg(), seed), dev)
@@ -296,6 +300,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
                     "smat_top_over_floor": (st / p) / (work["smat_top"] / work["pmf"]),
                     "smat_top_s_all": times["smat_top"]})
     row["compile"] = compile
+    row["release_masks"] = not keep_masks
     total = sum(timer.s.values())
     row["breakdown_s_per_task"] = {key: v / (repeats * k) for key, v in timer.s.items()}
     row["breakdown_share"] = {key: v / total for key, v in timer.s.items()}
@@ -304,8 +309,10 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(dev))
     else:
         # One process per contender: VmHWM is a process's high-water mark, so each peak is its own.
+        sparsity = {"compile": compile, "release_masks": not keep_masks}
         peaks = {key: peak_rss(key, name, image_size, ways, shots, queries, experts, tasks_per_step, patch_size,
-                               kwargs, seed, mmap_threshold, torch.get_num_threads()) for key in ("smat", "pmf")}
+                               kwargs, seed, mmap_threshold, torch.get_num_threads(), sparsity)
+                 for key in ("smat", "pmf")}
         row["malloc_mmap_threshold"] = mmap_threshold
         row["peak_rss_over_base_bytes"] = peaks
         row["smat_peak_over_pmf"] = peaks["smat"] / peaks["pmf"]
@@ -314,7 +321,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
 
         planned = plan(model=name, experts=experts, ranks=1, image_size=image_size, patch_size=patch_size,
                        batch_images=ways * (shots + queries), tasks_per_rank=tasks_per_step, kwargs=kwargs,
-                       precision=row["precision"])["peak_bytes"]
+                       precision=row["precision"], release_masks=not keep_masks)["peak_bytes"]
         row["plan_peak_bytes"] = {"smat": planned["sharded"], "pmf": planned["pmf"]}
         row["plan_peak_over_measured_smat"] = planned["sharded"] / peaks["smat"]
         row["plan_peak_over_measured_pmf"] = planned["pmf"] / peaks["pmf"]
@@ -322,7 +329,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
 
 
 def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, queries, experts, k, patch_size,
-               kwargs, seed, mmap_threshold, threads) -> int:
+               kwargs, seed, mmap_threshold, threads, sparsity: dict) -> int:
     from smat_dist.utils.malloc import set_mmap_threshold
     from smat_dist.utils.memory import peak_rss_bytes, rss_bytes
 
@@ -334,6 +341,8 @@ def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, q
     eps = [synthetic_episode(ways, shots, queries, image_size, seed, i) for i in range(k)]
     base = rss_bytes()
     cfg = MethodConfig(name=key, experts=experts)
+    for attr, value in sparsity.items():   # the timed rounds' pool settings (compile, release_masks)
+        setattr(cfg.sparsity, attr, value)
     s = build_local(mc, cfg, seed)
     for i in range(2):
         if key == "smat":

@@ -92,3 +92,26 @@ def test_bench_row_has_every_field():
         assert row[f"plan_peak_over_measured_{key}"] == pytest.approx(row["plan_peak_bytes"][key] / peaks[key])
     assert row["smat_over_floor"] == pytest.approx(row["smat_over_pmf"] / (78 / 36))
     assert row["smat_top_over_floor"] == pytest.approx(row["smat_top_over_pmf"] / (69 / 36))
+
+
+def test_peak_process_measures_the_timed_pool_settings(monkeypatch):
+    """The peak of `--keep-masks` / `--compile` is the peak of that pool: the peak process builds SMAT with the
+    timed rounds' sparsity settings (it once built the default pool whatever was timed)."""
+    import smat_dist.bench.step as step
+
+    built = []
+
+    def spy(mc, cfg, seed, **kw):
+        built.append((cfg.name, cfg.sparsity.release_masks, cfg.sparsity.compile))
+        return build_local(mc, cfg, seed, **kw)
+
+    monkeypatch.setattr(step, "build_local", spy)
+    threads = torch.get_num_threads()
+    try:
+        for key, release in (("smat", False), ("smat", True)):
+            peak = step._peak_rank(0, 1, key, "vit_tiny_patch16_224", 32, 3, 2, 2, 2, 1, 8, {"depth": 2}, 0, 0, 1,
+                                   {"release_masks": release, "compile": False})
+            assert peak >= 0
+    finally:
+        torch.set_num_threads(threads)
+    assert built == [("smat", False, False), ("smat", True, False)]
