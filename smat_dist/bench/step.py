@@ -205,12 +205,13 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     mc = model_config(name, image_size, patch_size)
     if kwargs:
         mc.kwargs = {**mc.kwargs, **kwargs}
+    # the pool's settings, one dict for the timed SMATs and the peak process
+    sparsity = {"compile": compile, "release_masks": not keep_masks}
 
     def smat_cfg(top: float = 1.0) -> MethodConfig:
         cfg = MethodConfig(name="smat", experts=experts)
         cfg.teacher.top_fraction = top
-        cfg.sparsity.compile = compile
-        cfg.sparsity.release_masks = not keep_masks
+        _set_sparsity(cfg, sparsity)
         return cfg
 
     smat = to_device(build_local(mc, smat_cfg(), seed), dev)
@@ -299,8 +300,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
                     "smat_top_work_ratio_fwd_images": work["smat_top"] / work["pmf"],
                     "smat_top_over_floor": (st / p) / (work["smat_top"] / work["pmf"]),
                     "smat_top_s_all": times["smat_top"]})
-    row["compile"] = compile
-    row["release_masks"] = not keep_masks
+    row.update(sparsity)
     total = sum(timer.s.values())
     row["breakdown_s_per_task"] = {key: v / (repeats * k) for key, v in timer.s.items()}
     row["breakdown_share"] = {key: v / total for key, v in timer.s.items()}
@@ -309,7 +309,6 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         row["peak_mem_bytes"] = int(torch.cuda.max_memory_allocated(dev))
     else:
         # One process per contender: VmHWM is a process's high-water mark, so each peak is its own.
-        sparsity = {"compile": compile, "release_masks": not keep_masks}
         peaks = {key: peak_rss(key, name, image_size, ways, shots, queries, experts, tasks_per_step, patch_size,
                                kwargs, seed, mmap_threshold, torch.get_num_threads(), sparsity)
                  for key in ("smat", "pmf")}
@@ -328,6 +327,11 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     return row
 
 
+def _set_sparsity(cfg: MethodConfig, sparsity: dict) -> None:
+    for attr, value in sparsity.items():
+        setattr(cfg.sparsity, attr, value)
+
+
 def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, queries, experts, k, patch_size,
                kwargs, seed, mmap_threshold, threads, sparsity: dict) -> int:
     from smat_dist.utils.malloc import set_mmap_threshold
@@ -341,8 +345,7 @@ def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, q
     eps = [synthetic_episode(ways, shots, queries, image_size, seed, i) for i in range(k)]
     base = rss_bytes()
     cfg = MethodConfig(name=key, experts=experts)
-    for attr, value in sparsity.items():   # the timed rounds' pool settings (compile, release_masks)
-        setattr(cfg.sparsity, attr, value)
+    _set_sparsity(cfg, sparsity)    # the timed rounds' pool settings
     s = build_local(mc, cfg, seed)
     for i in range(2):
         if key == "smat":
