@@ -81,8 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep the masks from merge to backward (method.sparsity.release_masks=false): one mask "
                          "pass per task less, one [P, M] array more at the peak")
     st.add_argument("--mmap-threshold", type=int, default=0,
-                    help="bytes: glibc's mmap threshold, fixed in the processes measuring the CPU peaks "
-                         "(launcher.malloc_mmap_threshold; 0 = glibc's default)")
+                    help="bytes: glibc's mmap threshold, fixed in this process (the timed rounds) and in the "
+                         "processes measuring the CPU peaks (launcher.malloc_mmap_threshold; 0 = glibc's default)")
+    st.add_argument("--trim-threshold", type=int, default=0,
+                    help="bytes: glibc's trim threshold, fixed as --mmap-threshold (0 = glibc's default); "
+                         "1073741824 with --mmap-threshold 33554432 keeps freed memory for the next step, as a GPU's "
+                         "caching allocator does (the rows' *_minflt_per_task then fall to ~0)")
     st.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for the timed rounds and the peak processes (default: torch's)")
 
@@ -191,11 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "step":
         from smat_dist.bench import step
-        from smat_dist.utils.malloc import MAX_THRESHOLD
+        from smat_dist.utils.malloc import MAX_THRESHOLD, MAX_TRIM, set_mmap_threshold, set_trim_threshold
 
         if not 0 <= args.mmap_threshold <= MAX_THRESHOLD:
             return _fail(f"step --mmap-threshold {args.mmap_threshold}: expected 0 (glibc's default) or bytes up "
                          f"to {MAX_THRESHOLD}")
+        if not 0 <= args.trim_threshold <= MAX_TRIM:
+            return _fail(f"step --trim-threshold {args.trim_threshold}: expected 0 (glibc's default) or bytes up "
+                         f"to {MAX_TRIM}")
+        # the timed rounds run in this process: the same allocator as the peak processes
+        set_mmap_threshold(args.mmap_threshold, "smat-bench step --mmap-threshold")
+        set_trim_threshold(args.trim_threshold, "smat-bench step --trim-threshold")
 
         if args.threads is not None and args.threads < 1:
             return _fail(f"step --threads {args.threads}: expected at least 1")
@@ -203,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats, experts=args.experts, tasks_per_step=args.tasks_per_step,
                         precision=args.precision, device=args.device, patch_size=args.patch_size, emit=_emit,
                         teacher_top_fraction=args.teacher_top_fraction or None, compile=args.compile,
-                        mmap_threshold=args.mmap_threshold, threads=args.threads, keep_masks=args.keep_masks)
+                        mmap_threshold=args.mmap_threshold, trim_threshold=args.trim_threshold, threads=args.threads,
+                        keep_masks=args.keep_masks)
         return 1 if any("error" in r for r in rows) else 0
     if args.cmd == "scale":
         from smat_dist.bench import scale

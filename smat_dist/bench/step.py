@@ -189,7 +189,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
                 repeats: int = 3, experts: int = 8, tasks_per_step: int = 1, precision: str = "auto",
                 device: str | None = None, patch_size: int | None | str = "auto", kwargs: dict | None = None,
                 seed: int = 0, teacher_top_fraction: float | None = None, compile: bool = False,
-                mmap_threshold: int = 0, keep_masks: bool = False) -> dict:
+                mmap_threshold: int = 0, keep_masks: bool = False, trim_threshold: int = 0) -> dict:
     """One JSON-able row: medians of interleaved SMAT / P>M>F / frozen timings, measured passes, breakdown.
 
     With `teacher_top_fraction`, a fourth contender, SMAT with the top teacher (method/teacher.py), is timed
@@ -197,7 +197,11 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     `keep_masks` keeps each step's masks alive from the merge to the backward (method.sparsity.release_masks
     false: one mask pass per task less, one [P, M] array more at the peak), in the timed rounds, the peak
     process and the plan alike.
-    `mmap_threshold` (bytes, 0: glibc's default) is fixed in the processes that measure the CPU peaks.
+    `mmap_threshold` / `trim_threshold` (bytes, 0: glibc's default) are fixed in the processes that measure the
+    CPU peaks; the timed rounds run in the caller's process, where the CLI fixes the same two first (a process's
+    glibc settings cannot be put back, so this function does not touch them). The row counts the minor page faults
+    per task of each contender in the timed rounds (`*_minflt_per_task`): the CPU allocator's cost, which a GPU's
+    caching allocator does not pay.
     `threads=N` (keyword): torch's intra-op threads for the timed rounds and the peak processes; the row says
     which. One thread measures the step's work without the second core's contention (on a shared machine the
     two-thread ratios move by several percent between runs)."""
@@ -225,6 +229,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     fb = smat.fb
     times = {"smat": [], "pmf": [], "frozen": [], "smat_top": []}
     cpu = {key: [] for key in times}   # the process's CPU seconds in the same rounds
+    faults = {key: [] for key in times}   # its minor page faults in the same rounds
     timer = Timer(dev)
     passes = {}
 
@@ -257,11 +262,12 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         for r in range(1, repeats + 1):
             for key, fn in contenders[:2] + [("frozen", run_frozen)] + contenders[2:]:
                 sync(dev)
-                t0, c0 = time.perf_counter(), time.process_time()
+                t0, c0, f0 = time.perf_counter(), time.process_time(), _minor_faults()
                 fn(r)
                 sync(dev)
                 times[key].append((time.perf_counter() - t0) / tasks_per_step)
                 cpu[key].append((time.process_time() - c0) / tasks_per_step)
+                faults[key].append((_minor_faults() - f0) / tasks_per_step)
             with recording(timer):
                 run_smat(r)
     k = tasks_per_step
@@ -290,6 +296,7 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
         # spin-waits, so it is the one to read at --threads 1.
         "smat_over_floor_cpu": (_median(cpu["smat"]) / _median(cpu["pmf"])) / (work["smat"] / work["pmf"]),
         "smat_cpu_s_per_task": _median(cpu["smat"]), "pmf_cpu_s_per_task": _median(cpu["pmf"]),
+        "smat_minflt_per_task": _median(faults["smat"]), "pmf_minflt_per_task": _median(faults["pmf"]),
     }
     if top is not None:
         st, pt = _median(times["smat_top"]), passes["smat_top"]
@@ -310,9 +317,10 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     else:
         # One process per contender: VmHWM is a process's high-water mark, so each peak is its own.
         peaks = {key: peak_rss(key, name, image_size, ways, shots, queries, experts, tasks_per_step, patch_size,
-                               kwargs, seed, mmap_threshold, torch.get_num_threads(), sparsity)
+                               kwargs, seed, (mmap_threshold, trim_threshold), torch.get_num_threads(), sparsity)
                  for key in ("smat", "pmf")}
         row["malloc_mmap_threshold"] = mmap_threshold
+        row["malloc_trim_threshold"] = trim_threshold
         row["peak_rss_over_base_bytes"] = peaks
         row["smat_peak_over_pmf"] = peaks["smat"] / peaks["pmf"]
         # the planner's figure for the same point (one task's episode alive at a time), per contender
@@ -327,18 +335,28 @@ def bench_model(name: str, image_size: int = 84, ways: int = 10, shots: int = 5,
     return row
 
 
+def _minor_faults() -> int:
+    """The process's minor page faults so far (0 where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:   # not POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _set_sparsity(cfg: MethodConfig, sparsity: dict) -> None:
     for attr, value in sparsity.items():
         setattr(cfg.sparsity, attr, value)
 
 
 def _peak_rank(rank: int, world: int, key: str, name, image_size, ways, shots, queries, experts, k, patch_size,
-               kwargs, seed, mmap_threshold, threads, sparsity: dict) -> int:
-    from smat_dist.utils.malloc import set_mmap_threshold
+               kwargs, seed, malloc: tuple[int, int], threads, sparsity: dict) -> int:
+    from smat_dist.utils.malloc import set_mmap_threshold, set_trim_threshold
     from smat_dist.utils.memory import peak_rss_bytes, rss_bytes
 
     torch.set_num_threads(threads)
-    set_mmap_threshold(mmap_threshold, "smat-bench step --mmap-threshold")
+    set_mmap_threshold(malloc[0], "smat-bench step --mmap-threshold")
+    set_trim_threshold(malloc[1], "smat-bench step --trim-threshold")
     mc = model_config(name, image_size, patch_size)
     if kwargs:
         mc.kwargs = {**mc.kwargs, **kwargs}

@@ -92,6 +92,9 @@ def test_bench_row_has_every_field():
         assert row[f"plan_peak_over_measured_{key}"] == pytest.approx(row["plan_peak_bytes"][key] / peaks[key])
     assert row["smat_over_floor"] == pytest.approx(row["smat_over_pmf"] / (78 / 36))
     assert row["smat_top_over_floor"] == pytest.approx(row["smat_top_over_pmf"] / (69 / 36))
+    # the CPU allocator's cost per task, and the glibc settings the peaks ran under (the caller's process: default)
+    assert row["smat_minflt_per_task"] >= 0 and row["pmf_minflt_per_task"] >= 0
+    assert row["malloc_mmap_threshold"] == 0 and row["malloc_trim_threshold"] == 0
 
 
 def test_peak_process_measures_the_timed_pool_settings(monkeypatch):
@@ -109,9 +112,20 @@ def test_peak_process_measures_the_timed_pool_settings(monkeypatch):
     threads = torch.get_num_threads()
     try:
         for key, release in (("smat", False), ("smat", True)):
-            peak = step._peak_rank(0, 1, key, "vit_tiny_patch16_224", 32, 3, 2, 2, 2, 1, 8, {"depth": 2}, 0, 0, 1,
+            peak = step._peak_rank(0, 1, key, "vit_tiny_patch16_224", 32, 3, 2, 2, 2, 1, 8, {"depth": 2}, 0, (0, 0), 1,
                                    {"release_masks": release, "compile": False})
             assert peak >= 0
     finally:
         torch.set_num_threads(threads)
     assert built == [("smat", False, False), ("smat", True, False)]
+
+
+def test_cli_refuses_malloc_thresholds_out_of_range(capsys):
+    from smat_dist.bench.cli import main
+    from smat_dist.utils.malloc import MAX_THRESHOLD, MAX_TRIM
+
+    # refused before anything is built or any glibc setting of this process is changed
+    assert main(["step", "--trim-threshold", str(MAX_TRIM + 1)]) == 2
+    assert f"step --trim-threshold {MAX_TRIM + 1}" in capsys.readouterr().err
+    assert main(["step", "--mmap-threshold", str(MAX_THRESHOLD + 1)]) == 2
+    assert f"step --mmap-threshold {MAX_THRESHOLD + 1}" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """launcher.malloc_mmap_threshold: a fixed glibc mmap threshold returns a freed large tensor to the system (the
-resident peak is what is alive), where glibc's dynamic threshold keeps it in the heap; bad values are refused."""
+resident peak is what is alive), where glibc's dynamic threshold keeps it in the heap; bad values of it
+and of the trim threshold (smat-bench step --trim-threshold) are refused."""
 from __future__ import annotations
 
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 from smat_dist.config.hydra import ConfigError, compose
-from smat_dist.utils.malloc import MAX_THRESHOLD, set_mmap_threshold
+from smat_dist.utils.malloc import MAX_THRESHOLD, MAX_TRIM, set_mmap_threshold, set_trim_threshold
 from tests.unit.test_config import SRC
 
 # In a fresh process: a 24 MB tensor freed raises glibc's dynamic threshold to 24 MB, so a 4 MB tensor then comes
@@ -54,3 +55,9 @@ def test_rank_processes_apply_and_log_the_threshold():
             "print(apply_rank_math(LauncherConfig(malloc_mmap_threshold=131072), 1))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "malloc mmap threshold 131072 B" in out
+
+
+def test_bad_trim_thresholds_are_refused_naming_the_flag():
+    assert set_trim_threshold(0) is False
+    with pytest.raises(ValueError, match="smat-bench step --trim-threshold"):
+        set_trim_threshold(MAX_TRIM + 1)
