@@ -32,33 +32,26 @@ MAX_THRESHOLD = 32 * 1024 * 1024   # glibc's ceiling on 64-bit (DEFAULT_MMAP_THR
 MAX_TRIM = 1 << 40                 # any size_t is valid; beyond a TB is a typo
 
 
-def _mallopt():
+def _set(param: int, nbytes: int, limit: int, what: str) -> bool:
+    """mallopt(param, nbytes) when nbytes > 0; whether it was set (False for 0, or where the C library is not
+    glibc: no mallopt). Out of range is a ValueError naming `what`."""
+    if nbytes == 0:
+        return False
+    if not 0 < nbytes <= limit:
+        raise ValueError(f"{what}={nbytes}: expected 0 (glibc's default) or a size in bytes up to {limit}")
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return getattr(libc, "mallopt", None)
+    mallopt = getattr(libc, "mallopt", None)
+    return False if mallopt is None else bool(mallopt(param, int(nbytes)))
 
 
 def set_mmap_threshold(nbytes: int, what: str = "launcher.malloc_mmap_threshold") -> bool:
     """Fix glibc's mmap threshold at `nbytes` (0: leave glibc's dynamic default). Returns whether it was set;
     False where the C library is not glibc (no mallopt). Out of range is a ValueError naming `what`."""
-    if nbytes == 0:
-        return False
-    if not 0 < nbytes <= MAX_THRESHOLD:
-        raise ValueError(f"{what}={nbytes}: expected 0 (glibc's default) or a size in bytes up to {MAX_THRESHOLD}")
-    mallopt = _mallopt()
-    if mallopt is None:
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    return _set(M_MMAP_THRESHOLD, nbytes, MAX_THRESHOLD, what)
 
 
 def set_trim_threshold(nbytes: int, what: str = "smat-bench step --trim-threshold") -> bool:
     """Fix glibc's trim threshold at `nbytes` (0: leave glibc's dynamic default): free memory at the top of the
     heap is kept up to that size instead of given back to the system. Returns whether it was set (False where
     there is no glibc mallopt); out of range is a ValueError naming `what`."""
-    if nbytes == 0:
-        return False
-    if not 0 < nbytes <= MAX_TRIM:
-        raise ValueError(f"{what}={nbytes}: expected 0 (glibc's default) or a size in bytes up to {MAX_TRIM}")
-    mallopt = _mallopt()
-    if mallopt is None:
-        return False
-    return bool(mallopt(M_TRIM_THRESHOLD, int(nbytes)))
+    return _set(M_TRIM_THRESHOLD, nbytes, MAX_TRIM, what)
