@@ -195,17 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "step":
         from smat_dist.bench import step
-        from smat_dist.utils.malloc import MAX_THRESHOLD, MAX_TRIM, set_mmap_threshold, set_trim_threshold
+        from smat_dist.utils.malloc import set_mmap_threshold, set_trim_threshold
 
-        if not 0 <= args.mmap_threshold <= MAX_THRESHOLD:
-            return _fail(f"step --mmap-threshold {args.mmap_threshold}: expected 0 (glibc's default) or bytes up "
-                         f"to {MAX_THRESHOLD}")
-        if not 0 <= args.trim_threshold <= MAX_TRIM:
-            return _fail(f"step --trim-threshold {args.trim_threshold}: expected 0 (glibc's default) or bytes up "
-                         f"to {MAX_TRIM}")
-        # the timed rounds run in this process: the same allocator as the peak processes
-        set_mmap_threshold(args.mmap_threshold, "smat-bench step --mmap-threshold")
-        set_trim_threshold(args.trim_threshold, "smat-bench step --trim-threshold")
+        # the timed rounds run in this process: the same allocator as the peak processes (the setters refuse
+        # out-of-range values before anything is built)
+        try:
+            set_mmap_threshold(args.mmap_threshold, "step --mmap-threshold")
+            set_trim_threshold(args.trim_threshold, "step --trim-threshold")
+        except ValueError as e:
+            return _fail(e)
 
         if args.threads is not None and args.threads < 1:
             return _fail(f"step --threads {args.threads}: expected at least 1")
