@@ -124,3 +124,13 @@ def c10d_threads_left(paths) -> tuple[list[list[str]], list[dict]]:
 
     reports = [json.loads(Path(p).read_text()) for p in paths]
     return [r["left"] for r in reports], reports
+
+
+def run_ranks(fn, world: int, *args):
+    """smat_dist.bench.spawn.run_ranks with forked ranks (start_method="forkserver"): the suite's 2-rank runs
+    start without re-importing torch, DeepSpeed and timm in every rank (that was most of a short test's time).
+    The rank functions run as under spawn; what a forked rank does not exercise is its interpreter's exit, so the
+    tests that check a rank's exit (no c10d thread left at atexit) start their ranks with spawn."""
+    from smat_dist.bench.spawn import run_ranks as _run_ranks
+
+    return _run_ranks(fn, world, *args, start_method="forkserver")

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import tiny_config, train_rank
+from tests.distributed.helpers import run_ranks, tiny_config, train_rank
 
 pytestmark = pytest.mark.dist
 STEP = 2           # tasks per step: 2 ranks x 1 task or 1 rank x 2 tasks

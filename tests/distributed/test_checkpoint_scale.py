@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import c10d_threads_left, report_c10d_threads_at_exit, tiny_config, train_rank
+from smat_dist.bench.spawn import run_ranks as spawn_ranks
+from tests.distributed.helpers import c10d_threads_left, report_c10d_threads_at_exit, run_ranks, tiny_config, train_rank
 
 pytestmark = pytest.mark.dist
 STEP = 12          # tasks per step: divisible by 4, 3, 2 and 1 ranks, so every world size runs the same steps
@@ -100,7 +100,8 @@ def test_flipped_byte_is_named_by_the_rank_that_reads_it(data_dir, tmp_path):
     shard.write_bytes(bytes(raw))
     cfg2 = _cfg(data_dir, 2, tasks=2 * STEP)
     cfg2.resume = str(tmp_path / "a")
-    msgs = run_ranks(_flip_rank, 2, cfg2, str(tmp_path / "b"), str(tmp_path))
+    # spawned ranks: the check below needs each rank's interpreter exit, which a forked rank skips
+    msgs = spawn_ranks(_flip_rank, 2, cfg2, str(tmp_path / "b"), str(tmp_path))
     assert msgs[0] == msgs[1]
     assert "rank 1: checkpoint file" in msgs[0] and "pool-rank00001.safetensors is corrupt" in msgs[0]
     assert "rank 0:" not in msgs[0]           # rank 0 never read (nor hashed) rank 1's shard

@@ -8,9 +8,8 @@ import json
 import pytest
 
 from smat_dist.analysis.cli import main as analyze_main
-from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import tiny_config
+from tests.distributed.helpers import run_ranks, tiny_config
 
 # ~75 s on the shared 2-core machine under load (two trainings, DeepSpeed set-up, five evaluations)
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
 from smat_dist.config.schema import EvalConfig
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import tiny_config, train_rank
+from tests.distributed.helpers import run_ranks, tiny_config, train_rank
 
 pytestmark = pytest.mark.dist
 

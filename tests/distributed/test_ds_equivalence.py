@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
+from tests.distributed.helpers import run_ranks
 
 pytestmark = pytest.mark.dist
 STEPS = 2          # the second step reads the optimiser state (momentum, Adam moments) the first one wrote

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from smat_dist.bench.spawn import run_ranks
+from tests.distributed.helpers import run_ranks
 from tests.unit.test_eval_protocol import _eval_on_ranks, data, make_setups, single  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.dist

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from smat_dist.bench.spawn import run_ranks
+from tests.distributed.helpers import run_ranks
 from smat_dist.eval.cli import main as smat_eval
 from smat_dist.export.cli import main as smat_export
 from tests.data_fixture import make_dataset

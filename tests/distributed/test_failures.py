@@ -87,7 +87,7 @@ def _late_rank(rank, world, dcfg):
 
 
 def test_short_timeout_after_the_first_step_ends_a_wait_for_a_hung_rank():
-    from smat_dist.bench.spawn import run_ranks
+    from tests.distributed.helpers import run_ranks
     from smat_dist.config.schema import DistConfig
 
     waited, err = run_ranks(_late_rank, 2, DistConfig(step_timeout_s=2.0))[0]

@@ -3,7 +3,7 @@ and its bytes per task do not depend on the number of experts."""
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
+from tests.distributed.helpers import run_ranks
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
 from smat_dist.pool.merge import GatherMerger, ShardedMerger

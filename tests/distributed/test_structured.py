@@ -8,14 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
 from smat_dist.pool.merge import ShardedMerger
 from smat_dist.pool.merge import LocalMerger
 from smat_dist.pool.shard import PoolShard
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import tiny_config, train_rank
+from tests.distributed.helpers import run_ranks, tiny_config, train_rank
 from tests.unit.test_pool_structured import _space
 
 pytestmark = pytest.mark.dist

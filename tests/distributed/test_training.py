@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import read_pool_shard, tiny_config, train_rank
+from tests.distributed.helpers import read_pool_shard, run_ranks, tiny_config, train_rank
 
 pytestmark = pytest.mark.dist
 TASKS = 6

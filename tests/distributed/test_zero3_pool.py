@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from smat_dist.bench.spawn import run_ranks
+from tests.distributed.helpers import run_ranks
 
 pytestmark = pytest.mark.dist
 STEPS, K, M = 3, 2, 4

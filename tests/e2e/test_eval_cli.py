@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from smat_dist.bench.spawn import run_ranks
 from tests.data_fixture import make_dataset
-from tests.distributed.helpers import tiny_config, train_rank
+from tests.distributed.helpers import run_ranks, tiny_config, train_rank
 
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 
