@@ -99,18 +99,51 @@ class StopFlag:
         return self
 
 
+# Where a job's master port is derived: below Linux's default ephemeral range (net.ipv4.ip_local_port_range,
+# 32768-60999). submitit draws it from 20000-60000, mostly inside that range, where a port can already be taken
+# as the local end of an outgoing connection on the master's node; with several ranks on that node (one-node
+# jobs, the dev cluster), the other ranks' own connection attempts to the master, retried until it listens, pick
+# such local ports: rank 0 then fails with EADDRINUSE and the others wait for it until the group's timeout
+# (seen once on the dev cluster: port 35067).
+MASTER_PORT_RANGE = (20000, 32767)
+
+
+def job_master_port(job_id: str) -> int:
+    """The master port every task of a job derives alike from the job's id (SLURM_JOB_ID; an array task's
+    "123_4" included), in MASTER_PORT_RANGE."""
+    import zlib
+
+    lo, hi = MASTER_PORT_RANGE
+    return lo + zlib.crc32(str(job_id).encode()) % (hi - lo + 1)
+
+
+def slurm_torch_env():
+    """submitit's TorchDistributedEnvironment for this SLURM task (not exported), its master port from
+    `job_master_port` unless $MASTER_PORT is set. Both the submitit path and plain srun use it."""
+    from submitit import JobEnvironment
+    from submitit.helpers import TorchDistributedEnvironment
+
+    if "MASTER_PORT" in os.environ:
+        return TorchDistributedEnvironment()
+    # submitit takes $MASTER_PORT when it is set; it is set only while the environment is read, since export()
+    # refuses to overwrite a variable that is already there
+    os.environ["MASTER_PORT"] = str(job_master_port(JobEnvironment().job_id))
+    try:
+        return TorchDistributedEnvironment()
+    finally:
+        del os.environ["MASTER_PORT"]
+
+
 def export_slurm_env() -> dict[str, str]:
     """Plain `srun` (one task per rank, no torchrun) sets SLURM_* but none of torch's variables: export RANK,
     WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the job's first node) and MASTER_PORT (from the job
-    id, or $MASTER_PORT) from them, as the submitit path does. Variables already set are kept. Returns what
-    was set."""
-    from submitit.helpers import TorchDistributedEnvironment
-
+    id, `job_master_port`, or $MASTER_PORT) from them, as the submitit path does. Variables already set are kept.
+    Returns what was set."""
     # submitit recognises a SLURM task by the variable its own executor sets; plain srun has none
     had = "SUBMITIT_EXECUTOR" in os.environ
     os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
     try:
-        denv = TorchDistributedEnvironment()
+        denv = slurm_torch_env()
     finally:
         if not had:
             del os.environ["SUBMITIT_EXECUTOR"]

@@ -42,6 +42,7 @@ from smat_dist.launch.env import (
     last_error_line,
     resolve_rank_fn,
     run_rank_fn,
+    slurm_torch_env,
 )
 from smat_dist.launch.sbatch_errors import submission_error
 from smat_dist.utils.log import get_logger
@@ -78,7 +79,7 @@ class SlurmTrainTask(submitit.helpers.Checkpointable):
         # launcher.threads / launcher.portable_math before torch runs anything (threads=0: cpus_per_task)
         log.info("%s", apply_rank_math(self.cfg.launcher, self.cfg.launcher.cpus_per_task))
         # multi-node torch.distributed from SLURM's variables (MASTER_ADDR = first node, port from job id)
-        denv = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        denv = slurm_torch_env().export(set_cuda_visible_devices=False)
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         if denv.rank == 0:
             log.info("job %s attempt %d: %d rank(s), master %s:%s, run %s", os.environ.get("SLURM_JOB_ID"),

@@ -38,3 +38,4 @@ def test_plain_srun_forms_a_process_group_across_nodes(slurm_cluster, tmp_path):
     assert [row[0] for row in rows] == ["0", "1"], text
     assert {row[1] for row in rows} == {"2"} and {row[4] for row in rows} == {"3"}   # 1 + 2 summed over both
     assert len({(row[2], row[3]) for row in rows}) == 1   # the same master address and port on every task
+    assert 20000 <= int(rows[0][3]) < 32768    # the job's port, below the ephemeral range (launch/env.py)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from smat_dist.launch.env import describe_exit, export_slurm_env
+from smat_dist.launch.env import describe_exit, export_slurm_env, job_master_port
 from smat_dist.launch.relay import ProgressRelay
 from smat_dist.train import progress_records
 from smat_dist.utils.progress import Progress, fmt_duration
@@ -48,13 +48,20 @@ def test_plain_srun_gets_master_addr_and_port(restored_environ, monkeypatch):   
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
     assert os.environ["LOCAL_WORLD_SIZE"] == "2" and os.environ["MASTER_ADDR"] == "node07"
     port = int(os.environ["MASTER_PORT"])
-    assert 20000 <= port <= 60000 and set(added) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                      "MASTER_ADDR", "MASTER_PORT"}
+    # below Linux's default ephemeral ports (32768-60999), where a rank's own connection attempts can take it
+    assert port == job_master_port("4242") and 20000 <= port < 32768
+    assert set(added) == {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
     for k in added:   # the same job gives every task the same port
         monkeypatch.delenv(k)
     monkeypatch.setenv("SLURM_PROCID", "0")
     export_slurm_env()
     assert int(os.environ["MASTER_PORT"]) == port and os.environ["RANK"] == "0"
+
+
+def test_job_master_port_stays_below_the_ephemeral_range():
+    ports = {job_master_port(str(j)) for j in range(1, 5001)} | {job_master_port(f"{j}_3") for j in range(1, 500)}
+    assert min(ports) >= 20000 and max(ports) <= 32767 and len(ports) > 4000   # spread over the range
+    assert job_master_port("4242") == job_master_port("4242") != job_master_port("4243")
 
 
 def test_progress_lines_and_durations(caplog):
