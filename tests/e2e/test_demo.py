@@ -1,8 +1,8 @@
 """smat-demo --quick end to end through its console entry point: real offline domains (Noto scripts, textures,
 digits) from the package cache, real EfficientNet-Lite0 ImageNet weights, SMAT and P>M>F trained on 2 local
 ranks through DeepSpeed, zero-shot meta-testing of three methods, figures and the report; then a rerun that
-must skip every finished phase; then --sweep on the same folder (one more SMAT run). About 4 minutes on 2 CPU
-cores."""
+must skip every finished phase, and --curve on the same folder (about 2 minutes on 2 CPU cores); in the slow tier
+also --sweep on it (one more SMAT run)."""
 from __future__ import annotations
 
 import json
@@ -54,11 +54,20 @@ def _demo(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
     return r, time.time() - t0
 
 
-@pytest.mark.e2e
-def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
-    tree = _shape_tree(tmp_path / "shapes")
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One `smat-demo --quick` for the module: its checks, then the rerun, then (slow tier) --sweep and --curve
+    on the finished folder."""
+    root = tmp_path_factory.mktemp("demo")
+    tree = _shape_tree(root / "shapes")
+    out = root / "demo"
     r, _ = _demo(out, "--extra-ood", str(tree))
+    return tree, out, r
+
+
+@pytest.mark.e2e
+def test_demo_quick_end_to_end_and_rerun_skips(demo_run):
+    tree, out, r = demo_run
     assert r.returncode == 0, f"smat-demo failed:\n{r.stdout}\n{r.stderr[-4000:]}"
     report = Path(json.loads(r.stdout.strip().splitlines()[-1])["report"])
     assert report == out / "report.md" and report.is_file()
@@ -107,8 +116,16 @@ def test_demo_quick_end_to_end_and_rerun_skips(tmp_path):
     assert all(t["status"].startswith("skipped") for t in timings.values()), timings
     assert "already trained" in r2.stderr and "launched" not in r2.stderr
     assert seconds < 60
-    _check_sweep(out, tree)
     _check_curve(out, tree)
+
+
+@pytest.mark.e2e
+@pytest.mark.slow   # 30-40 s more on 2 cores (one more training and its evaluation); the sweep's table and figure
+# from real runs are also checked in the default tier (tests/unit/test_analysis.py)
+def test_demo_sweep_on_the_finished_demo(demo_run):
+    tree, out, r = demo_run
+    assert r.returncode == 0, f"smat-demo failed:\n{r.stdout}\n{r.stderr[-4000:]}"
+    _check_sweep(out, tree)
 
 
 def _check_curve(out: Path, tree: Path) -> None:
