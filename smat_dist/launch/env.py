@@ -108,30 +108,22 @@ class StopFlag:
 MASTER_PORT_RANGE = (20000, 32767)
 
 
-def job_master_port(job_id: str) -> int:
-    """The master port every task of a job derives alike from the job's id (SLURM_JOB_ID; an array task's
-    "123_4" included), in MASTER_PORT_RANGE."""
-    import zlib
-
+def job_master_port(job_id: int | str) -> int:
+    """The master port every task of a job derives alike from its SLURM_JOB_ID (numeric, also an array task's own
+    id), in MASTER_PORT_RANGE: the sbatch templates compute the same `20000 + SLURM_JOB_ID % 12768`."""
     lo, hi = MASTER_PORT_RANGE
-    return lo + zlib.crc32(str(job_id).encode()) % (hi - lo + 1)
+    return lo + int(job_id) % (hi - lo + 1)
 
 
 def slurm_torch_env():
     """submitit's TorchDistributedEnvironment for this SLURM task (not exported), its master port from
     `job_master_port` unless $MASTER_PORT is set. Both the submitit path and plain srun use it."""
-    from submitit import JobEnvironment
     from submitit.helpers import TorchDistributedEnvironment
 
-    if "MASTER_PORT" in os.environ:
-        return TorchDistributedEnvironment()
-    # submitit takes $MASTER_PORT when it is set; it is set only while the environment is read, since export()
-    # refuses to overwrite a variable that is already there
-    os.environ["MASTER_PORT"] = str(job_master_port(JobEnvironment().job_id))
-    try:
-        return TorchDistributedEnvironment()
-    finally:
-        del os.environ["MASTER_PORT"]
+    denv = TorchDistributedEnvironment()
+    if "MASTER_PORT" not in os.environ:   # submitit's own pick (20000-60000) is replaced; export() writes this one
+        denv.master_port = job_master_port(os.environ["SLURM_JOB_ID"])
+    return denv
 
 
 def export_slurm_env() -> dict[str, str]:

@@ -56,8 +56,8 @@ def _demo(out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One `smat-demo --quick` for the module: its checks, then the rerun, then (slow tier) --sweep and --curve
-    on the finished folder."""
+    """One `smat-demo --quick` for the module: its checks, the rerun and --curve, then (slow tier) --sweep on the
+    finished folder."""
     root = tmp_path_factory.mktemp("demo")
     tree = _shape_tree(root / "shapes")
     out = root / "demo"
