@@ -18,7 +18,8 @@ from smat_dist.method.baselines import PMF, Pretrained
 from smat_dist.method.optim import TorchHyperOptimizer, hypernet_optimizer
 from smat_dist.method.smat import SMAT
 from smat_dist.model.backbone import FunctionalBackbone, build_backbone
-from smat_dist.pool.merge import LocalMerger, build_merger
+from smat_dist.pool.merge import LocalMerger
+from smat_dist.pool.sharded import build_merger
 from smat_dist.pool.passes import chunk_rows
 from smat_dist.pool.pool import Pool
 from smat_dist.pool.shard import PoolShard

@@ -57,8 +57,8 @@ class _AllReducedHyper:
         # the rest of the HyperOptimizer protocol (e.g. with_full_params) is the plain optimiser's
         return getattr(self.inner, name)
 
-    def backward(self, loss, k):
-        self.inner.backward(loss, k)
+    def backward(self, loss, k, prescaled=False):
+        self.inner.backward(loss, k, prescaled)
 
     def step(self, factor):
         if self.comm.world > 1:

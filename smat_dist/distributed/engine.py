@@ -62,8 +62,18 @@ class DeepSpeedOptimizer:
             raise RuntimeError(f"DeepSpeed changed the parameter groups: wanted {want}, got {got}")
         self.base_lrs = [g.get("base_lr", g["lr"]) for g in self.optimizer.param_groups]
 
-    def backward(self, loss: torch.Tensor, tasks_per_step: int) -> None:
-        self.engine.backward(loss)  # the engine divides by gradient_accumulation_steps itself
+    def backward(self, loss: torch.Tensor, tasks_per_step: int, prescaled: bool = False) -> None:
+        # ZeRO optimisers count micro-steps at the start of the engine's forward (DeepSpeed 0.19: ZeRO-3 adds a
+        # backward's gradient partitions to the earlier ones only from micro-step 1 on, and copies them over at
+        # micro-step 0). The method calls the module, never engine.forward, so without this every task's
+        # backward of a step counted as micro-step 0 and ZeRO-3 kept only the last task's gradient. Before each
+        # backward is where the engine's forward would have run in its own fwd/bwd loop (the step's first
+        # backward follows a zero_grad, where it does nothing).
+        opt = self.engine.optimizer
+        if hasattr(opt, "clear_backward_seen_flag"):
+            opt.clear_backward_seen_flag()
+        # the engine divides by gradient_accumulation_steps itself (= tasks_per_step), unless told not to
+        self.engine.backward(loss, scale_wrt_gas=not prescaled)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()      # advances DeepSpeed's micro-step counter; no update before the boundary
 

@@ -27,7 +27,8 @@ def hypernet_optimizer(params, cfg: MethodConfig) -> torch.optim.Optimizer:
 
 
 class HyperOptimizer(Protocol):
-    def backward(self, loss: torch.Tensor, tasks_per_step: int) -> None: ...
+    # one call per task (tasks_per_step per step); prescaled: the loss already carries the 1/tasks_per_step
+    def backward(self, loss: torch.Tensor, tasks_per_step: int, prescaled: bool = False) -> None: ...
     def step(self, factor: float) -> dict[str, float]: ...
     def with_full_params(self, fn) -> None: ...  # run fn with every replicated parameter whole (ZeRO-3 gathers)
 
@@ -38,8 +39,8 @@ class TorchHyperOptimizer:
     def __init__(self, optimizer: torch.optim.Optimizer, clip: float | None):
         self.opt, self.clip = optimizer, clip
 
-    def backward(self, loss: torch.Tensor, tasks_per_step: int) -> None:
-        (loss / tasks_per_step).backward()
+    def backward(self, loss: torch.Tensor, tasks_per_step: int, prescaled: bool = False) -> None:
+        (loss if prescaled else loss / tasks_per_step).backward()
 
     def step(self, factor: float) -> dict[str, float]:
         params = [p for g in self.opt.param_groups for p in g["params"]]

@@ -30,10 +30,25 @@ from smat_dist.utils.spans import span
 
 @dataclass
 class TaskResult:
-    loss: torch.Tensor
+    loss: torch.Tensor          # the task's whole loss: outer + reg
     w: torch.Tensor
     # 0-dim tensors on the task's device (or floats): the step converts them with one host sync
     metrics: dict = field(default_factory=dict)
+    # the loss apart: `outer` reaches the hypernetwork only through the merge, `reg` (its regulariser) and
+    # `w_live` (w with its graph) only through the hypernetwork: a pool that gives w its gradient at the step's
+    # end (Pool.defers_w_grad) has the step push them through the hypernetwork then
+    outer: torch.Tensor | None = None
+    reg: torch.Tensor | None = None
+    w_live: torch.Tensor | None = None
+
+
+@dataclass
+class Prelude:
+    """What a task needs before its merge: the frozen features of S+Q and the merging weights (with graph)."""
+    f_pre: torch.Tensor
+    p_pre: torch.Tensor
+    w: torch.Tensor
+    a: torch.Tensor
 
 
 def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
@@ -62,17 +77,25 @@ class SMAT(nn.Module):
         # (DeepSpeed ZeRO-3 parameter gathering) see it.
         return self.hypernet(protos, train=train, task_seed=task_seed(self.seed, task_index))
 
-    def task(self, ep, pool, task_index: int, train: bool = True) -> TaskResult:
-        """One task; `pool` is anything with merge(w) -> merged delta (a smat_dist.pool Pool between begin/end)."""
+    def prelude(self, ep, task_index: int, train: bool = True) -> Prelude:
+        """Pass 1 and the hypernetwork: the frozen features and the task's merging weights. A step computes
+        every task's prelude first, so the pool knows all the step's weights before the first merge."""
+        xs, ys, xq, _, ways = _episode_tensors(ep)
+        with span("frozen_pass"), torch.no_grad():
+            f_pre = self.fb(self.fb.theta_pre, torch.cat([xs, xq]))
+        p_pre = prototypes(f_pre[: len(xs)], ys, ways)
+        with span("hypernet"):
+            w, a = self(p_pre, train, task_index)
+        return Prelude(f_pre=f_pre, p_pre=p_pre, w=w, a=a)
+
+    def task(self, ep, pool, task_index: int, train: bool = True, prelude: Prelude | None = None) -> TaskResult:
+        """One task; `pool` is anything with merge(w) -> merged delta (a smat_dist.pool Pool between begin/end).
+        `prelude`: this task's, computed beforehand by `prelude` (else here)."""
         cfg, fb = self.cfg, self.fb
         xs, ys, xq, yq, ways = _episode_tensors(ep)
         theta_pre = fb.theta_pre
-        with span("frozen_pass"), torch.no_grad():
-            f_pre = fb(theta_pre, torch.cat([xs, xq]))
-        fs_pre, fq_pre = f_pre[: len(xs)], f_pre[len(xs):]
-        p_pre = prototypes(fs_pre, ys, ways)
-        with span("hypernet"):
-            w, a = self(p_pre, train, task_index)
+        pre = prelude if prelude is not None else self.prelude(ep, task_index, train)
+        fq_pre, p_pre, w, a = pre.f_pre[len(xs):], pre.p_pre, pre.w, pre.a
         with span("merge"):
             theta = theta_pre + pool.merge(w)
         with span("support_pass"):
@@ -123,13 +146,13 @@ class SMAT(nn.Module):
                 m["acc/pretrained"] = accuracy_t(pre_logits, yq)
             loss = (1 - tc.lam) * ce_q + tc.lam * kd
         reg = self.hypernet.regulariser(a)
-        loss = loss + reg
+        outer, loss = loss, loss + reg
         m["loss/hyper_reg"] = reg.detach()
         m["loss/task"] = loss.detach()
         m["episode/ways"] = float(ways)
         m["episode/support"] = float(len(xs))
         m["episode/query"] = float(len(xq))
-        return TaskResult(loss=loss, w=w.detach(), metrics=m)
+        return TaskResult(loss=loss, w=w.detach(), metrics=m, outer=outer, reg=reg, w_live=w)
 
     @torch.no_grad()
     def task_theta(self, ep, pool) -> torch.Tensor:

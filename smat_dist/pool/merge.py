@@ -1,4 +1,4 @@
-"""The pool's merge strategies: theta_i = theta_pre + (sum_m w_im z_m) * delta, per task.
+"""The pool's merge in one process: theta_i = theta_pre + (sum_m w_im z_m) * delta, per task.
 
 The masks z do not depend on the task, so a step computes them once (`begin_step`: one pass that also
 clamps the logits and counts the sparsity statistics). A task's merge is one [rows, M] x [M] product; its
@@ -9,37 +9,33 @@ the sparsity penalty's gradient. A lean pool (method.sparsity.lean) stores no z 
 the gates chunk by chunk from the logits. A frozen mask pattern (patterns.py) records no factors and skips
 the gate backward altogether; the merge's gradients for w and delta are unchanged.
 
-Strategies (dist.pool picks the one across ranks):
-  LocalMerger    the whole pool in this process;
-  ShardedMerger  rank r owns the flat slice [r*n, (r+1)*n) of delta and of all M experts' logits. Per round
-                 of tasks (one per rank) the forward all-gathers the R tasks' merging weights (R x M numbers),
-                 merges the local slice for every task and an all-to-all hands each rank its own task's full
-                 merged delta (P numbers in and out per rank, whatever M is); the backward returns each task's
-                 gradient slice to its owner by an all-to-all and combines the per-task partial sums for w by
-                 an all-reduce of G x R x M numbers (per-chunk partial sums added in global chunk order,
-                 G = P x M / 2^21 chunks: the same bits at every world size, pool/ordered.py);
-  GatherMerger   what plain ZeRO-3 wrapping would do (all-gather every expert's logits per task, reduce-scatter
-                 their gradients: M x P per task), kept only as the measured comparison (dist.pool=zero3 runs the
-                 pool under a real DeepSpeed ZeRO-3 engine instead: smat_dist/pool/zero3.py, not a merger).
-Across ranks, each rank's loss is its own tasks' mean; pool gradients arrive summed over the R tasks of the
-round, so they are divided by R (the pool is never averaged by the data-parallel engine), while the gradient
-for w stays per task (the engine averages the hypernetwork's gradients over ranks). The collectives are a
-`Comm` (smat_dist.distributed.comm) handed in.
+Planned steps (the training step's default, released masks): the step hands `begin_step` every task's
+merging weights W [K, M] before its first task (the hypernetwork changes only at the step's end). The mask
+pass then merges every task's mask while each chunk of gates is in cache, and stores no z; the merges give w
+no gradient, and end_step's gate pass, which recomputes the gates for the logits' gradient anyway, also
+gives every task's dL/dw = u^T z (`w_grads`), for the step to push through the hypernetwork. Two gate passes
+per step instead of one per task plus one, and no [rows, M] array while a task's graph is alive.
+
+LocalMerger is the whole pool in this process; the strategies across ranks (dist.pool) extend it in
+sharded.py.
 """
 from __future__ import annotations
 
 import torch
 
-from smat_dist.distributed.comm import Comm
-from smat_dist.pool import gates as hc
-from smat_dist.pool.ordered import ordered_sum
 from smat_dist.pool.shard import PoolShard
 from smat_dist.utils.device import fp32_math
+
 
 class _LocalMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, delta, merger: "LocalMerger"):
         ctx.merger = merger
+        ctx.planned = merger.planning
+        if ctx.planned:   # merged at the step's start; dL/dw is the pool's at end_step (see begin_step)
+            W, m = merger.next_planned()
+            ctx.save_for_backward(W[0], m[0] if ctx.needs_input_grad[1] else None)
+            return merger.shard.expand(m[0]) * delta
         m = merger.zw(w.detach().unsqueeze(0))[0]              # [rows]: the task's merged mask
         # kept for delta's gradient: the backward's W @ z^T would be this same product again (a pass over
         # the [rows, M] masks per task), at the cost of one [rows] vector (1/M of the masks) while the task's
@@ -55,7 +51,9 @@ class _LocalMerge(torch.autograd.Function):
         w, m = ctx.saved_tensors
         u = shard.reduce_rows(g * shard.delta.detach())      # [rows]: dL/dm summed over the entries a gate controls
         merger.record(u.unsqueeze(1), w.unsqueeze(0))
-        g_w = merger.tz_zw(u.unsqueeze(0), None)[0][0] if ctx.needs_input_grad[0] else None
+        g_w = None
+        if ctx.needs_input_grad[0] and not ctx.planned:
+            g_w = merger.tz_zw(u.unsqueeze(0), None)[0][0]
         g_delta = g * shard.expand(m) if ctx.needs_input_grad[1] else None
         return g_w, g_delta, None
 
@@ -76,13 +74,37 @@ class LocalMerger:
         self._train = False
         self._factors: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats: torch.Tensor | None = None
+        # the step's planned merges (begin_step(plan=...)): each round's weights [R, M] and merged masks [R, rows]
+        self._plan: list | None = None
+        self._plan_w: torch.Tensor | None = None
+        self._group = 1
+        self._next = 0
+        self.w_grads: torch.Tensor | None = None
 
-    def begin_step(self, train: bool = True) -> torch.Tensor | None:
+    @property
+    def planning(self) -> bool:
+        """Whether this step's merges were planned at begin_step: merge() then takes the next planned merged
+        mask and gives w no gradient; end_step computes every task's dL/dw (`w_grads`) in its gate pass."""
+        return self._plan is not None
+
+    def begin_step(self, train: bool = True, plan: torch.Tensor | None = None) -> torch.Tensor | None:
         """Masks for this step (no autograd graph); in training also this slice's sparsity statistics.
-        Returns z [rows, M], or None for a lean pool (recomputed chunk by chunk where used)."""
+        Returns z [rows, M], or None for a lean pool (recomputed chunk by chunk where used).
+
+        plan [K, M]: this rank's K tasks' merging weights, known before the step's first task (the
+        hypernetwork changes only at the step's end). With released masks (the default) the masks are then
+        never stored: this pass merges every task's mask chunk by chunk while the chunk is in cache, and
+        end_step recomputes the gates once more for the logits' gradient and every task's dL/dw. Against
+        recomputing the masks in every task's backward, that is 2 gate passes per step instead of K + 1,
+        no [rows, M] array while a task runs, and no separate products over the masks. Other pools (kept,
+        lean, noisy or structured masks, a frozen pattern) merge each task as it comes (plan ignored)."""
         self._train, self._active = train, True
         self._factors = []
         self._released = False
+        self._plan, self._plan_w, self._next, self.w_grads = None, None, 0, None
+        if plan is not None and train and self.release and not self.shard.pattern.frozen:
+            self._begin_planned(plan)
+            return None
         if self.lean:
             z = None
             self.stats = self.shard.passes.masks_inplace(train=train, clamp=True, with_stats=True, store=False)[1]
@@ -97,6 +119,72 @@ class LocalMerger:
             z, self.stats = self.shard.passes.masks_inplace(train=False, clamp=True), None
         self._z = z
         return z
+
+    def _gather_plan(self, plan: torch.Tensor) -> torch.Tensor:
+        """[R, K, M]: every rank's planned weights (one process: R = 1)."""
+        return plan.unsqueeze(0)
+
+    @torch.no_grad()
+    def _begin_planned(self, plan: torch.Tensor) -> None:
+        W = self._gather_plan(plan.detach())                       # [R, K, M]
+        R, K, M = W.shape
+        # Rounds merged per gate pass: a pass's merged masks (R x rows numbers per round) never take more memory
+        # than the masks they replace (M x rows), so at K <= M / R (one process: K <= M) one pass serves the
+        # step, and more rounds per rank take more passes, never more memory.
+        self._group = max(1, M // R)
+        self._plan_w, self._plan = W, [None] * K
+        first = self._new_outs(0)
+        self.stats = self.shard.passes.masks_inplace(train=True, clamp=True, with_stats=True, store=False,
+                                                     each=lambda a, b, zc: self._merge_chunk(first, a, b, zc))[1]
+        # the masks are not stored; anything that asks for z (nothing in a planned step) recomputes them
+        self._z, self._released = None, True
+
+    def _new_outs(self, j0: int) -> list:
+        """Buffers for the merged masks of rounds j0 .. j0 + group (registered in the plan)."""
+        W, rows = self._plan_w, self.shard.log_alpha.shape[0]
+        out = []
+        for j in range(j0, min(j0 + self._group, W.shape[1])):
+            self._plan[j] = (W[:, j], W.new_empty(W.shape[0], rows))
+            out.append(self._plan[j])
+        return out
+
+    def _merge_chunk(self, group: list, a: int, b: int, zc: torch.Tensor) -> None:
+        for Wj, out in group:
+            self._merge_rows(Wj, out, a, b, zc)
+
+    @torch.no_grad()
+    def _merge_group(self, j0: int) -> None:
+        """One more gate pass for the next rounds' merged masks (the deterministic gate: the same z bits)."""
+        group, passes = self._new_outs(j0), self.shard.passes
+        for a, b in passes.rows():
+            self._merge_chunk(group, a, b, passes.gate_rows(a, b, passes.scratch(b - a)[3], True))
+
+    def _merge_rows(self, W: torch.Tensor, out: torch.Tensor, a: int, b: int, zc: torch.Tensor) -> None:
+        """out[:, a:b] = W @ zc^T for W [R, M] (R tasks' weights) and the masks zc of rows [a, b)."""
+        out[:, a:b] = W @ zc.t()
+
+    def next_planned(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next round's (weights [R, M], merged masks [R, rows]); the merger lets go of the masks (the
+        task's graph holds them until its backward)."""
+        if self._plan is None or self._next >= len(self._plan):
+            raise RuntimeError(f"merge() called more often than the {0 if self._plan is None else len(self._plan)} "
+                               f"tasks planned at begin_step")
+        if self._plan[self._next] is None:
+            self._merge_group(self._next)
+        item = self._plan[self._next]
+        self._plan[self._next] = None
+        self._next += 1
+        return item
+
+    def _w_grad_acc(self, cols: int) -> torch.Tensor:
+        la = self.shard.log_alpha
+        return torch.zeros(cols, self.shard.experts, dtype=la.dtype, device=la.device)
+
+    def _w_grad_chunk(self, U: torch.Tensor, acc: torch.Tensor, a: int, b: int, zc: torch.Tensor) -> None:
+        acc.addmm_(U[a:b].t(), zc)
+
+    def _w_grads_done(self, acc: torch.Tensor) -> torch.Tensor:
+        return acc
 
     @property
     def z(self) -> torch.Tensor:
@@ -182,157 +270,28 @@ class LocalMerger:
         pool defers it to the optimiser step, which recomputes it chunk by chunk. Returns the squared norm of
         this slice's logit gradient when the pass computed it (None: the optimiser computes it)."""
         sq = None
-        if self._active and self._train and not self.shard.pattern.frozen:
+        if self._active and self._train and self._plan is not None:
+            sq = self._end_planned(penalty_coef)
+        elif self._active and self._train and not self.shard.pattern.frozen:
             if self.lean:
                 sq = self.shard.passes.defer_mask_grad_(self.mask_grad(), penalty_coef)
             else:
                 sq = self.shard.passes.apply_mask_grad_(self.z, self.mask_grad(), penalty_coef, train=True)
         self._z, self._factors, self._active, self._released = None, [], False, False
+        self._plan = self._plan_w = None
         return sq
 
-
-class _ShardedMerge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, delta, merger: "ShardedMerger"):
-        comm, shard = merger.comm, merger.shard
-        W = comm.all_gather(w.detach())                  # [R, M]
-        D = shard.expand(merger.zw(W)) * delta            # [R, n]: my slice of every task's merged delta
-        full = comm.all_to_all(D)                        # [R, n]: every slice of my task's merged delta
-        ctx.merger = merger
-        ctx.save_for_backward(W, delta)
-        return full.reshape(-1)
-
-    @staticmethod
-    @fp32_math
-    def backward(ctx, g):
-        merger: ShardedMerger = ctx.merger
-        comm, shard = merger.comm, merger.shard
-        W, delta = ctx.saved_tensors
-        R = comm.world
-        G = comm.all_to_all(g.reshape(R, -1).contiguous())  # [R, n]: every task's gradient for my slice
-        Gd = shard.reduce_rows(G * delta.unsqueeze(0))       # [R, rows]: summed over the entries a gate controls
-        Gz, Wz = merger.tz_zw(Gd, W)                         # Gz [G, R, M]: per-chunk partial sums
-        g_W = ordered_sum(comm.all_reduce(Gz))               # [R, M], summed over chunks in global order
-        g_w = g_W[comm.rank]
-        merger.record(Gd.t() / R, W)                         # dL/dz = (Gd^T / R) @ W, applied at end_step
-        g_delta = (G * shard.expand(Wz)).sum(0) / R if ctx.needs_input_grad[1] else None
-        return g_w, g_delta, None
-
-
-class ShardedMerger(LocalMerger):
-    """Merges where the shard lives; `merge(w)` returns this rank's task's full merged delta [P_pad]."""
-
-    def __init__(self, shard: PoolShard, padded: int, comm: Comm):
-        super().__init__(shard, padded)
-        self.comm = comm
-
-    def merge(self, w: torch.Tensor) -> torch.Tensor:
-        return _ShardedMerge.apply(w, self.shard.delta, self)
-
-    # The sharded merge's products with the masks give the same bits for a task whatever the world size
-    # (a resume on another one continues bit-exactly): each task's row on its own (a [R, M] x [M, n] product
-    # rounds a row differently with R) as elementwise products and torch sums (BLAS kernels round with the
-    # slice's length and alignment), and the sum over rows per global chunk (ordered.py).
     @torch.no_grad()
-    def zw(self, W: torch.Tensor) -> torch.Tensor:
-        assert self._active, "begin_step() first"
-        if not self.shard.passes.ordered:       # BLAS: ~4x faster, rounds a task's row with R
-            return super().zw(W)
-        out = W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
-        for a, b, zc in self._mask_chunks():
-            tmp = self.shard.passes.scratch(b - a)[2]
-            for r in range(W.shape[0]):
-                torch.sum(torch.mul(zc, W[r], out=tmp), 1, out=out[r, a:b])
-        self._release()
-        return out
-
-    @torch.no_grad()
-    def tz_zw(self, U: torch.Tensor, W: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(U @ z as per-chunk partials [G, K, M] at their global chunks, W @ z^T [K', rows]); G = 1 (one BLAS
-        product over the slice) unless the pool's sums are ordered (dist.aligned_slices)."""
-        passes = self.shard.passes
-        if not passes.ordered:
-            uz, wz = super().tz_zw(U, W)
-            return uz.unsqueeze(0), wz
-        uz = passes.placed(U.shape[0], self.shard.experts, dtype=U.dtype)
-        wz = None if W is None else W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
-        for a, b, zc in self._mask_chunks():
-            tmp, g = passes.scratch(b - a)[2], passes.chunk_index(a)
-            for r in range(U.shape[0] if g < uz.shape[0] else 0):   # padding-only chunks: zero partials
-                torch.sum(torch.mul(zc, U[r, a:b].unsqueeze(1), out=tmp), 0, out=uz[g, r])
-            for r in range(0 if wz is None else W.shape[0]):
-                torch.sum(torch.mul(zc, W[r], out=tmp), 1, out=wz[r, a:b])
-        return uz, wz
-
-    def end_step(self, penalty_coef: torch.Tensor | None = None) -> torch.Tensor | None:
-        train = self._active and self._train
-        sq = super().end_step(penalty_coef)
-        shard = self.shard
-        if train and shard.structured and shard.layout.num_shared and not shard.pattern.frozen:
-            # Gate groups cut by a shard boundary: every rank touching one holds its row and has added the
-            # gradient of its own entries; the sum over those ranks is the row's gradient (one exchange of
-            # at most (R-1) x (widest input) rows per step, independent of the tasks).
-            grad = shard.log_alpha.grad
-            buf = grad.new_zeros(shard.layout.num_shared, grad.shape[1])
-            buf[shard.shared_pos] = grad[shard.shared_rows]
-            buf = self.comm.all_reduce(buf)
-            grad[shard.shared_rows] = buf[shard.shared_pos]
+    def _end_planned(self, penalty_coef: torch.Tensor | None) -> torch.Tensor | None:
+        """A planned step's gate pass: every task's dL/dw = u_t^T z (the recorded factors' columns) and the
+        logits' gradient, from one recomputation of each chunk's gates."""
+        if self._next != len(self._plan):
+            raise RuntimeError(f"end_step() after {self._next} of the {len(self._plan)} merges planned at "
+                               f"begin_step")
+        U = torch.cat([u for u, _ in self._factors], 1)             # [rows, tasks]
+        acc = self._w_grad_acc(U.shape[1])
+        sq = self.shard.passes.apply_mask_grad_(
+            None, self.mask_grad(), penalty_coef, train=True,
+            each=lambda a, b, zc: self._w_grad_chunk(U, acc, a, b, zc))
+        self.w_grads = self._w_grads_done(acc)
         return sq
-
-
-class _GatherMerge(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w, log_alpha, delta, valid, comm: Comm, train: bool):
-        LA = comm.all_gather(log_alpha.detach()).flatten(0, 1)   # [P, M]: every expert's full mask logits
-        DL = comm.all_gather(delta.detach()).flatten()
-        V = comm.all_gather(valid).flatten()
-        ctx.comm, ctx.train = comm, train
-        ctx.save_for_backward(w.detach(), LA, DL, V)
-        z = hc.gate(LA, train=train) * V.unsqueeze(1)
-        return (z @ w) * DL
-
-    @staticmethod
-    @fp32_math
-    def backward(ctx, g):
-        comm: Comm = ctx.comm
-        w, LA, DL, V = ctx.saved_tensors
-        with torch.enable_grad():
-            la = LA.detach().requires_grad_(True)
-            dl = DL.detach().requires_grad_(True)
-            wl = w.detach().requires_grad_(True)
-            d = ((hc.gate(la, train=ctx.train) * V.unsqueeze(1)) @ wl) * dl
-            g_w, g_la, g_dl = torch.autograd.grad(d, [wl, la, dl], g)
-        R = comm.world
-        g_la = comm.reduce_scatter(g_la) / R
-        g_dl = comm.reduce_scatter(g_dl) / R
-        return g_w, g_la, g_dl, None, None, None
-
-
-class GatherMerger(LocalMerger):
-    """Comparison path: gathers all M masks per task (M x P bytes per task per rank)."""
-
-    def __init__(self, shard: PoolShard, padded: int, comm: Comm):
-        super().__init__(shard, padded)
-        self.comm = comm
-        self._train = True
-
-    def begin_step(self, train: bool = True) -> torch.Tensor:
-        self._train = train
-        return super().begin_step(train)
-
-    def merge(self, w: torch.Tensor) -> torch.Tensor:
-        return _GatherMerge.apply(w, self.shard.log_alpha, self.shard.delta, self.shard.valid, self.comm, self._train)
-
-
-def build_merger(kind: str, shard: PoolShard, padded: int, comm: Comm) -> LocalMerger:
-    if kind == "gather" and shard.cfg.lean:
-        raise ValueError("dist.pool=gather keeps its own gathered masks: it cannot run a lean pool "
-                         "(method.sparsity.lean=true); use dist.pool=sharded")
-    if kind == "gather" and shard.structured:
-        raise ValueError("dist.pool=gather compares against unstructured masks only; use dist.pool=sharded "
-                         "with method.sparsity.structured=true")
-    if kind == "sharded":
-        return ShardedMerger(shard, padded, comm)
-    if kind == "gather":
-        return GatherMerger(shard, padded, comm)
-    raise ValueError(f"dist.pool={kind!r}: expected 'sharded' or 'gather'")

@@ -99,12 +99,13 @@ class PoolPasses:
     @torch.no_grad()
     def masks_inplace(self, train: bool = True, generator: torch.Generator | None = None,
                       out: torch.Tensor | None = None, clamp: bool = False, with_stats: bool = False,
-                      store: bool = True):
+                      store: bool = True, each=None):
         """z [rows, M] without an autograd graph; its gradient is applied by `apply_mask_grad_`.
 
         One pass over the logits: optionally clamps them in place first and (with_stats) also returns this
-        slice's `stats` while each chunk is in cache: (z, stats) instead of z. store=False (the lean pool)
-        computes each chunk in a scratch buffer for the statistics only and returns None for z."""
+        slice's `stats` while each chunk is in cache: (z, stats) instead of z. store=False (the lean pool, and
+        the merges planned at the step's start) computes each chunk in a scratch buffer and returns None for z;
+        `each(a, b, zc)` is called with every chunk's masks (after its statistics; it may use scratch buffer 2)."""
         la = self.shard.log_alpha
         beta = hc.BETA if train else hc.eval_beta(self.shard.cfg)
         eps = self.shard.cfg.noise_eps if train else 0.0
@@ -121,6 +122,8 @@ class PoolPasses:
                 g = self.chunk_index(a)
                 for i in range(3):
                     stats[g, i] += sums[i]
+                if each is not None:
+                    each(a, b, x)
                 continue
             if clamp:
                 lc.clamp_(-self.shard.cfg.clamp, self.shard.cfg.clamp)
@@ -131,6 +134,8 @@ class PoolPasses:
                 self.gate_rows(a, b, x, train)
             if stats is not None and a < self.shard.n_valid:
                 self._stats_chunk(stats[self.chunk_index(a)], x, a, b)
+            if each is not None:
+                each(a, b, x)
         # [G * 3M]: per-chunk partials at their global chunks, summed in order after the all-reduce
         return (z, stats.reshape(-1)) if with_stats else z
 
@@ -205,13 +210,16 @@ class PoolPasses:
         return w_c, c, coef
 
     @torch.no_grad()
-    def apply_mask_grad_(self, z: torch.Tensor, g_z, penalty_coef: torch.Tensor | None,
-                         train: bool = True) -> torch.Tensor | None:
+    def apply_mask_grad_(self, z: torch.Tensor | None, g_z, penalty_coef: torch.Tensor | None,
+                         train: bool = True, each=None) -> torch.Tensor | None:
         """log_alpha.grad += the masks' gradient pushed through the gate + the penalty's, chunk by chunk
         (`_grad_chunk`; a factored g_z is never materialised, each chunk is formed in cache). Where the logits
-        have no gradient yet, it is written over `z` (consumed: the caller must not read it after). Returns the
-        squared norm of the result over this slice's rows (unstructured pools; None for structured ones, whose
-        shared rows are summed over ranks afterwards), so the optimiser's clip needs no extra pass."""
+        have no gradient yet, it is written over `z` (consumed: the caller must not read it after). z None: the
+        masks are not stored (the merges planned at the step's start): each chunk's gates are recomputed in a
+        scratch buffer (deterministic gate, the same bits) and `each(a, b, zc)` is called with them before the
+        chunk's gradient is formed. Returns the squared norm of the result over this slice's rows (unstructured
+        pools; None for structured ones, whose shared rows are summed over ranks afterwards), so the
+        optimiser's clip needs no extra pass."""
         la = self.shard.log_alpha
         if g_z is None and penalty_coef is None:
             return None
@@ -220,16 +228,22 @@ class PoolPasses:
         if fresh:
             # The gradient overwrites the masks, chunk by chunk once each chunk's z has been read: z is dead
             # after this pass, so the step holds two [rows, M] arrays (logits, masks-then-gradient), not three.
-            grad = z
+            grad = z if z is not None else torch.empty_like(la)
         w_c, c, coef = self._grad_pass(g_z, penalty_coef, train)
         sq = self.placed()
         # the eager chain computes a fresh gradient in place of the masks (no copy); the fused kernels write f1
         in_place = fresh and not self.shard.cfg.compile
         for a, b in self.rows():
             gr = grad[a:b]
-            f1, f2, f3, _ = self.scratch(b - a)
+            f1, f2, f3, f4 = self.scratch(b - a)
             f1 = gr if in_place else f1
-            self._grad_chunk(a, b, z[a:b] if g_z is not None else None, g_z, w_c, c, coef, f1, f2, f3)
+            if z is not None:
+                zc = z[a:b] if g_z is not None else None
+            else:
+                zc = self.gate_rows(a, b, f4, train)
+                if each is not None:
+                    each(a, b, zc)
+            self._grad_chunk(a, b, zc, g_z, w_c, c, coef, f1, f2, f3)
             if fresh:
                 if not in_place:
                     gr.copy_(f1)

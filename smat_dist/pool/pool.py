@@ -3,11 +3,13 @@
 It holds this rank's storage shard (shard.py), the merge strategy (merge.py), the Lagrangian controller and
 the pool optimiser, and keeps the step's order in one place:
 
-  begin_step(train)  the mask pattern's per-step hook, then the masks of this step (once per step, not per
-                     task) and this slice's sparsity counts;
+  begin_step(train, plan)  the mask pattern's per-step hook, then the masks of this step (once per step, not
+                     per task) and this slice's sparsity counts; with `plan` (the step's merging weights, known
+                     up front) released masks are not stored: every task's merged mask is formed in this pass;
   merge(w)           one task's merged delta (local, sharded or gathered: the merger decides what moves);
   end_step(...)      the sparsity terms (one all-reduce of G x 3M + M + 1 numbers), the task and penalty gradients into
-                     the logits (one fused pass), the multipliers' update and the optimiser step.
+                     the logits (one fused pass, which also gives a planned step's dL/dw: take_w_grads), the
+                     multipliers' update and the optimiser step.
 
 State: `sharded_tensors` / `row_index` (this slice, what the checkpoint shards), `replicated_state` /
 `load_replicated` (identical on every rank), and `state_dict` / `load_state_dict` (both in one dict).
@@ -73,15 +75,35 @@ class Pool:
 
     # ---- the step ----
     @fp32_math
-    def begin_step(self, train: bool = True) -> None:
+    def begin_step(self, train: bool = True, plan: torch.Tensor | None = None) -> None:
+        """plan [K, M]: this rank's tasks' merging weights in task order, when the step knows them up front.
+        The merger may then merge every task in the step's mask pass (see `defers_w_grad`)."""
         self.pattern.begin_step(self, train)
-        self.merger.begin_step(train=train)
+        self.merger.begin_step(train=train, plan=None if plan is None else plan.float())
+
+    @property
+    def defers_w_grad(self) -> bool:
+        """Whether this step's merges give w no gradient: the tasks' dL/dw come from `take_w_grads()` after
+        end_step (the merger computes them in its gate pass), for the caller to push through the hypernetwork."""
+        return self.merger.planning
+
+    def take_w_grads(self) -> torch.Tensor:
+        """[K, M]: dL/dw of this rank's K tasks of a planned step, in task order (once, after end_step)."""
+        g = self.merger.w_grads
+        if g is None:
+            raise RuntimeError("take_w_grads() needs a planned training step closed by end_step()")
+        self.merger.w_grads = None
+        return g
 
     @fp32_math
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         """The task's merged delta over the whole (padded) flat space, differentiable w.r.t. w and the pool.
         fp32 whatever autocast the task runs under: the merge, its collectives and its backward are the
         pool's sums (a bf16 W @ z^T would round every merged mask and the all-reduced gradients of w)."""
+        if self.merger.planning:
+            # w's gradient comes from end_step (take_w_grads): no edge into the hypernetwork's graph, whose saved
+            # tensors a backward would otherwise free while passing it nothing
+            w = w.detach()
         return self.merger.merge(w.float())
 
     @fp32_math

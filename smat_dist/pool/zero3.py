@@ -87,8 +87,9 @@ class Zero3Pool(Pool):
 
     @fp32_math
     @torch.no_grad()
-    def begin_step(self, train: bool = True) -> None:
-        """Clamp this rank's logit partitions; in training count this rank's rows' sparsity statistics."""
+    def begin_step(self, train: bool = True, plan: torch.Tensor | None = None) -> None:
+        """Clamp this rank's logit partitions; in training count this rank's rows' sparsity statistics. (`plan`
+        is not used: DeepSpeed gathers the logits per merge, and w's gradient comes from the merge.)"""
         self._train = train
         sp = self.cfg.sparsity
         M = self.cfg.experts
@@ -120,6 +121,10 @@ class Zero3Pool(Pool):
     @fp32_math
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         return self.store.forward(w.float(), self._merge_fn())
+
+    @property
+    def defers_w_grad(self) -> bool:
+        return False
 
     def end_eval(self) -> None:
         self.merger.stats = None

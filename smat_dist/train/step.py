@@ -3,6 +3,13 @@
 What differs between those settings is built in (smat_dist.build): the pool component's merge
 strategy (local / sharded / gather) and its sum over ranks, and the replicated optimiser (plain torch, or a
 DeepSpeed engine behind smat_dist.distributed).
+
+A SMAT step runs every task's frozen pass and hypernetwork first, hands the pool the step's merging weights,
+then each task's passes and its backward through the backbone and the pool. Where the pool planned the merges
+(Pool.defers_w_grad: released masks, the default) that backward stops at the merge, the pool's end_step gives
+every task's dL/dw, and the hypernetwork's part of each task's loss (dL/dw and its regulariser) goes through
+the replicated optimiser's backward then, one call per task as before: the same gradients, with the
+engine's gradient-accumulation count unchanged.
 """
 from __future__ import annotations
 
@@ -79,22 +86,46 @@ def smat_step(method: SMAT, pool: Pool, hyper: HyperOptimizer, episodes, first_i
     cfg = method.cfg
     factor = lr_factor(tasks_seen, cfg)
     k = len(episodes)
+    # Every task's frozen pass and merging weights first: the hypernetwork changes only at the step's end, so
+    # they are what they would be task by task, and the pool can merge all of the step's tasks in its one
+    # mask pass (with released masks it then never stores the [rows, M] masks: Pool.begin_step).
+    preludes = []
+    for j, ep in enumerate(episodes):
+        with autocast:
+            preludes.append(method.prelude(ep, first_index + j, train=True))
     with span("masks"):
-        pool.begin_step(train=True)
+        pool.begin_step(train=True, plan=torch.stack([p.w.detach() for p in preludes]))
+    defer = pool.defers_w_grad
     # float64: the sum of a few float32 weights is exact, so it is the same whether this rank adds them or
     # the all-reduce of the sparsity counts adds them across ranks (a resume on another world size)
     w_sum = torch.zeros(cfg.experts, dtype=torch.float64, device=pool.device)
     acc = _TaskMetrics()
+    hyper_terms = []
     for j, ep in enumerate(episodes):
         with autocast:
-            res = method.task(ep, pool, first_index + j, train=True)
+            res = method.task(ep, pool, first_index + j, train=True, prelude=preludes[j])
+        preludes[j] = None
         acc.add(res, ep, first_index + j)
         with span("outer_backward"):
-            hyper.backward(res.loss, k)
+            if defer:
+                # the backbone and the pool only (the merge gives w no gradient): no replicated parameter is
+                # reached, so no engine is involved; the hypernetwork's part follows the pool's end_step
+                (res.outer / k).backward()
+                hyper_terms.append((res.w_live, res.reg))
+            else:
+                hyper.backward(res.loss, k)
         w_sum += res.w.detach().double()
+        del res
     acc.check_finite(comm)
     out = acc.result(k)
     out.update(pool.end_step(w_sum, k, factor))
+    if defer:
+        g_w = pool.take_w_grads()
+        with span("hyper_backward"):
+            for j, (w, reg) in enumerate(hyper_terms):
+                # dL/dw seeds w exactly (d/dw of sum(w * g) is g) and reg gets 1/k, as in (outer + reg) / k
+                hyper.backward(reg / k + (w * g_w[j].to(w.dtype)).sum(), k, prescaled=True)
+        del hyper_terms
     with span("optimisers"):
         out.update(hyper.step(factor))
         hyper.with_full_params(method.hypernet.power_iteration_)

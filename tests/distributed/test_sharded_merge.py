@@ -6,7 +6,7 @@ import torch
 from tests.distributed.helpers import run_ranks
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
-from smat_dist.pool.merge import GatherMerger, ShardedMerger
+from smat_dist.pool.sharded import GatherMerger, ShardedMerger
 from smat_dist.pool.merge import LocalMerger
 from smat_dist.pool.shard import PoolShard
 
@@ -73,3 +73,50 @@ def test_two_rank_merge_matches_single_process(kind):
     torch.testing.assert_close(torch.cat([res[0]["gdelta"], res[1]["gdelta"]]), gdelta)
     torch.testing.assert_close(torch.cat([res[0]["gla"], res[1]["gla"]]), gla)
     assert gla.abs().sum() > 0 and gdelta.abs().sum() > 0
+
+
+K = 3   # tasks per rank of a planned step: at M = 5 on 2 ranks, 2 rounds per merge pass, so 2 merge passes
+
+
+def _run_planned(rank, world, ordered):
+    """A planned step (Pool.begin_step(plan=...)): rank r's K tasks are global tasks r*K .. r*K + K - 1, its loss
+    their mean; the merges give w no gradient, end_step gives every task's dL/dw."""
+    comm = Comm()
+    lo, hi = rank * PAD // world, (rank + 1) * PAD // world
+    pool = _pool(lo, hi)
+    pool.passes.ordered = ordered     # per-chunk partials summed in global chunk order (dist.aligned_slices)
+    merger = ShardedMerger(pool, PAD, comm)
+    W = torch.stack([_weights(rank * K + j) for j in range(K)])
+    merger.begin_step(train=True, plan=W)
+    assert merger.planning and merger._z is None and merger._group == M // world
+    ds = []
+    for j in range(K):
+        d = merger.merge(W[j])
+        ((d * _target(rank * K + j)).sum() / K).backward()
+        ds.append(d.detach())
+        assert merger._z is None      # no [rows, M] masks while the tasks run
+    merger.end_step()
+    return dict(d=ds, gw=merger.w_grads.clone(), gdelta=pool.delta.grad.clone(), gla=pool.log_alpha.grad.clone())
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_planned_two_rank_step_matches_single_process(ordered):
+    res = run_ranks(_run_planned, 2, ordered)
+    pool = _pool(0, PAD)
+    merger = LocalMerger(pool, PAD)
+    merger.begin_step(train=True, plan=None)    # the reference merges task by task, its w through autograd
+    n = 2 * K
+    ref = []
+    for t in range(n):
+        w = _weights(t).requires_grad_(True)
+        d = merger.merge(w)
+        ((d * _target(t)).sum() / n).backward()
+        ref.append((d.detach(), w.grad.clone() * 2))   # a rank's loss is the mean of its K tasks, not of all 2K
+    merger.end_step()
+    for r in range(2):
+        for j in range(K):
+            torch.testing.assert_close(res[r]["d"][j], ref[r * K + j][0])
+            torch.testing.assert_close(res[r]["gw"][j], ref[r * K + j][1])
+    torch.testing.assert_close(torch.cat([res[0]["gdelta"], res[1]["gdelta"]]), pool.delta.grad)
+    torch.testing.assert_close(torch.cat([res[0]["gla"], res[1]["gla"]]), pool.log_alpha.grad)
+    assert pool.log_alpha.grad.abs().sum() > 0 and res[0]["gw"].abs().sum() > 0

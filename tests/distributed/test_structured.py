@@ -10,7 +10,7 @@ import torch
 
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
-from smat_dist.pool.merge import ShardedMerger
+from smat_dist.pool.sharded import ShardedMerger
 from smat_dist.pool.merge import LocalMerger
 from smat_dist.pool.shard import PoolShard
 from tests.data_fixture import make_dataset

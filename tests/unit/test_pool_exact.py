@@ -105,3 +105,61 @@ def test_the_merge_backward_reads_the_masks_once():
         loss.backward()
     assert seen == ["mm"]
     assert w.grad is not None and shard.delta.grad is not None
+
+
+def _gate_passes(monkeypatch) -> list:
+    """Counts the passes that compute the deterministic gate over the block (their first chunk's call)."""
+    calls = []
+    real = passes.PoolPasses.gate_rows
+
+    def counting(self, a, b, out, train=True):
+        if a == 0:
+            calls.append(a)
+        return real(self, a, b, out, train)
+
+    monkeypatch.setattr(passes.PoolPasses, "gate_rows", counting)
+    return calls
+
+
+@pytest.mark.parametrize("tasks", [1, 3, 6])   # 6 > M = 4: two merge passes before the end pass
+def test_planned_merges_give_the_stored_masks_bits(tasks, monkeypatch):
+    """A step whose tasks' weights are known up front (begin_step(plan=W)) merges them in the mask pass and
+    recomputes the gates once more at end_step: the same merged deltas and gradients as the stored masks,
+    ceil(K / M) + 1 gate passes instead of K + 1, and no [rows, M] masks while the tasks run."""
+    n, numel, m = 5000, 4990, 4
+    W = torch.softmax(torch.randn(tasks, m, generator=torch.Generator().manual_seed(7)), 1)
+    coef = torch.tensor([1.0, -0.5, 0.0, 2.0])
+    runs = {}
+    for planned in (False, True):
+        calls = _gate_passes(monkeypatch)
+        shard = PoolShard(0, n, numel, m, SparsityConfig(init_std=2.0), seed=1)   # released masks (default)
+        with torch.no_grad():
+            shard.delta.normal_(0, 1, generator=torch.Generator().manual_seed(2))
+        merger = LocalMerger(shard, n)
+        merger.begin_step(train=True, plan=W if planned else None)
+        assert merger.planning == planned
+        ds, gws = [], []
+        for t in range(tasks):
+            w = W[t].clone().requires_grad_(True)
+            d = merger.merge(w)
+            if planned:
+                assert merger._z is None
+            tgt = torch.randn(n, generator=torch.Generator().manual_seed(20 + t))
+            ((d * tgt).square().sum() / tasks).backward()
+            ds.append(d.detach())
+            gws.append(None if w.grad is None else w.grad.clone())
+        sq = merger.end_step(coef)
+        gw = merger.w_grads if planned else torch.stack(gws)
+        if planned:
+            assert all(g is None for g in gws)     # w's gradient comes from end_step, not the merge
+        runs[planned] = (ds, gw, shard.delta.grad.clone(), shard.log_alpha.grad.clone(), sq.clone(), len(calls))
+    (d0, gw0, gd0, gla0, sq0, n0), (d1, gw1, gd1, gla1, sq1, n1) = runs[False], runs[True]
+    for a, b in zip(d0, d1):
+        assert torch.equal(_bits(a), _bits(b))
+    assert torch.equal(_bits(gd0), _bits(gd1))
+    assert torch.equal(_bits(gla0), _bits(gla1)) and torch.equal(sq0, sq1)
+    # u^T z summed chunk by chunk against one product over all rows: the same sum, maybe not the same bits
+    torch.testing.assert_close(gw1, gw0, rtol=1e-6, atol=1e-9)
+    assert gw1.abs().sum() > 0 and gla1.abs().sum() > 0
+    assert n0 == tasks + 1                       # the begin pass, then one recomputation per task
+    assert n1 == -(-tasks // m) + 1              # the merge passes (M tasks each), then the end pass

@@ -79,6 +79,6 @@ def test_lean_refuses_what_it_cannot_recompute():
     with pytest.raises(ValueError, match="lean"):
         PoolShard(0, 8, 8, 2, SparsityConfig(lean=True, structured=True))
     from smat_dist.distributed.comm import Comm
-    from smat_dist.pool.merge import build_merger
+    from smat_dist.pool.sharded import build_merger
     with pytest.raises(ValueError, match="lean"):
         build_merger("gather", PoolShard(0, 8, 8, 2, SparsityConfig(lean=True)), 8, Comm())

@@ -9,7 +9,7 @@ import torch
 from smat_dist.config.schema import SparsityConfig
 from smat_dist.distributed.comm import Comm
 from smat_dist.pool import passes
-from smat_dist.pool.merge import ShardedMerger
+from smat_dist.pool.sharded import ShardedMerger
 from smat_dist.pool.ordered import ordered_sum
 from smat_dist.pool.shard import PoolShard
 

@@ -130,7 +130,7 @@ def test_structured_requires_a_layout_and_gather_path_refuses_it():
     with pytest.raises(ValueError, match="structured"):
         PoolShard(0, 8, 8, 2, SparsityConfig(structured=True))
     from smat_dist.distributed.comm import Comm
-    from smat_dist.pool.merge import build_merger
+    from smat_dist.pool.sharded import build_merger
     _, st, _ = _pools()
     with pytest.raises(ValueError, match="dist.pool=gather"):
         build_merger("gather", st, st.hi, Comm())

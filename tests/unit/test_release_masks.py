@@ -42,3 +42,27 @@ def test_no_masks_alive_between_the_merge_and_the_backward(episodes):  # noqa: F
     assert merger._z is not None              # recomputed by the merge's backward, for the gate's backward
     s.pool.end_step(res.w.detach(), 1, 1.0)
     assert merger._z is None and s.pool.shard.log_alpha.grad is None
+
+
+def test_a_planned_step_holds_no_masks_and_gives_w_its_gradient_at_the_end(episodes):  # noqa: F811
+    """smat_step's order: every task's prelude first, then begin_step(plan=W); no [rows, M] masks while the
+    tasks run, and the tasks' dL/dw from end_step."""
+    s = _setup(True)
+    merger = s.pool.merger
+    with torch.no_grad():    # delta starts at 0, where dL/dw = u^T z is 0 (u sums dL/dd * delta)
+        s.pool.shard.delta.normal_(0, 1e-3, generator=torch.Generator().manual_seed(0))
+    pre = [s.method.prelude(episodes[j], j) for j in range(2)]
+    s.pool.begin_step(train=True, plan=torch.stack([p.w.detach() for p in pre]))
+    assert s.pool.defers_w_grad and merger._z is None
+    res = [s.method.task(episodes[j], s.pool, j, train=True, prelude=pre[j]) for j in range(2)]
+    for r in res:
+        (r.outer / 2).backward()
+        assert merger._z is None
+    # the outer losses reached neither the hypernetwork nor its graph (the merge took w detached)
+    assert all(p.grad is None for p in s.method.hypernet.parameters())
+    s.pool.end_step(torch.stack([r.w for r in res]).sum(0).double(), 2, 1.0)
+    g_w = s.pool.take_w_grads()
+    assert g_w.shape == (2, 4) and g_w.abs().sum() > 0 and not s.pool.defers_w_grad
+    for j, r in enumerate(res):    # the hypernetwork's graph is intact: its part of the loss goes through now
+        (r.reg / 2 + (r.w_live * g_w[j]).sum()).backward()
+    assert all(p.grad is not None for p in s.method.hypernet.parameters() if p.requires_grad)
