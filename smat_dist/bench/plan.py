@@ -11,6 +11,8 @@ and communication figures are exact (the tests compare them with real runs to th
   pool grad = 4 n (M + 1)
   pool opt  = 4 n                     SGD momentum for delta (mask logits use momentum 0: no state)
   masks     = 4 n M                   z (no autograd graph: its gradient buffer becomes the logits' gradient)
+  planned   = 4 P min(k, M // R)      released masks (default): no z while the tasks run, their merged masks
+                                      from the step's mask pass instead (k tasks per rank; pool/merge.py)
   transient = 4 n M                   a task's mask-gradient product before it is accumulated
   sharded bytes per task sent, per rank: all-gather w (R-1)*4M, all-to-all of the merged delta (R-1)*n*b,
             its gradient's all-to-all (R-1)*n*b, all-reduce of the w partial sums 2(R-1)*4M  (b: merge dtype bytes)
@@ -263,6 +265,9 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
         # the masks' gradient stays factored, U [n, k*R] x W [k*R, M] (the per-merge pieces and their
         # concatenation), dense n x M only once k*R >= M; plus three reused chunk buffers of the fused passes
         "pool_transient": 2 * F32 * n * min(tasks_per_rank * R, M) + 4 * F32 * min(1 << 21, n * M),
+        # released masks: the step's merges planned in its mask pass wait for their tasks, one P-long vector
+        # per round (R tasks x n), min(k, M // R) rounds per pass (pool/merge.py), instead of the masks
+        "pool_planned": F32 * padded * min(tasks_per_rank, max(1, M // R)) if release_masks and not lean else 0,
         "replicated_params": math.ceil(F32 * H / rep_div["params"]),
         "replicated_grads": math.ceil(F32 * H / rep_div["grads"]),
         "replicated_optimizer": math.ceil(2 * F32 * H / rep_div["opt"]),   # AdamW: exp_avg + exp_avg_sq
@@ -295,9 +300,9 @@ def plan(model: str = "vit_tiny_patch16_224", experts: int = 8, ranks: int = 1, 
                 + mem["backward_working_set"])
     sharded_merge_buf = 2 * F32 * padded if R > 1 else 0   # the [R, n] merged deltas sent and received
     if release_masks and not lean:
-        # method.sparsity.release_masks: the masks are not alive while a task's graph is (they are recomputed
-        # for the merge's backward); they come back for the gate's backward, after the graph is gone
-        sharded_peak = max(base - mem["pool_masks"] + sharded_merge_buf,
+        # method.sparsity.release_masks: the masks are never stored while a task's graph is alive (the step's
+        # merges are planned in its mask pass); the logits' gradient takes their place after the graph is gone
+        sharded_peak = max(base - mem["pool_masks"] + sharded_merge_buf + mem["pool_planned"],
                            mem["pool_total"] + mem["replicated_total"] + mem["frozen_backbone"] + mem["pool_transient"])
     else:
         sharded_peak = base + max(sharded_merge_buf, mem["pool_transient"])
