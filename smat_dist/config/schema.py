@@ -64,9 +64,10 @@ class SparsityConfig:
     # keep only the mask logits: the step's masks and their gradient are recomputed chunk by chunk where
     # needed (pool memory per rank ~1/3 at large M, a few more elementwise passes); needs noise_eps=0
     lean: bool = False
-    # drop the step's masks between a task's merge and its backward, where the whole student graph is alive,
-    # and recompute them (the same pass, the same bits) for the merge's backward: one [n, M] array less at the
-    # step's peak for one more mask pass per task; applies to the deterministic, unstructured, stored pool
+    # never hold the step's masks while a task's graph is alive: a training step merges all its tasks in its
+    # mask pass (their weights known up front) and recomputes the gates once at its end for the logits' and
+    # the merging weights' gradients (the same bits): one [n, M] array less at the step's peak, 2 mask passes
+    # per step instead of 1 + tasks; applies to the deterministic, unstructured, stored pool (false: keep them)
     release_masks: bool = True
     # fuse each pool pass's elementwise chain into one kernel with torch.compile (C++ on CPU, Triton on GPU):
     # ~4x faster passes over the [n, M] logits for a few seconds of compilation per process
