@@ -225,7 +225,7 @@ class LocalMerger:
             return out
         out = W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
         for a, b, zc in self._mask_chunks():
-            out[:, a:b] = W @ zc.t()
+            self._merge_rows(W, out, a, b, zc)
         return out
 
     @torch.no_grad()

@@ -85,7 +85,7 @@ class ShardedMerger(LocalMerger):
     def _merge_rows(self, W: torch.Tensor, out: torch.Tensor, a: int, b: int, zc: torch.Tensor) -> None:
         if not self.shard.passes.ordered:
             return super()._merge_rows(W, out, a, b, zc)
-        tmp = self.shard.passes.scratch(b - a)[2]      # each task's row on its own, as zw (the same bits)
+        tmp = self.shard.passes.scratch(b - a)[2]      # each task's row on its own: the same bits at any R
         for r in range(W.shape[0]):
             torch.sum(torch.mul(zc, W[r], out=tmp), 1, out=out[r, a:b])
 
@@ -101,7 +101,7 @@ class ShardedMerger(LocalMerger):
         if g >= acc.shape[0]:                           # a padding-only chunk: zero partials
             return
         tmp = passes.scratch(b - a)[2]
-        for r in range(U.shape[1]):                     # per-chunk partials at their global chunk, as tz_zw
+        for r in range(U.shape[1]):                     # per-chunk partials at their global chunk
             torch.sum(torch.mul(zc, U[a:b, r:r + 1], out=tmp), 0, out=acc[g, r])
 
     def _w_grads_done(self, acc: torch.Tensor) -> torch.Tensor:
@@ -120,9 +120,7 @@ class ShardedMerger(LocalMerger):
             return super().zw(W)
         out = W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
         for a, b, zc in self._mask_chunks():
-            tmp = self.shard.passes.scratch(b - a)[2]
-            for r in range(W.shape[0]):
-                torch.sum(torch.mul(zc, W[r], out=tmp), 1, out=out[r, a:b])
+            self._merge_rows(W, out, a, b, zc)
         self._release()
         return out
 
@@ -137,11 +135,9 @@ class ShardedMerger(LocalMerger):
         uz = passes.placed(U.shape[0], self.shard.experts, dtype=U.dtype)
         wz = None if W is None else W.new_empty(W.shape[0], self.shard.log_alpha.shape[0])
         for a, b, zc in self._mask_chunks():
-            tmp, g = passes.scratch(b - a)[2], passes.chunk_index(a)
-            for r in range(U.shape[0] if g < uz.shape[0] else 0):   # padding-only chunks: zero partials
-                torch.sum(torch.mul(zc, U[r, a:b].unsqueeze(1), out=tmp), 0, out=uz[g, r])
-            for r in range(0 if wz is None else W.shape[0]):
-                torch.sum(torch.mul(zc, W[r], out=tmp), 1, out=wz[r, a:b])
+            self._w_grad_chunk(U.t(), uz, a, b, zc)
+            if wz is not None:
+                self._merge_rows(W, wz, a, b, zc)
         return uz, wz
 
     def end_step(self, penalty_coef: torch.Tensor | None = None) -> torch.Tensor | None:
